@@ -1,0 +1,169 @@
+"""Quantization configuration: the global settings and the per-layer overrides.
+
+A :class:`QuantConfig` is what ``fgq-tvm compile`` builds from its flags; :meth:`QuantConfig.
+for_layer` resolves it into the :class:`LayerConfig` of one conv or linear layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .errors import UsageError
+
+WeightMode = Literal["ternary", "int8", "float"]
+ScaleMode = Literal["float", "int8"]
+
+MAX_GROUP_SIZE = 64
+ACT_BITS_CHOICES = (8, 4)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one conv or linear layer is quantized.
+
+    Attributes
+    ----------
+    weights
+        ``"ternary"`` (FGQ groups), ``"int8"`` (8-bit weights, one scale per output channel) or
+        ``"float"`` (left in full precision).
+    group_size
+        Input channels per ternary group; ``None`` means all input channels of the layer.
+    act_bits
+        Bits of the layer's input activations (8 or 4).
+    scales
+        ``"float"``: one float scale per group. ``"int8"``: group scales quantized to int8
+        against one float scale per output channel (the full 8-bit pipeline).
+    """
+
+    weights: WeightMode = "ternary"
+    group_size: int | None = 4
+    act_bits: int = 8
+    scales: ScaleMode = "float"
+
+    def resolved_group_size(self, in_channels: int) -> int:
+        """The group size for a layer with ``in_channels`` input channels."""
+        if self.group_size is None:
+            return in_channels
+        return min(self.group_size, in_channels)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """A per-layer override: layers whose name matches ``pattern`` (fnmatch) take these fields.
+
+    ``None`` fields keep the global setting.
+    """
+
+    pattern: str
+    weights: WeightMode | None = None
+    group_size: int | None | Literal["unset"] = "unset"
+    act_bits: int | None = None
+
+    def apply(self, config: LayerConfig) -> LayerConfig:
+        changes: dict[str, object] = {}
+        if self.weights is not None:
+            changes["weights"] = self.weights
+        if self.group_size != "unset":
+            changes["group_size"] = self.group_size
+            if self.weights is None:
+                changes["weights"] = "ternary"
+        if self.act_bits is not None:
+            changes["act_bits"] = self.act_bits
+        return replace(config, **changes)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The whole network's quantization settings.
+
+    Attributes
+    ----------
+    group_size, act_bits, scales
+        Defaults for every ternary layer (see :class:`LayerConfig`).
+    method
+        Ternarization rule: ``"exact"`` (the L2-optimal per-group solver) or ``"twn"``
+        (threshold 0.7 * mean |w|).
+    first_last
+        Weight mode of the first conv and the last linear layer (``"int8"`` by default).
+    first_last_act_bits
+        Activation bits of the first and the last layer.
+    calibration
+        ``"max"`` or ``"percentile"`` activation range estimation.
+    percentile
+        The percentile used when ``calibration == "percentile"``.
+    reestimate_bn
+        Re-estimate BatchNorm statistics of the ternary network on the calibration data
+        before folding BatchNorm into the convs.
+    overrides
+        Per-layer overrides, applied in order after the first/last policy.
+    """
+
+    group_size: int | None = 4
+    act_bits: int = 8
+    scales: ScaleMode = "float"
+    method: Literal["exact", "twn"] = "exact"
+    first_last: WeightMode = "int8"
+    first_last_act_bits: int = 8
+    calibration: Literal["max", "percentile"] = "max"
+    percentile: float = 99.99
+    reestimate_bn: bool = True
+    overrides: tuple[LayerOverride, ...] = ()
+
+    def for_layer(self, name: str, *, is_first: bool, is_last: bool) -> LayerConfig:
+        """The configuration of the layer called ``name`` (its module path in the model)."""
+        config = LayerConfig("ternary", self.group_size, self.act_bits, self.scales)
+        if is_first or is_last:
+            config = replace(config, weights=self.first_last, act_bits=self.first_last_act_bits)
+        for override in self.overrides:
+            if fnmatch.fnmatchcase(name, override.pattern):
+                config = override.apply(config)
+        return config
+
+
+def parse_group_size(text: str) -> int | None:
+    """Parse ``--group-size``: an integer in 1..64 or ``channel`` (returned as ``None``)."""
+    if text == "channel":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(
+            f"group size {text!r} is not a number: use an integer 1..{MAX_GROUP_SIZE} or 'channel'"
+        ) from None
+    if not 1 <= value <= MAX_GROUP_SIZE:
+        raise UsageError(
+            f"group size {value} is out of range: use an integer 1..{MAX_GROUP_SIZE} or 'channel'"
+        )
+    return value
+
+
+def parse_act_bits(text: str) -> int:
+    """Parse ``--act-bits``: 8 or 4."""
+    if text not in {str(bits) for bits in ACT_BITS_CHOICES}:
+        raise UsageError(f"activation bits {text!r} are not supported: use 8 or 4")
+    return int(text)
+
+
+def parse_override(text: str) -> LayerOverride:
+    """Parse ``--layer PATTERN=SPEC[,SPEC...]``.
+
+    Each SPEC is a group size (``1``..``64`` or ``channel``), a weight mode (``ternary``,
+    ``int8``, ``float``) or activation bits (``a8``, ``a4``). Example: ``layer4.*=16,a8``.
+    """
+    pattern, sep, specs = text.partition("=")
+    if not sep or not pattern or not specs:
+        raise UsageError(
+            f"layer override {text!r} is malformed: use PATTERN=SPEC[,SPEC], e.g. 'fc=float'"
+            " or 'layer4.*=16,a4'"
+        )
+    override = LayerOverride(pattern)
+    for spec in specs.split(","):
+        if spec in ("ternary", "int8", "float"):
+            override = replace(override, weights=spec)
+        elif spec in ("a8", "a4"):
+            override = replace(override, act_bits=parse_act_bits(spec[1:]))
+        else:
+            override = replace(override, group_size=parse_group_size(spec))
+    return override

@@ -1,0 +1,159 @@
+"""The quantized layer record and the reference arithmetic that defines its numbers.
+
+Every conv or linear layer that fgq-tvm quantizes becomes a :class:`QuantizedLayer`. The
+PyTorch reference model and the compiled module both compute :func:`reference_forward`'s
+numbers (DESIGN.md, "The arithmetic"):
+
+* input activations ``x_q = clamp(round(x / s_x), qmin, qmax)`` (float32 division, round half
+  to even);
+* ternary layers with float scales: ``y = f32(f64(s_x) * sum_{g,r,s} f64(alpha[k,g,r,s]) *
+  psum[k,g,r,s]) + bias`` where ``psum`` is the exact integer sum of ``t * x_q`` over the
+  group's channels; the scale sum runs in float64 so that the summation order of the compiled
+  kernel and of the reference do not change the float32 result;
+* integer-weight layers (ternary with int8 scales, where the weight is ``t * alpha_q``, and 8-bit
+  weight layers): ``y = f32(acc) * out_scale[k] + bias`` with ``acc`` the exact int32 sum of
+  ``w * x_q`` and ``out_scale = f32(s_x) * f32(channel_scale)`` in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..config import LayerConfig
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Uniform activation quantizer: ``clamp(round(x / scale), qmin, qmax)``.
+
+    Unsigned quantizers (inputs that are never negative, such as ReLU outputs) use
+    ``[0, 2^bits - 1]``; signed ones the symmetric ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``.
+    """
+
+    scale: float
+    bits: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def dtype(self) -> str:
+        """The integer dtype that holds the quantized values."""
+        return "int8" if self.signed else "uint8"
+
+    def quantize(self, x):
+        """Quantize a float32 torch tensor; returns float32 tensor of integers."""
+        import torch
+
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        return torch.clamp(torch.round(x / scale), self.qmin, self.qmax)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedLayer:
+    """A conv2d or linear layer in quantized form.
+
+    Attributes
+    ----------
+    name
+        The module path of the layer in the PyTorch model (``layer1.0.conv1``).
+    op
+        ``"conv2d"`` or ``"linear"``. Linear weights are stored as ``[K, C, 1, 1]``.
+    config
+        The :class:`~fgq_tvm.config.LayerConfig` the layer was quantized with.
+    act
+        The quantizer of the layer's input activations.
+    weight
+        int8 ``[K, C, R, S]``: the ternary values ``t`` (in {-1, 0, 1}) of a ternary layer, or the
+        8-bit weights of an int8 layer.
+    group_size
+        Input channels per group (the last group of a layer may be shorter); ``C`` for int8 layers.
+    group_scale
+        float32 ``[K, G, R, S]``: ternary layers with float scales, ``alpha``.
+    group_scale_q
+        int8 ``[K, G, R, S]``: ternary layers with int8 scales, ``alpha_q`` in 0..127.
+    channel_scale
+        float32 ``[K]``: the per-output-channel weight scale of int8 layers, or ``beta`` of ternary
+        layers with int8 scales.
+    bias
+        float32 ``[K]`` (zeros where the layer had none).
+    stride, padding, dilation
+        Conv2d geometry (``(1, 1)``, ``(0, 0)``, ``(1, 1)`` for linear).
+    """
+
+    name: str
+    op: Literal["conv2d", "linear"]
+    config: LayerConfig
+    act: ActQuant
+    weight: np.ndarray
+    group_size: int
+    bias: np.ndarray
+    group_scale: np.ndarray | None = None
+    group_scale_q: np.ndarray | None = None
+    channel_scale: np.ndarray | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def is_ternary(self) -> bool:
+        return self.config.weights == "ternary"
+
+    @property
+    def uses_group_scales(self) -> bool:
+        """True for the float-scale ternary form (one float multiply per group)."""
+        return self.group_scale is not None
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.weight.shape[1] // self.group_size)
+
+    def integer_weight(self) -> np.ndarray:
+        """int32 ``[K, C, R, S]`` integer-form weights: ``t * alpha_q`` or the int8 weights."""
+        weight = self.weight.astype(np.int32)
+        if self.group_scale_q is not None:
+            weight = weight * expand_groups(self.group_scale_q, self.group_size, weight.shape[1])
+        return weight
+
+    def out_scale(self) -> np.ndarray:
+        """float32 ``[K]`` output scale of the integer forms: ``f32(s_x) * channel_scale``."""
+        return (np.float32(self.act.scale) * self.channel_scale.astype(np.float32)).astype(
+            np.float32
+        )
+
+
+def expand_groups(per_group: np.ndarray, group_size: int, channels: int) -> np.ndarray:
+    """Repeat ``[K, G, ...]`` per-group values to ``[K, C, ...]`` per-channel values."""
+    return np.repeat(per_group, group_size, axis=1)[:, :channels]
+
+
+def reference_forward(layer: QuantizedLayer, x):
+    """The layer's output for float32 input ``x`` (torch, NCHW or NC), as the product defines it."""
+    import torch
+    import torch.nn.functional as F
+
+    x_q = layer.act.quantize(x).double()
+    if layer.op == "linear":
+        x_q = x_q[:, :, None, None]
+    if layer.uses_group_scales:
+        channels = layer.weight.shape[1]
+        alpha = expand_groups(layer.group_scale, layer.group_size, channels).astype(np.float64)
+        weight = torch.from_numpy(layer.weight.astype(np.float64) * alpha)
+    else:
+        weight = torch.from_numpy(layer.integer_weight().astype(np.float64))
+    acc = F.conv2d(x_q, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    if layer.uses_group_scales:
+        y = (acc * float(np.float32(layer.act.scale))).float()
+    else:
+        y = acc.float() * torch.from_numpy(layer.out_scale())[:, None, None]
+    y = y + torch.from_numpy(layer.bias.astype(np.float32))[:, None, None]
+    return y[:, :, 0, 0] if layer.op == "linear" else y
