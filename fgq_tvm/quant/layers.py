@@ -11,8 +11,9 @@ numbers (DESIGN.md, "The arithmetic"):
   group's channels; the scale sum runs in float64 so that the summation order of the compiled
   kernel and of the reference do not change the float32 result;
 * integer-weight layers (ternary with int8 scales, where the weight is ``t * alpha_q``, and 8-bit
-  weight layers): ``y = f32(acc) * out_scale[k] + bias`` with ``acc`` the exact int32 sum of
-  ``w * x_q`` and ``out_scale = f32(s_x) * f32(channel_scale)`` in float32.
+  weight layers): ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` with ``acc`` the exact int32
+  sum of ``w * x_q`` and ``out_scale = f32(s_x) * f32(channel_scale)`` in float32. Products are
+  rounded to float32 once, so a compiler's fused multiply-add cannot change the result.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def reference_forward(layer: QuantizedLayer, x):
     if layer.uses_group_scales:
         y = (acc * float(np.float32(layer.act.scale))).float()
     else:
-        y = acc.float() * torch.from_numpy(layer.out_scale())[:, None, None]
+        out_scale = torch.from_numpy(layer.out_scale().astype(np.float64))
+        y = (acc * out_scale[:, None, None]).float()
     y = y + torch.from_numpy(layer.bias.astype(np.float32))[:, None, None]
     return y[:, :, 0, 0] if layer.op == "linear" else y

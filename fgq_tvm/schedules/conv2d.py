@@ -1,0 +1,440 @@
+"""Quantized conv2d and dense kernels: compute, schedule, tuning knobs and reference side by side.
+
+One PrimFunc computes one layer from its float32 input to its float32 output:
+
+1. ``xq``: quantize and zero-pad the input, ``clamp(round(x / s_x), qmin, qmax)``;
+2. ``wdec``: decode the packed weights into a ``[R, S, C, K]`` scratch tensor, once per call;
+3. the reduction, in one of two forms (DESIGN.md, "The arithmetic"):
+
+   * ``group_scales`` (ternary weights, float scales): the bitplane add/subtract core. For each
+     group ``g`` of ``N`` input channels at kernel position ``(r, s)``,
+     ``psum = sum_{c in g} t[k, c, r, s] * xq[c, ...]`` is an exact integer (held in float32:
+     ``|psum| <= 64 * 255 < 2^24``), then ``acc += f64(alpha[k, g, r, s]) * psum`` in float64
+     and ``y = f32(acc * s_x) + bias``;
+   * ``integer`` (ternary weights with int8 scales, ``w = t * alpha_q``, or 8-bit weights):
+     ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the
+     product in float64, so no fused multiply-add can change the float32 rounding).
+
+Packed weights arrive as two bitplanes, ``plus`` and ``minus`` (uint32 ``[K, R, S, W]``, bit
+``c % 32`` of word ``c // 32``: 2 bits per ternary weight), plus the scales; 8-bit layers pass
+their int8 weights as they are.
+
+Schedule: output channels tiled by ``out_channel_tile`` and output columns by ``width_vector``
+(the row is padded up to a whole number of vectors, so every vector is full); the tile's partial
+sums live in registers, the outer (batch, channel tile) loop runs in parallel. Dense layers
+(1x1 spatial) vectorise over output channels instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from ..quant.layers import ActQuant
+
+WeightEncoding = Literal["ternary_group_scales", "ternary_int8_scales", "int8"]
+WORD_BITS = 32
+
+
+@dataclass(frozen=True)
+class Conv2dShape:
+    """The geometry of one quantized conv2d (dense: a 1x1 conv on a 1x1 input)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    group_size: int = 1
+
+    @property
+    def out_height(self) -> int:
+        extent = self.dilation[0] * (self.kernel[0] - 1) + 1
+        return (self.height + 2 * self.padding[0] - extent) // self.stride[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        extent = self.dilation[1] * (self.kernel[1] - 1) + 1
+        return (self.width + 2 * self.padding[1] - extent) // self.stride[1] + 1
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.in_channels // self.group_size)
+
+    @property
+    def padded_channels(self) -> int:
+        """Input channels rounded up to whole groups (the padding channels are zero)."""
+        return self.num_groups * self.group_size
+
+    @property
+    def words(self) -> int:
+        """uint32 words per bitplane row."""
+        return -(-self.padded_channels // WORD_BITS)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.height == self.width == self.kernel[0] == self.kernel[1] == 1
+
+    @property
+    def macs(self) -> int:
+        k_h, k_w = self.kernel
+        per_output = self.in_channels * k_h * k_w
+        return self.batch * self.out_channels * self.out_height * self.out_width * per_output
+
+
+@dataclass(frozen=True)
+class ConvSchedule:
+    """Tuning knobs of the default schedule.
+
+    Attributes
+    ----------
+    out_channel_tile
+        Output channels computed together (unrolled; each holds one vector of partial sums).
+    width_vector
+        Output columns per vector (conv) or output channels per vector (dense).
+    """
+
+    out_channel_tile: int = 8
+    width_vector: int = 16
+
+    @staticmethod
+    def default_for(shape: Conv2dShape) -> ConvSchedule:
+        """A schedule that needs no tuning: full vectors, the largest tile that divides K."""
+        if shape.is_dense:
+            return ConvSchedule(out_channel_tile=1, width_vector=16)
+        tile = next(t for t in (8, 4, 2, 1) if shape.out_channels % t == 0)
+        vector = 16 if shape.out_width > 8 else 8
+        return ConvSchedule(out_channel_tile=tile, width_vector=vector)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight packing (NumPy, at compile time)
+# --------------------------------------------------------------------------------------------
+
+
+def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack ternary ``[K, C, R, S]`` weights into ``plus`` and ``minus`` uint32 ``[K, R, S, W]``.
+
+    Channels are padded with zeros up to whole groups; bit ``c % 32`` of word ``c // 32`` is set
+    where ``t[k, c, r, s]`` is +1 (``plus``) or -1 (``minus``).
+    """
+    k, c, r, s = ternary.shape
+    padded = -(-c // group_size) * group_size
+    words = -(-padded // WORD_BITS)
+    weights = np.moveaxis(ternary, 1, -1)
+    bit_values = np.left_shift(np.uint64(1), np.arange(WORD_BITS, dtype=np.uint64))
+
+    def plane(mask: np.ndarray) -> np.ndarray:
+        full = np.zeros((k, r, s, words * WORD_BITS), dtype=np.uint64)
+        full[..., :c] = mask
+        words_view = full.reshape(k, r, s, words, WORD_BITS)
+        return (words_view * bit_values).sum(axis=-1).astype(np.uint32)
+
+    return plane(weights == 1), plane(weights == -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Compute
+# --------------------------------------------------------------------------------------------
+
+
+def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str) -> te.Tensor:
+    """``xq``: the input quantized, zero-padded spatially and up to whole groups of channels."""
+    pad_h, pad_w = shape.padding
+    height = _padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
+    width = _padded_extent(shape.width, pad_w, _padded_out_width(shape), shape, axis=1)
+    scale = tirx.const(act.scale, "float32")
+
+    def quantize(b, c, h, w):
+        inside = tirx.all(
+            c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
+            w >= pad_w, w < shape.width + pad_w,
+        )  # fmt: skip
+        value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w] / scale
+        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
+        return tirx.if_then_else(inside, clamped.astype(dtype), tirx.const(0, dtype))
+
+    return te.compute((shape.batch, shape.padded_channels, height, width), quantize, name="xq")
+
+
+def _padded_extent(size: int, pad: int, outputs: int, shape: Conv2dShape, axis: int) -> int:
+    """Input extent read by ``outputs`` output positions (at least the padded input)."""
+    reach = (outputs - 1) * shape.stride[axis] + shape.dilation[axis] * (shape.kernel[axis] - 1)
+    return max(size + 2 * pad, reach + 1)
+
+
+def _padded_out_width(shape: Conv2dShape) -> int:
+    """Output columns rounded up to whole vectors (conv only; the extra columns are dropped)."""
+    if shape.is_dense:
+        return shape.out_width
+    vector = ConvSchedule.default_for(shape).width_vector
+    return -(-shape.out_width // vector) * vector
+
+
+def _bit(plane: te.Tensor, k, c, r, s):
+    word = plane[k, r, s, c // WORD_BITS]
+    return ((word >> (c % WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")).astype("int32")
+
+
+def _decoded_ternary(plus: te.Tensor, minus: te.Tensor, shape: Conv2dShape, scale=None):
+    """``wdec[r, s, c, k]``: ``t`` (float32) or ``t * alpha_q`` (int32, with ``scale``)."""
+    k_h, k_w = shape.kernel
+
+    def decode(r, s, c, k):
+        t = _bit(plus, k, c, r, s) - _bit(minus, k, c, r, s)
+        if scale is None:
+            return t.astype("float32")
+        return t * scale[k, c // shape.group_size, r, s].astype("int32")
+
+    dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
+    return te.compute(dims, decode, name="wdec")
+
+
+def _decoded_int8(weight: te.Tensor, shape: Conv2dShape) -> te.Tensor:
+    k_h, k_w = shape.kernel
+
+    def decode(r, s, c, k):
+        inside = c < shape.in_channels
+        value = weight[k, tirx.min(c, shape.in_channels - 1), r, s].astype("int32")
+        return tirx.if_then_else(inside, value, 0)
+
+    dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
+    return te.compute(dims, decode, name="wdec")
+
+
+def _window(xq: te.Tensor, shape: Conv2dShape, b, c, oh, ow, r, s):
+    (stride_h, stride_w), (dil_h, dil_w) = shape.stride, shape.dilation
+    return xq[b, c, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w]
+
+
+def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
+    """The bitplane core with float group scales; returns ``y``."""
+    size, k_h, k_w = shape.group_size, *shape.kernel
+    out_w = _padded_out_width(shape)
+    j = te.reduce_axis((0, size), name="j")
+
+    def group_sum(b, k, g, r, s, oh, ow):
+        c = g * size + j
+        product = wdec[r, s, c, k] * _window(xq, shape, b, c, oh, ow, r, s)
+        return te.sum(product, axis=j)
+
+    dims = (shape.batch, shape.out_channels, shape.num_groups, k_h, k_w, shape.out_height, out_w)
+    psum = te.compute(dims, group_sum, name="psum")
+    g = te.reduce_axis((0, shape.num_groups), name="g")
+    r = te.reduce_axis((0, k_h), name="r")
+    s = te.reduce_axis((0, k_w), name="s")
+
+    def scaled_sum(b, k, oh, ow):
+        term = alpha[k, g, r, s].astype("float64") * psum[b, k, g, r, s, oh, ow].astype("float64")
+        return te.sum(term, axis=[g, r, s])
+
+    acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
+    acc = te.compute(acc_dims, scaled_sum, name="acc")
+    scale = tirx.const(act.scale, "float64")
+    return te.compute(
+        (shape.batch, shape.out_channels, shape.out_height, shape.out_width),
+        lambda b, k, oh, ow: (acc[b, k, oh, ow] * scale).astype("float32") + bias[k],
+        name="y",
+    )
+
+
+def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape) -> te.Tensor:
+    """The integer form: exact int32 accumulation, one float multiply per output."""
+    k_h, k_w = shape.kernel
+    out_w = _padded_out_width(shape)
+    c = te.reduce_axis((0, shape.padded_channels), name="c")
+    r = te.reduce_axis((0, k_h), name="r")
+    s = te.reduce_axis((0, k_w), name="s")
+
+    def integer_sum(b, k, oh, ow):
+        product = wdec[r, s, c, k] * _window(xq, shape, b, c, oh, ow, r, s).astype("int32")
+        return te.sum(product, axis=[c, r, s])
+
+    acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
+    acc = te.compute(acc_dims, integer_sum, name="acc")
+    return te.compute(
+        (shape.batch, shape.out_channels, shape.out_height, shape.out_width),
+        lambda b, k, oh, ow: (
+            (acc[b, k, oh, ow].astype("float64") * out_scale[k].astype("float64")).astype("float32")
+            + bias[k]
+        ),
+        name="y",
+    )
+
+
+def conv2d_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> list[te.Tensor]:
+    """TE compute of one quantized layer; returns its arguments, output last.
+
+    Arguments by encoding:
+
+    * ``ternary_group_scales``: ``x, plus, minus, alpha (f32 [K,G,R,S]), bias``;
+    * ``ternary_int8_scales``: ``x, plus, minus, alpha_q (i8 [K,G,R,S]), out_scale (f32 [K]),
+      bias``;
+    * ``int8``: ``x, weight (i8 [K,C,R,S]), out_scale, bias``.
+    """
+    k_h, k_w = shape.kernel
+    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    bias = te.placeholder((shape.out_channels,), name="bias")
+    if encoding == "int8":
+        weight = te.placeholder((shape.out_channels, shape.in_channels, k_h, k_w), "int8", "w")
+        inputs = [x, weight]
+        wdec = _decoded_int8(weight, shape)
+    else:
+        plane_dims = (shape.out_channels, k_h, k_w, shape.words)
+        plus = te.placeholder(plane_dims, "uint32", name="plus")
+        minus = te.placeholder(plane_dims, "uint32", name="minus")
+        scale_dims = (shape.out_channels, shape.num_groups, k_h, k_w)
+        scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
+        group_scale = te.placeholder(scale_dims, scale_dtype, name="alpha")
+        inputs = [x, plus, minus, group_scale]
+        integer_scale = group_scale if encoding == "ternary_int8_scales" else None
+        wdec = _decoded_ternary(plus, minus, shape, integer_scale)
+    if encoding == "ternary_group_scales":
+        xq = _quantized_input(x, shape, act, "float32")
+        y = _group_scaled_output(xq, wdec, group_scale, bias, shape, act)
+        return [*inputs, bias, y]
+    out_scale = te.placeholder((shape.out_channels,), name="out_scale")
+    xq = _quantized_input(x, shape, act, "int32")
+    y = _integer_output(xq, wdec, out_scale, bias, shape)
+    return [*inputs, out_scale, bias, y]
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+
+
+def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, knobs: ConvSchedule) -> Schedule:
+    """Apply the default CPU schedule (see the module docstring) to ``conv2d_compute``'s func."""
+    sch = Schedule(func)
+    _parallel_outer(sch, "xq", 2)
+    _parallel_outer(sch, "wdec", 1)
+    if shape.is_dense:
+        _schedule_dense(sch, knobs)
+    else:
+        _schedule_spatial(sch, knobs)
+    return sch
+
+
+def _parallel_outer(sch: Schedule, block: str, loops: int) -> None:
+    outer = sch.get_loops(sch.get_sblock(block))[:loops]
+    sch.parallel(sch.fuse(*outer) if loops > 1 else outer[0])
+
+
+def _has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except tvm.s_tir.ScheduleError:
+        return False
+    return True
+
+
+def _schedule_spatial(sch: Schedule, knobs: ConvSchedule) -> None:
+    """Tile (channels x columns), reduction loops outside the tile, tile in registers."""
+    acc = sch.get_sblock("acc")
+    sch.set_scope(acc, 0, "local")
+    b, k, oh, ow, *reduction = sch.get_loops(acc)
+    k_outer, k_inner = sch.split(k, [None, knobs.out_channel_tile])
+    w_outer, w_inner = sch.split(ow, [None, knobs.width_vector])
+    sch.reorder(b, k_outer, oh, w_outer, *reduction, k_inner, w_inner)
+    sch.parallel(sch.fuse(b, k_outer))
+    if _has_block(sch, "psum"):
+        _schedule_group_sums(sch, reduction[-1], tile_loops=2)
+    sch.unroll(k_inner)
+    sch.vectorize(w_inner)
+    _store_tile(sch, acc, w_outer)
+    sch.decompose_reduction(acc, reduction[0])
+
+
+def _schedule_dense(sch: Schedule, knobs: ConvSchedule) -> None:
+    """Vectorise over output channels; the reduction runs outside the vector."""
+    acc = sch.get_sblock("acc")
+    sch.set_scope(acc, 0, "local")
+    b, k, oh, ow, *reduction = sch.get_loops(acc)
+    k_outer, k_inner = sch.split(k, [None, knobs.width_vector])
+    sch.reorder(b, oh, ow, k_outer, *reduction, k_inner)
+    sch.parallel(k_outer)
+    if _has_block(sch, "psum"):
+        _schedule_group_sums(sch, reduction[-1], tile_loops=1)
+    sch.vectorize(k_inner)
+    _store_tile(sch, acc, k_outer)
+    sch.decompose_reduction(acc, reduction[0])
+
+
+def _schedule_group_sums(sch: Schedule, innermost_reduction, tile_loops: int) -> None:
+    """Compute each group's integer sums next to their use: channels of the group outermost.
+
+    Called while the accumulator's innermost ``tile_loops`` loops are the tile just below
+    ``innermost_reduction``; the group sums take the same tile.
+    """
+    psum = sch.get_sblock("psum")
+    sch.set_scope(psum, 0, "local")
+    depth = len(sch.get_loops(sch.get_sblock("acc"))) - tile_loops
+    sch.compute_at(psum, innermost_reduction)
+    *spatial, channel = sch.get_loops(psum)[depth:]
+    sch.reorder(channel, *spatial)
+    if len(spatial) > 1:
+        sch.unroll(spatial[0])
+    if spatial:
+        sch.vectorize(spatial[-1])
+    sch.decompose_reduction(psum, channel)
+
+
+def _store_tile(sch: Schedule, acc, tile_loop) -> None:
+    y = sch.get_sblock("y")
+    sch.reverse_compute_at(y, tile_loop)
+    loops = sch.get_loops(y)
+    if _extent(sch, loops[-1]) > 1:
+        sch.vectorize(loops[-1])
+
+
+def _extent(sch: Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def conv2d_prim_func(
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    knobs: ConvSchedule | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of one quantized layer (default knobs unless given)."""
+    func = te.create_prim_func(conv2d_compute(shape, act, encoding))
+    sch = schedule_conv2d(func, shape, knobs or ConvSchedule.default_for(shape))
+    return sch.mod["main"]
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy reference of the integer part
+# --------------------------------------------------------------------------------------------
+
+
+def reference_group_sums(x_q: np.ndarray, ternary: np.ndarray, shape: Conv2dShape) -> np.ndarray:
+    """Exact ``psum[b, k, g, r, s, oh, ow]`` (int64) of the bitplane core, by NumPy."""
+    k_h, k_w = shape.kernel
+    (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
+    (dil_h, dil_w) = shape.dilation
+    padded = np.pad(x_q.astype(np.int64), ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
+    out_h, out_w = shape.out_height, shape.out_width
+    sums = np.zeros(
+        (shape.batch, shape.out_channels, shape.num_groups, k_h, k_w, out_h, out_w), np.int64
+    )
+    for r in range(k_h):
+        for s in range(k_w):
+            rows = slice(r * dil_h, r * dil_h + stride_h * (out_h - 1) + 1, stride_h)
+            cols = slice(s * dil_w, s * dil_w + stride_w * (out_w - 1) + 1, stride_w)
+            window = padded[:, :, rows, cols]
+            for g in range(shape.num_groups):
+                channels = slice(g * shape.group_size, (g + 1) * shape.group_size)
+                weights = ternary[:, channels, r, s].astype(np.int64)
+                sums[:, :, g, r, s] = np.einsum("kc,bchw->bkhw", weights, window[:, channels])
+    return sums
