@@ -1,0 +1,214 @@
+"""The compile pipeline: PyTorch model -> quantized reference -> Relax -> native ``.so``.
+
+Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
+torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` -> bind the
+remaining float parameters -> ``tvm.compile`` -> ``export_library``. The ``.so`` is written under
+a temporary name and renamed, and a sidecar JSON beside it records what a user of the module
+needs to know (see :func:`sidecar_path`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import QuantConfig
+from .errors import FGQError
+from .models import ModelSpec
+from .quant.layers import QuantizedLayer
+from .quant.quantize import QuantizedModel, quantize_model
+from .relax_passes import LegalizeQuantizedLayers, layer_encoding
+
+Progress = Callable[[str], None]
+SIDECAR_FORMAT = "fgq-tvm-module/1"
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile_model` produced."""
+
+    output: Path
+    sidecar: dict
+    quantized: QuantizedModel
+
+
+def sidecar_path(module_path: str | os.PathLike) -> Path:
+    """The JSON that describes ``model.so``: ``model.so.json`` beside it."""
+    return Path(str(module_path) + ".json")
+
+
+def compile_model(
+    model: nn.Module,
+    spec: ModelSpec,
+    quant: QuantConfig,
+    calibration: torch.Tensor,
+    target,
+    output: str | os.PathLike,
+    progress: Progress | None = None,
+    calib_batch_size: int = 32,
+) -> CompileResult:
+    """Quantize ``model`` and compile it for ``target`` into the shared library ``output``.
+
+    Parameters
+    ----------
+    model
+        The float PyTorch model (eval mode).
+    spec
+        Its input shape (batch included) and normalisation.
+    quant
+        The quantization configuration.
+    calibration
+        float32 NCHW calibration images, already normalised.
+    target
+        A :class:`tvm.target.Target` (see :func:`fgq_tvm.target.parse_target`).
+    output
+        Path of the ``.so`` to write; its sidecar JSON goes beside it.
+    progress
+        Called with a short description of each stage.
+
+    Returns
+    -------
+    CompileResult
+    """
+    report = progress or (lambda stage: None)
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
+    batches = list(torch.split(calibration, calib_batch_size))
+    quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
+    report("export to Relax")
+    mod = lower_to_relax(quantized, spec.input_shape)
+    report(f"build for {target}")
+    executable = _build(mod, target)
+    sidecar = describe(quantized, spec, target)
+    _write_atomically(output, executable.export_library)
+    _write_atomically(sidecar_path(output), lambda path: Path(path).write_text(_json(sidecar)))
+    return CompileResult(output, sidecar, quantized)
+
+
+def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...]):
+    """The Relax module of the quantized network, with every parameter bound as a constant."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    exported = _export(quantized, input_shape)
+    by_parameter = _layers_by_parameter(exported, quantized.layers)
+    mod = from_exported_program(exported, keep_params_as_input=True)
+    mod = LegalizeQuantizedLayers(by_parameter)(mod)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [var.name for var in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    return relax.transform.DeadCodeElimination(["main"])(mod)
+
+
+def _export(quantized: QuantizedModel, input_shape: tuple[int, ...]):
+    """torch.export of the folded float model without the quantized layers' biases.
+
+    The quantized kernels add the bias themselves (in the order the reference does).
+    """
+    model = copy.deepcopy(quantized.folded_model).eval()
+    for name in quantized.layers:
+        model.get_submodule(name).register_parameter("bias", None)
+    example = torch.zeros(input_shape, dtype=torch.float32)
+    try:
+        return torch.export.export(model, (example,))
+    except Exception as error:  # torch.export raises many unrelated types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise FGQError(
+            f"torch.export could not trace the model ({type(error).__name__}: {first_line})"
+        ) from None
+
+
+def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
+    """``placeholder name -> QuantizedLayer`` for the quantized layers' weights."""
+    result = {}
+    for placeholder, target in exported.graph_signature.inputs_to_parameters.items():
+        module, _, attribute = target.rpartition(".")
+        if attribute == "weight" and module in layers:
+            result[placeholder] = layers[module]
+    missing = set(layers) - {layer.name for layer in result.values()}
+    if missing:
+        raise FGQError(f"layers {sorted(missing)} were not found in the exported graph")
+    return result
+
+
+def _build(mod, target):
+    import tvm
+
+    with target:
+        return tvm.compile(mod, target=target)
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """Write through ``write(temporary_path)`` then rename, so no half-written file remains."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix,
+                                         dir=path.parent)  # fmt: skip
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def describe(quantized: QuantizedModel, spec: ModelSpec, target) -> dict:
+    """The sidecar JSON: input contract, quantization per layer, versions."""
+    import tvm
+
+    config = quantized.config
+    return {
+        "format": SIDECAR_FORMAT,
+        "model": spec.name,
+        "fgq_tvm_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": str(target),
+        "input": {
+            "shape": list(spec.input_shape),
+            "dtype": "float32",
+            "layout": "NCHW",
+            "normalisation": {"mean": list(spec.mean), "std": list(spec.std)},
+        },
+        "output": {"shape": [spec.input_shape[0], spec.num_classes], "dtype": "float32"},
+        "quantization": {
+            "group_size": config.group_size if config.group_size is not None else "channel",
+            "act_bits": config.act_bits,
+            "scales": config.scales,
+            "method": config.method,
+            "first_last": config.first_last,
+            "calibration": config.calibration,
+            "reestimate_bn": config.reestimate_bn,
+        },
+        "layers": [layer_summary(layer) for layer in quantized.layers.values()],
+        "float_layers": [
+            {"name": name, "reason": reason} for name, reason in quantized.float_layers.items()
+        ],
+    }
+
+
+def layer_summary(layer: QuantizedLayer) -> dict:
+    """One layer's row of the sidecar and of the compile summary."""
+    return {
+        "name": layer.name,
+        "op": layer.op,
+        "weights": layer.config.weights,
+        "group_size": layer.group_size,
+        "act_bits": layer.act.bits,
+        "act_signed": layer.act.signed,
+        "act_scale": layer.act.scale,
+        "kernel": layer_encoding(layer),
+        "shape": list(layer.weight.shape),
+    }
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"

@@ -1,0 +1,150 @@
+"""Target strings as users type them, translated to what TVM 0.27 accepts.
+
+TVM 0.27 rejects ``"llvm -mcpu=skylake"`` and wants ``{"kind": "llvm", "mcpu": "skylake"}``
+(DESIGN.md). :func:`parse_target` takes the command-line form (separate words or one quoted
+string) or a JSON dict, checks every option against the LLVM inside TVM, and returns a
+:class:`tvm.target.Target`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+
+from .errors import UsageError
+
+SUPPORTED_KINDS = ("llvm",)
+LIST_OPTIONS = ("mattr",)
+STRING_OPTIONS = ("mcpu", "mtriple", "mabi")
+TARGET_FLAG = re.compile(r"^-(mcpu|mattr|mtriple|mabi)(=.*)?$")
+
+
+def is_target_flag(word: str) -> bool:
+    """True for a word such as ``-mcpu=skylake`` that belongs to a target string."""
+    return bool(TARGET_FLAG.match(word))
+
+
+def parse_target(text: str | list[str]):
+    """Parse a target given as words, one string, or a JSON dict.
+
+    Parameters
+    ----------
+    text
+        ``["llvm", "-mcpu=skylake"]``, ``"llvm -mcpu=skylake -mattr=+avx2,+fma"`` or
+        ``'{"kind": "llvm", "mcpu": "skylake"}'``.
+
+    Returns
+    -------
+    tvm.target.Target
+
+    Raises
+    ------
+    UsageError
+        If the target is malformed, not a CPU (llvm) target, or names a CPU, triple or
+        feature that LLVM does not know.
+    """
+    words = text if isinstance(text, list) else [text]
+    joined = " ".join(words).strip()
+    config = _parse_json(joined) if joined.startswith("{") else _parse_words(joined.split())
+    _validate(config)
+    import tvm
+
+    return tvm.target.Target(config)
+
+
+def target_key(target) -> str:
+    """A short folder-safe name for a target, such as ``llvm-znver4``."""
+    parts = [str(target.kind.name)]
+    mcpu = target.attrs.get("mcpu")
+    if mcpu:
+        parts.append(str(mcpu))
+    return "-".join(parts)
+
+
+def _parse_json(text: str) -> dict:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"target JSON is malformed ({error.msg}): e.g. " + _EXAMPLE) from None
+    if not isinstance(config, dict) or "kind" not in config:
+        raise UsageError('target JSON must be an object with a "kind": e.g. ' + _EXAMPLE)
+    return config
+
+
+def _parse_words(words: list[str]) -> dict:
+    if not words:
+        raise UsageError("target is empty: e.g. --target llvm -mcpu=skylake")
+    kind, *options = words
+    config: dict = {"kind": kind}
+    for option in options:
+        key, sep, value = option.lstrip("-").partition("=")
+        if not option.startswith("-") or not sep or not value:
+            raise UsageError(
+                f"target option {option!r} is malformed: write -KEY=VALUE, e.g. -mcpu=skylake"
+            )
+        if key in LIST_OPTIONS:
+            config[key] = value.split(",")
+        elif key in STRING_OPTIONS:
+            config[key] = value
+        else:
+            known = ", ".join(f"-{name}" for name in (*STRING_OPTIONS, *LIST_OPTIONS))
+            raise UsageError(f"target option -{key} is not supported: use {known}")
+    return config
+
+
+def _validate(config: dict) -> None:
+    kind = config["kind"]
+    if kind not in SUPPORTED_KINDS:
+        raise UsageError(
+            f"target kind {kind!r} is not supported: fgq-tvm compiles for CPUs, use 'llvm'"
+        )
+    from tvm.target import Target, codegen
+
+    triple = config.get("mtriple")
+    if triple is not None:
+        arch = str(triple).split("-")[0]
+        if arch not in set(codegen.llvm_get_targets()):
+            raise UsageError(f"target triple {triple!r} names an architecture LLVM does not know")
+    base = {key: value for key, value in config.items() if key in ("kind", "mtriple")}
+    mcpu = config.get("mcpu")
+    if mcpu is not None and str(mcpu) not in set(codegen.llvm_get_cpu_archlist(Target(base))):
+        raise UsageError(
+            f"CPU {mcpu!r} is unknown to LLVM: use e.g. -mcpu=skylake, -mcpu=znver4 or "
+            "-mcpu=cascadelake"
+        )
+    for feature in config.get("mattr", []):
+        name = str(feature)
+        if name[:1] not in "+-" or not _is_llvm_feature(base, name[1:]):
+            raise UsageError(
+                f"target feature {name!r} is not a valid -mattr entry: write +FEATURE or "
+                "-FEATURE with a feature LLVM knows, e.g. -mattr=+avx2,+fma"
+            )
+
+
+def _is_llvm_feature(base: dict, name: str) -> bool:
+    """True if LLVM enables ``name`` when asked to (it ignores unknown names, with a warning)."""
+    from tvm.target import Target, codegen
+
+    with _quiet_stderr():
+        enabled = codegen.llvm_get_cpu_features(Target({**base, "mattr": ["+" + name]}))
+    return name in {str(feature) for feature in enabled}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence LLVM's own warnings (written to file descriptor 2) while probing."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_EXAMPLE = '{"kind": "llvm", "mcpu": "skylake"}'
