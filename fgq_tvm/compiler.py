@@ -106,7 +106,7 @@ def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...]):
     mod = LegalizeQuantizedLayers(by_parameter)(mod)
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
-    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
     return relax.transform.DeadCodeElimination(["main"])(mod)
 
 
