@@ -1,0 +1,212 @@
+"""BatchNorm handling: fold eval-mode BatchNorm2d into the preceding conv, re-estimate statistics.
+
+Finding conv -> BatchNorm pairs: the model is traced with ``torch.fx.symbolic_trace``; a
+BatchNorm2d call whose input is a Conv2d call is a pair when that conv's output feeds only the
+BatchNorm and each of the two modules is called exactly once. Models that cannot be traced
+(data-dependent control flow, ...) fall back to module order: a Conv2d immediately followed by a
+BatchNorm2d among the direct children of one parent module. That fallback assumes that children
+are registered in the order in which they run, which holds for ``nn.Sequential`` and for the
+usual ``conv1, bn1, ...`` blocks, but not for every model.
+
+A folded pair is ``conv'(x) = factor * conv(x) + shift`` per output channel, with
+``factor = gamma / sqrt(var + eps)`` and ``shift = beta - mean * factor``, computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from itertools import chain
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..errors import FGQError
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """The foldable ``(conv name, batchnorm name)`` pairs of ``model`` (see the module docstring).
+
+    Parameters
+    ----------
+    model
+        The network.
+
+    Returns
+    -------
+    list of (str, str)
+        Module paths of each Conv2d and the BatchNorm2d that directly follows it.
+    """
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:
+        return _adjacent_pairs(model)
+    return _traced_pairs(model, graph)
+
+
+def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(factor, shift)`` of an eval-mode BatchNorm: ``bn(x) = factor * x + shift``."""
+    factor = 1.0 / np.sqrt(_float64(bn.running_var) + bn.eps)
+    shift = -_float64(bn.running_mean) * factor
+    if bn.affine:
+        gamma = _float64(bn.weight)
+        factor = gamma * factor
+        shift = gamma * shift + _float64(bn.bias)
+    return factor, shift
+
+
+def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> nn.Module:
+    """Fold each BatchNorm2d into the Conv2d before it, in place, using the running statistics.
+
+    The conv gets ``weight * factor`` and ``bias * factor + shift`` (a bias is added where it had
+    none) and the BatchNorm is replaced by ``nn.Identity``. A conv weight of the ternary form
+    ``t * alpha`` stays exactly ``t_f * alpha_f`` with :func:`fold_ternary`'s values.
+
+    Parameters
+    ----------
+    model
+        The network; modified in place.
+    pairs
+        ``(conv name, batchnorm name)`` pairs to fold; found by :func:`find_conv_bn_pairs` when
+        omitted.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
+    if pairs is None:
+        pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        factor, shift = batchnorm_affine(model.get_submodule(bn_name))
+        _scale_conv(model.get_submodule(conv_name), factor, shift)
+        model.set_submodule(bn_name, nn.Identity())
+    return model
+
+
+def fold_ternary(
+    t: np.ndarray, alpha: np.ndarray, factor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale a ternary weight ``t * alpha`` by a per-output-channel factor, keeping its form.
+
+    Parameters
+    ----------
+    t
+        int8 ternary values ``[K, C, ...]``.
+    alpha
+        float32 group scales ``[K, G, ...]``.
+    factor
+        float64 ``[K]`` per-output-channel factor (:func:`batchnorm_affine`).
+
+    Returns
+    -------
+    t_f, alpha_f
+        int8 ``t * sign(factor)`` and float32 ``alpha * |factor|`` (rounded once, from float64),
+        so that ``t_f * alpha_f`` equals the float32 product that :func:`fold_batchnorm` computes
+        for the weight ``t * alpha``.
+    """
+    t_f = t * _per_channel(np.sign(factor), t.ndim)
+    alpha_f = alpha.astype(np.float64) * _per_channel(np.abs(factor), alpha.ndim)
+    return t_f.astype(np.int8), alpha_f.astype(np.float32)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Recompute the running statistics of every BatchNorm layer on ``batches``, in place.
+
+    The statistics are reset and accumulated as a cumulative average (``momentum=None``) with
+    only the BatchNorm layers in train mode and everything else in eval mode, under
+    ``torch.no_grad``. Afterwards the momenta are restored and the model is in eval mode.
+
+    Parameters
+    ----------
+    model
+        The network; modified in place.
+    batches
+        Model inputs; at least one.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise FGQError("re-estimating BatchNorm statistics needs at least one input batch")
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        with torch.no_grad():
+            for batch in chain([first], batches):
+                model(batch)
+    finally:
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        model.eval()
+    return model
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(bn, nn.BatchNorm2d)
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _traced_pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        source = node.args[0]
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+            and _foldable(modules[source.target], modules[node.target])
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _adjacent_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if _foldable(conv, bn):
+                pairs.append((prefix + conv_name, prefix + bn_name))
+    return pairs
+
+
+def _scale_conv(conv: nn.Conv2d, factor: np.ndarray, shift: np.ndarray) -> None:
+    weight = _float64(conv.weight)
+    bias = np.zeros(conv.out_channels) if conv.bias is None else _float64(conv.bias)
+    folded_weight = weight * _per_channel(factor, weight.ndim)
+    folded_bias = bias * factor + shift
+    dtype, device = conv.weight.dtype, conv.weight.device
+    conv.weight = nn.Parameter(torch.from_numpy(folded_weight).to(dtype=dtype, device=device))
+    conv.bias = nn.Parameter(torch.from_numpy(folded_bias).to(dtype=dtype, device=device))
+
+
+def _float64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().cpu().numpy()
+
+
+def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
+    return values.reshape((-1,) + (1,) * (ndim - 1))
