@@ -27,7 +27,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
-from ..schedules.conv2d import Conv2dShape, WeightEncoding, conv2d_prim_func, pack_bitplanes
+from ..schedules.conv2d import (
+    Conv2dShape,
+    WeightEncoding,
+    conv2d_prim_func,
+    pack_bitplanes,
+    to_kernel_layout,
+)
 
 
 def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
@@ -42,11 +48,12 @@ def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
     bias = layer.bias.astype(np.float32)
     encoding = layer_encoding(layer)
     if encoding == "int8":
-        return [layer.weight.astype(np.int8), layer.out_scale(), bias]
+        return [to_kernel_layout(layer.weight.astype(np.int8)), layer.out_scale(), bias]
     plus, minus = pack_bitplanes(layer.weight, layer.group_size)
     if encoding == "ternary_group_scales":
-        return [plus, minus, layer.group_scale.astype(np.float32), bias]
-    return [plus, minus, layer.group_scale_q.astype(np.int8), layer.out_scale(), bias]
+        return [plus, minus, to_kernel_layout(layer.group_scale.astype(np.float32)), bias]
+    alpha_q = to_kernel_layout(layer.group_scale_q.astype(np.int8))
+    return [plus, minus, alpha_q, layer.out_scale(), bias]
 
 
 def layer_shape(layer: QuantizedLayer, input_shape: tuple[int, int, int, int]) -> Conv2dShape:

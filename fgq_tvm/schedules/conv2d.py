@@ -15,9 +15,10 @@ One PrimFunc computes one layer from its float32 input to its float32 output:
      ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the
      product in float64, so no fused multiply-add can change the float32 rounding).
 
-Packed weights arrive as two bitplanes, ``plus`` and ``minus`` (uint32 ``[K, R, S, W]``, bit
-``c % 32`` of word ``c // 32``: 2 bits per ternary weight), plus the scales; 8-bit layers pass
-their int8 weights as they are.
+Packed weights arrive as two bitplanes, ``plus`` and ``minus`` (uint32 ``[R, S, W, K]``, bit
+``c % 32`` of word ``c // 32``: 2 bits per ternary weight), plus the scales ``[R, S, G, K]``;
+8-bit layers pass their int8 weights as ``[R, S, C, K]``. Output channels innermost, so that the
+decode stage runs on whole vectors (:func:`to_kernel_layout` transposes ``[K, C, R, S]``).
 
 Schedule: output channels tiled by ``out_channel_tile`` and output columns by ``width_vector``
 (the row is padded up to a whole number of vectors, so every vector is full); the tile's partial
@@ -121,8 +122,13 @@ class ConvSchedule:
 # --------------------------------------------------------------------------------------------
 
 
+def to_kernel_layout(per_channel: np.ndarray) -> np.ndarray:
+    """``[K, C, R, S]`` (or ``[K, G, R, S]``) to the kernels' ``[R, S, C, K]`` layout."""
+    return np.ascontiguousarray(per_channel.transpose(2, 3, 1, 0))
+
+
 def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pack ternary ``[K, C, R, S]`` weights into ``plus`` and ``minus`` uint32 ``[K, R, S, W]``.
+    """Pack ternary ``[K, C, R, S]`` weights into ``plus`` and ``minus`` uint32 ``[R, S, W, K]``.
 
     Channels are padded with zeros up to whole groups; bit ``c % 32`` of word ``c // 32`` is set
     where ``t[k, c, r, s]`` is +1 (``plus``) or -1 (``minus``).
@@ -130,14 +136,15 @@ def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     k, c, r, s = ternary.shape
     padded = -(-c // group_size) * group_size
     words = -(-padded // WORD_BITS)
-    weights = np.moveaxis(ternary, 1, -1)
+    weights = ternary.transpose(2, 3, 0, 1)
     bit_values = np.left_shift(np.uint64(1), np.arange(WORD_BITS, dtype=np.uint64))
 
     def plane(mask: np.ndarray) -> np.ndarray:
-        full = np.zeros((k, r, s, words * WORD_BITS), dtype=np.uint64)
+        full = np.zeros((r, s, k, words * WORD_BITS), dtype=np.uint64)
         full[..., :c] = mask
-        words_view = full.reshape(k, r, s, words, WORD_BITS)
-        return (words_view * bit_values).sum(axis=-1).astype(np.uint32)
+        words_view = full.reshape(r, s, k, words, WORD_BITS)
+        packed = (words_view * bit_values).sum(axis=-1).astype(np.uint32)
+        return np.ascontiguousarray(packed.transpose(0, 1, 3, 2))
 
     return plane(weights == 1), plane(weights == -1)
 
@@ -181,7 +188,7 @@ def _padded_out_width(shape: Conv2dShape) -> int:
 
 
 def _bit(plane: te.Tensor, k, c, r, s):
-    word = plane[k, r, s, c // WORD_BITS]
+    word = plane[r, s, c // WORD_BITS, k]
     return ((word >> (c % WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")).astype("int32")
 
 
@@ -193,7 +200,7 @@ def _decoded_ternary(plus: te.Tensor, minus: te.Tensor, shape: Conv2dShape, scal
         t = _bit(plus, k, c, r, s) - _bit(minus, k, c, r, s)
         if scale is None:
             return t.astype("float32")
-        return t * scale[k, c // shape.group_size, r, s].astype("int32")
+        return t * scale[r, s, c // shape.group_size, k].astype("int32")
 
     dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
     return te.compute(dims, decode, name="wdec")
@@ -204,7 +211,7 @@ def _decoded_int8(weight: te.Tensor, shape: Conv2dShape) -> te.Tensor:
 
     def decode(r, s, c, k):
         inside = c < shape.in_channels
-        value = weight[k, tirx.min(c, shape.in_channels - 1), r, s].astype("int32")
+        value = weight[r, s, tirx.min(c, shape.in_channels - 1), k].astype("int32")
         return tirx.if_then_else(inside, value, 0)
 
     dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
@@ -234,7 +241,7 @@ def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuan
     s = te.reduce_axis((0, k_w), name="s")
 
     def scaled_sum(b, k, oh, ow):
-        term = alpha[k, g, r, s].astype("float64") * psum[b, k, g, r, s, oh, ow].astype("float64")
+        term = alpha[r, s, g, k].astype("float64") * psum[b, k, g, r, s, oh, ow].astype("float64")
         return te.sum(term, axis=[g, r, s])
 
     acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
@@ -276,23 +283,23 @@ def conv2d_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) 
 
     Arguments by encoding:
 
-    * ``ternary_group_scales``: ``x, plus, minus, alpha (f32 [K,G,R,S]), bias``;
-    * ``ternary_int8_scales``: ``x, plus, minus, alpha_q (i8 [K,G,R,S]), out_scale (f32 [K]),
+    * ``ternary_group_scales``: ``x, plus, minus, alpha (f32 [R,S,G,K]), bias``;
+    * ``ternary_int8_scales``: ``x, plus, minus, alpha_q (i8 [R,S,G,K]), out_scale (f32 [K]),
       bias``;
-    * ``int8``: ``x, weight (i8 [K,C,R,S]), out_scale, bias``.
+    * ``int8``: ``x, weight (i8 [R,S,C,K]), out_scale, bias``.
     """
     k_h, k_w = shape.kernel
     x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
     bias = te.placeholder((shape.out_channels,), name="bias")
     if encoding == "int8":
-        weight = te.placeholder((shape.out_channels, shape.in_channels, k_h, k_w), "int8", "w")
+        weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
         inputs = [x, weight]
         wdec = _decoded_int8(weight, shape)
     else:
-        plane_dims = (shape.out_channels, k_h, k_w, shape.words)
+        plane_dims = (k_h, k_w, shape.words, shape.out_channels)
         plus = te.placeholder(plane_dims, "uint32", name="plus")
         minus = te.placeholder(plane_dims, "uint32", name="minus")
-        scale_dims = (shape.out_channels, shape.num_groups, k_h, k_w)
+        scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
         scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
         group_scale = te.placeholder(scale_dims, scale_dtype, name="alpha")
         inputs = [x, plus, minus, group_scale]
@@ -318,6 +325,7 @@ def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, knobs: ConvSche
     sch = Schedule(func)
     _parallel_outer(sch, "xq", 2)
     _parallel_outer(sch, "wdec", 1)
+    _vectorize_innermost(sch, "wdec", knobs.width_vector)
     if shape.is_dense:
         _schedule_dense(sch, knobs)
     else:
@@ -328,6 +336,12 @@ def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, knobs: ConvSche
 def _parallel_outer(sch: Schedule, block: str, loops: int) -> None:
     outer = sch.get_loops(sch.get_sblock(block))[:loops]
     sch.parallel(sch.fuse(*outer) if loops > 1 else outer[0])
+
+
+def _vectorize_innermost(sch: Schedule, block: str, lanes: int) -> None:
+    innermost = sch.get_loops(sch.get_sblock(block))[-1]
+    if _extent(sch, innermost) % lanes == 0:
+        sch.vectorize(sch.split(innermost, [None, lanes])[1])
 
 
 def _has_block(sch: Schedule, name: str) -> bool:
