@@ -20,10 +20,12 @@ Packed weights arrive as two bitplanes, ``plus`` and ``minus`` (uint32 ``[R, S, 
 8-bit layers pass their int8 weights as ``[R, S, C, K]``. Output channels innermost, so that the
 decode stage runs on whole vectors (:func:`to_kernel_layout` transposes ``[K, C, R, S]``).
 
-Schedule: output channels tiled by ``out_channel_tile`` and output columns by ``width_vector``
-(the row is padded up to a whole number of vectors, so every vector is full); the tile's partial
-sums live in registers, the outer (batch, channel tile) loop runs in parallel. Dense layers
-(1x1 spatial) vectorise over output channels instead.
+Schedule (:class:`ConvSchedule`): a register tile of partial sums with the reduction loops
+outside it and the (batch, channel block) loop in parallel. Wide layers vectorise over output
+columns (``vector_axis="width"``: ``out_channel_tile`` channels x one vector of columns; the row
+is padded up to whole vectors, so every vector is full); narrow layers and dense layers vectorise
+over output channels (``vector_axis="channels"``: all columns of a row x one vector of channels,
+whose weights and scales are contiguous in the ``[R, S, C, K]`` layout).
 """
 
 from __future__ import annotations
@@ -98,23 +100,31 @@ class ConvSchedule:
 
     Attributes
     ----------
+    vector_axis
+        ``"width"`` (output columns in vector lanes) or ``"channels"`` (output channels).
+    lanes
+        Vector lanes (int32/float32 elements).
     out_channel_tile
-        Output channels computed together (unrolled; each holds one vector of partial sums).
-    width_vector
-        Output columns per vector (conv) or output channels per vector (dense).
+        ``vector_axis="width"`` only: output channels computed together (unrolled).
     """
 
+    vector_axis: Literal["width", "channels"] = "width"
+    lanes: int = 16
     out_channel_tile: int = 8
-    width_vector: int = 16
 
     @staticmethod
     def default_for(shape: Conv2dShape) -> ConvSchedule:
-        """A schedule that needs no tuning: full vectors, the largest tile that divides K."""
-        if shape.is_dense:
-            return ConvSchedule(out_channel_tile=1, width_vector=16)
+        """A schedule that needs no tuning: full vectors on the axis that fills them best."""
+        if shape.out_width <= 16 and shape.out_channels % 16 == 0 or shape.is_dense:
+            return ConvSchedule("channels", lanes=16)
         tile = next(t for t in (8, 4, 2, 1) if shape.out_channels % t == 0)
-        vector = 16 if shape.out_width > 8 else 8
-        return ConvSchedule(out_channel_tile=tile, width_vector=vector)
+        return ConvSchedule("width", 16 if shape.out_width > 8 else 8, tile)
+
+    def padded_out_width(self, shape: Conv2dShape) -> int:
+        """Output columns the kernel computes: whole vectors when vectorising the width."""
+        if self.vector_axis == "channels":
+            return shape.out_width
+        return -(-shape.out_width // self.lanes) * self.lanes
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,11 +164,11 @@ def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np
 # --------------------------------------------------------------------------------------------
 
 
-def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str) -> te.Tensor:
+def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str, out_w: int):
     """``xq``: the input quantized, zero-padded spatially and up to whole groups of channels."""
     pad_h, pad_w = shape.padding
     height = _padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
-    width = _padded_extent(shape.width, pad_w, _padded_out_width(shape), shape, axis=1)
+    width = _padded_extent(shape.width, pad_w, out_w, shape, axis=1)
     scale = tirx.const(act.scale, "float32")
 
     def quantize(b, c, h, w):
@@ -177,14 +187,6 @@ def _padded_extent(size: int, pad: int, outputs: int, shape: Conv2dShape, axis: 
     """Input extent read by ``outputs`` output positions (at least the padded input)."""
     reach = (outputs - 1) * shape.stride[axis] + shape.dilation[axis] * (shape.kernel[axis] - 1)
     return max(size + 2 * pad, reach + 1)
-
-
-def _padded_out_width(shape: Conv2dShape) -> int:
-    """Output columns rounded up to whole vectors (conv only; the extra columns are dropped)."""
-    if shape.is_dense:
-        return shape.out_width
-    vector = ConvSchedule.default_for(shape).width_vector
-    return -(-shape.out_width // vector) * vector
 
 
 def _bit(plane: te.Tensor, k, c, r, s):
@@ -223,10 +225,9 @@ def _window(xq: te.Tensor, shape: Conv2dShape, b, c, oh, ow, r, s):
     return xq[b, c, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w]
 
 
-def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
+def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuant, out_w: int):
     """The bitplane core with float group scales; returns ``y``."""
     size, k_h, k_w = shape.group_size, *shape.kernel
-    out_w = _padded_out_width(shape)
     j = te.reduce_axis((0, size), name="j")
 
     def group_sum(b, k, g, r, s, oh, ow):
@@ -254,10 +255,9 @@ def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuan
     )
 
 
-def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape) -> te.Tensor:
+def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape, out_w: int) -> te.Tensor:
     """The integer form: exact int32 accumulation, one float multiply per output."""
     k_h, k_w = shape.kernel
-    out_w = _padded_out_width(shape)
     c = te.reduce_axis((0, shape.padded_channels), name="c")
     r = te.reduce_axis((0, k_h), name="r")
     s = te.reduce_axis((0, k_w), name="s")
@@ -278,8 +278,13 @@ def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape) -> te.Tensor:
     )
 
 
-def conv2d_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> list[te.Tensor]:
+def conv2d_compute(
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, knobs: ConvSchedule
+) -> list[te.Tensor]:
     """TE compute of one quantized layer; returns its arguments, output last.
+
+    ``knobs`` decides how many output columns are computed (whole vectors, see
+    :meth:`ConvSchedule.padded_out_width`); the extra ones are never stored.
 
     Arguments by encoding:
 
@@ -305,13 +310,14 @@ def conv2d_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) 
         inputs = [x, plus, minus, group_scale]
         integer_scale = group_scale if encoding == "ternary_int8_scales" else None
         wdec = _decoded_ternary(plus, minus, shape, integer_scale)
+    out_w = knobs.padded_out_width(shape)
     if encoding == "ternary_group_scales":
-        xq = _quantized_input(x, shape, act, "float32")
-        y = _group_scaled_output(xq, wdec, group_scale, bias, shape, act)
+        xq = _quantized_input(x, shape, act, "float32", out_w)
+        y = _group_scaled_output(xq, wdec, group_scale, bias, shape, act, out_w)
         return [*inputs, bias, y]
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
-    xq = _quantized_input(x, shape, act, "int32")
-    y = _integer_output(xq, wdec, out_scale, bias, shape)
+    xq = _quantized_input(x, shape, act, "int32", out_w)
+    y = _integer_output(xq, wdec, out_scale, bias, shape, out_w)
     return [*inputs, out_scale, bias, y]
 
 
@@ -320,16 +326,16 @@ def conv2d_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) 
 # --------------------------------------------------------------------------------------------
 
 
-def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, knobs: ConvSchedule) -> Schedule:
+def schedule_conv2d(func: tvm.tirx.PrimFunc, knobs: ConvSchedule) -> Schedule:
     """Apply the default CPU schedule (see the module docstring) to ``conv2d_compute``'s func."""
     sch = Schedule(func)
     _parallel_outer(sch, "xq", 2)
     _parallel_outer(sch, "wdec", 1)
-    _vectorize_innermost(sch, "wdec", knobs.width_vector)
-    if shape.is_dense:
-        _schedule_dense(sch, knobs)
+    _vectorize_innermost(sch, "wdec", knobs.lanes)
+    if knobs.vector_axis == "channels":
+        _schedule_channel_vectors(sch, knobs)
     else:
-        _schedule_spatial(sch, knobs)
+        _schedule_width_vectors(sch, knobs)
     return sch
 
 
@@ -352,54 +358,70 @@ def _has_block(sch: Schedule, name: str) -> bool:
     return True
 
 
-def _schedule_spatial(sch: Schedule, knobs: ConvSchedule) -> None:
-    """Tile (channels x columns), reduction loops outside the tile, tile in registers."""
+def _schedule_width_vectors(sch: Schedule, knobs: ConvSchedule) -> None:
+    """Tile ``out_channel_tile`` channels x ``lanes`` columns, reduction outside the tile."""
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     b, k, oh, ow, *reduction = sch.get_loops(acc)
     k_outer, k_inner = sch.split(k, [None, knobs.out_channel_tile])
-    w_outer, w_inner = sch.split(ow, [None, knobs.width_vector])
+    w_outer, w_inner = sch.split(ow, [None, knobs.lanes])
     sch.reorder(b, k_outer, oh, w_outer, *reduction, k_inner, w_inner)
-    sch.parallel(sch.fuse(b, k_outer))
-    if _has_block(sch, "psum"):
-        _schedule_group_sums(sch, reduction[-1], tile_loops=2)
-    sch.unroll(k_inner)
-    sch.vectorize(w_inner)
-    _store_tile(sch, acc, w_outer)
-    sch.decompose_reduction(acc, reduction[0])
+    _finish_tile(sch, acc, sch.fuse(b, k_outer), reduction, k_inner, w_inner, w_outer, False)
 
 
-def _schedule_dense(sch: Schedule, knobs: ConvSchedule) -> None:
-    """Vectorise over output channels; the reduction runs outside the vector."""
+def _schedule_channel_vectors(sch: Schedule, knobs: ConvSchedule) -> None:
+    """Tile all columns of a row x ``lanes`` channels, reduction outside the tile.
+
+    The local accumulators are laid out channels-last so that the vector lanes are contiguous.
+    """
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
-    b, k, oh, ow, *reduction = sch.get_loops(acc)
-    k_outer, k_inner = sch.split(k, [None, knobs.width_vector])
-    sch.reorder(b, oh, ow, k_outer, *reduction, k_inner)
-    sch.parallel(k_outer)
+    sch.transform_layout(acc, ("write", 0), lambda b, k, oh, ow: (b, oh, ow, k))
     if _has_block(sch, "psum"):
-        _schedule_group_sums(sch, reduction[-1], tile_loops=1)
-    sch.vectorize(k_inner)
-    _store_tile(sch, acc, k_outer)
+        psum = sch.get_sblock("psum")
+        sch.transform_layout(
+            psum, ("write", 0), lambda b, k, g, r, s, oh, ow: (b, g, r, s, oh, ow, k)
+        )
+    b, k, oh, ow, *reduction = sch.get_loops(acc)
+    k_outer, k_inner = sch.split(k, [None, knobs.lanes])
+    sch.reorder(b, k_outer, oh, *reduction, ow, k_inner)
+    _finish_tile(sch, acc, sch.fuse(b, k_outer), reduction, ow, k_inner, oh, True)
+
+
+def _finish_tile(
+    sch: Schedule, acc, parallel, reduction, unrolled, vector, store_at, channels_innermost: bool
+) -> None:
+    """Shared tail of both tilings: parallel outer loop, group sums, unroll, vectorise, store."""
+    sch.parallel(parallel)
+    if _has_block(sch, "psum"):
+        _schedule_group_sums(sch, reduction[-1], channels_innermost)
+    sch.unroll(unrolled)
+    sch.vectorize(vector)
+    _store_tile(sch, acc, store_at)
     sch.decompose_reduction(acc, reduction[0])
 
 
-def _schedule_group_sums(sch: Schedule, innermost_reduction, tile_loops: int) -> None:
-    """Compute each group's integer sums next to their use: channels of the group outermost.
+def _schedule_group_sums(sch: Schedule, innermost_reduction, channels_innermost: bool) -> None:
+    """Compute each group's integer sums next to their use, over the accumulator's tile.
 
-    Called while the accumulator's innermost ``tile_loops`` loops are the tile just below
-    ``innermost_reduction``; the group sums take the same tile.
+    The group's channel loop goes outermost; the tile loops below it (output channels, then
+    columns, as the block's axes come) are unrolled except the innermost, which is vectorised
+    like the accumulator's.
     """
     psum = sch.get_sblock("psum")
     sch.set_scope(psum, 0, "local")
-    depth = len(sch.get_loops(sch.get_sblock("acc"))) - tile_loops
     sch.compute_at(psum, innermost_reduction)
-    *spatial, channel = sch.get_loops(psum)[depth:]
-    sch.reorder(channel, *spatial)
-    if len(spatial) > 1:
-        sch.unroll(spatial[0])
-    if spatial:
-        sch.vectorize(spatial[-1])
+    loops = sch.get_loops(psum)
+    anchor = sch.get(innermost_reduction)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(anchor)) + 1
+    *tile, channel = loops[depth:]
+    if channels_innermost:
+        tile = tile[1:] + tile[:1]
+    sch.reorder(channel, *tile)
+    for loop in tile[:-1]:
+        sch.unroll(loop)
+    if tile:
+        sch.vectorize(tile[-1])
     sch.decompose_reduction(psum, channel)
 
 
@@ -422,8 +444,9 @@ def conv2d_prim_func(
     knobs: ConvSchedule | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one quantized layer (default knobs unless given)."""
-    func = te.create_prim_func(conv2d_compute(shape, act, encoding))
-    sch = schedule_conv2d(func, shape, knobs or ConvSchedule.default_for(shape))
+    knobs = knobs or ConvSchedule.default_for(shape)
+    func = te.create_prim_func(conv2d_compute(shape, act, encoding, knobs))
+    sch = schedule_conv2d(func, knobs)
     return sch.mod["main"]
 
 
