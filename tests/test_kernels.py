@@ -1,0 +1,184 @@
+"""Randomised checks of the quantized conv2d/dense kernels against the reference arithmetic.
+
+Two properties, on random geometries (channels not divisible by N, stride 2, padding,
+dilation, 1x1 and 3x3 kernels, dense layers, N in 1, 3, 4, 16, 64, every weight encoding and
+both schedule families):
+
+* the integer part of the compute (the per-group sums of the bitplane core) equals NumPy's
+  exact integer sums;
+* the scheduled kernel's float output is bit-identical to :func:`reference_forward`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import te
+
+from fgq_tvm.config import LayerConfig
+from fgq_tvm.quant.layers import ActQuant, QuantizedLayer, reference_forward
+from fgq_tvm.relax_passes.legalize_quantized_layers import (
+    kernel_arguments,
+    layer_encoding,
+    layer_shape,
+)
+from fgq_tvm.schedules.conv2d import (
+    Conv2dShape,
+    ConvSchedule,
+    conv2d_compute,
+    conv2d_prim_func,
+    reference_group_sums,
+)
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+GROUP_SIZES = (1, 3, 4, 16, 64)
+ENCODINGS = ("ternary_group_scales", "ternary_int8_scales", "int8")
+SHAPES_PER_ENCODING = 70
+
+
+def random_layer(rng: np.random.Generator, encoding: str, dense: bool = False) -> QuantizedLayer:
+    """A random quantized layer with a random geometry."""
+    channels = int(rng.integers(1, 80))
+    out_channels = int(rng.choice([int(rng.integers(1, 40)), 16, 32]))
+    kernel = 1 if dense else int(rng.choice([1, 3]))
+    group_size = int(rng.choice(GROUP_SIZES))
+    if encoding == "int8":
+        group_size = channels
+    weights = "int8" if encoding == "int8" else "ternary"
+    scales = "int8" if encoding == "ternary_int8_scales" else "float"
+    config = LayerConfig(weights, group_size, int(rng.choice([8, 4])), scales)
+    act_scale = float(np.float32(rng.uniform(0.01, 0.2)))
+    act = ActQuant(act_scale, config.act_bits, signed=bool(rng.integers(0, 2)))
+    groups = -(-channels // group_size)
+    if encoding == "int8":
+        weight = rng.integers(-127, 128, (out_channels, channels, kernel, kernel))
+    else:
+        weight = rng.integers(-1, 2, (out_channels, channels, kernel, kernel))
+    scale_shape = (out_channels, groups, kernel, kernel)
+    geometry = {} if dense else _random_geometry(rng, kernel)
+    return QuantizedLayer(
+        name="layer",
+        op="linear" if dense else "conv2d",
+        config=config,
+        act=act,
+        weight=weight.astype(np.int8),
+        group_size=group_size,
+        bias=rng.normal(size=out_channels).astype(np.float32),
+        group_scale=(
+            rng.uniform(0.001, 1.0, scale_shape).astype(np.float32)
+            if encoding == "ternary_group_scales"
+            else None
+        ),
+        group_scale_q=(
+            rng.integers(0, 128, scale_shape).astype(np.int8)
+            if encoding == "ternary_int8_scales"
+            else None
+        ),
+        channel_scale=(
+            None
+            if encoding == "ternary_group_scales"
+            else rng.uniform(1e-4, 1e-2, out_channels).astype(np.float32)
+        ),
+        **geometry,
+    )
+
+
+def _random_geometry(rng: np.random.Generator, kernel: int) -> dict:
+    stride = int(rng.choice([1, 2]))
+    padding = int(rng.integers(0, 2)) if kernel == 3 else 0
+    dilation = int(rng.choice([1, 1, 2])) if kernel == 3 else 1
+    return {"stride": (stride, stride), "padding": (padding, padding), "dilation": (dilation,) * 2}
+
+
+def random_input(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:
+    """Float input spanning the quantizer's range and beyond (to exercise clamping)."""
+    channels = layer.weight.shape[1]
+    if layer.op == "linear":
+        shape = (int(rng.integers(1, 3)), channels)
+    else:
+        size = int(rng.integers(5, 20))
+        shape = (int(rng.integers(1, 3)), channels, size, int(rng.integers(5, 20)))
+    bound = layer.act.scale * layer.act.qmax * 1.2
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def run_kernel(layer: QuantizedLayer, x: np.ndarray, knobs: ConvSchedule | None = None):
+    """Compile and run the layer's scheduled PrimFunc on ``x``."""
+    image = x if x.ndim == 4 else x[:, :, None, None]
+    shape = layer_shape(layer, image.shape)
+    func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs)
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    out_shape = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    arguments = [tvm.runtime.tensor(a) for a in [image, *kernel_arguments(layer)]]
+    kernel(*arguments, out)
+    result = out.numpy()
+    return result if x.ndim == 4 else result[:, :, 0, 0]
+
+
+def compute_group_sums(layer: QuantizedLayer, x_q: np.ndarray, shape: Conv2dShape):
+    """The compute definition's ``psum`` stage, built unscheduled and run."""
+    knobs = ConvSchedule.default_for(shape)
+    tensors = conv2d_compute(shape, layer.act, "ternary_group_scales", knobs)
+    psum = next(t for t in _producers(tensors[-1]) if t.op.name == "psum")
+    func = te.create_prim_func([*tensors[:-2], psum])
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    out_w = knobs.padded_out_width(shape)
+    dims = [int(d) for d in psum.shape]
+    out = tvm.runtime.tensor(np.zeros(dims, np.float32))
+    x = x_q * np.float32(layer.act.scale)
+    arguments = [tvm.runtime.tensor(a) for a in [x, *kernel_arguments(layer)[:-1]]]
+    kernel(*arguments, out)
+    return out.numpy()[..., : shape.out_width] if out_w != shape.out_width else out.numpy()
+
+
+def _producers(tensor: te.Tensor):
+    seen, stack = [], [tensor]
+    while stack:
+        current = stack.pop()
+        for parent in getattr(current.op, "input_tensors", []):
+            if all(parent is not s for s in seen):
+                seen.append(parent)
+                stack.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_kernels_match_reference_bit_for_bit(encoding):
+    rng = np.random.default_rng(ENCODINGS.index(encoding))
+    mismatches = []
+    for case in range(SHAPES_PER_ENCODING):
+        layer = random_layer(rng, encoding, dense=case % 7 == 0)
+        x = random_input(rng, layer)
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        actual = run_kernel(layer, x)
+        if not np.array_equal(actual, expected):
+            mismatches.append((case, layer.weight.shape, layer.group_size, layer.stride))
+    assert not mismatches
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [ConvSchedule("width", 16, 8), ConvSchedule("width", 8, 3), ConvSchedule("channels", 16)],
+)
+def test_every_schedule_family_is_exact(knobs):
+    rng = np.random.default_rng(7)
+    for encoding in ENCODINGS:
+        layer = random_layer(rng, encoding)
+        x = random_input(rng, layer)
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(run_kernel(layer, x, knobs), expected)
+
+
+def test_integer_part_of_bitplane_core_is_exact():
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        layer = random_layer(rng, "ternary_group_scales")
+        x = random_input(rng, layer)
+        x_q = layer.act.quantize(torch.from_numpy(x)).numpy()
+        shape = layer_shape(layer, x.shape)
+        expected = reference_group_sums(x_q, layer.weight, shape)
+        actual = compute_group_sums(layer, x_q, shape)
+        np.testing.assert_array_equal(actual.astype(np.int64), expected)
