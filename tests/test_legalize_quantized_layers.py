@@ -1,0 +1,106 @@
+"""LegalizeQuantizedLayers: Before/Expected modules compared structurally."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from fgq_tvm.config import LayerConfig
+from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
+from fgq_tvm.relax_passes import LegalizeQuantizedLayers
+from fgq_tvm.relax_passes.legalize_quantized_layers import kernel_arguments, layer_shape
+from fgq_tvm.schedules.conv2d import conv2d_prim_func
+
+RNG = np.random.default_rng(0)
+
+CONV = QuantizedLayer(
+    name="conv",
+    op="conv2d",
+    config=LayerConfig("ternary", 4),
+    act=ActQuant(0.0625, 8, signed=True),
+    weight=RNG.integers(-1, 2, (4, 8, 3, 3)).astype(np.int8),
+    group_size=4,
+    bias=RNG.normal(size=4).astype(np.float32),
+    group_scale=RNG.uniform(0.1, 1.0, (4, 2, 3, 3)).astype(np.float32),
+    padding=(1, 1),
+)
+FC = QuantizedLayer(
+    name="fc",
+    op="linear",
+    config=LayerConfig("int8", None),
+    act=ActQuant(0.125, 8, signed=False),
+    weight=RNG.integers(-127, 128, (3, 4, 1, 1)).astype(np.int8),
+    group_size=4,
+    bias=np.zeros(3, np.float32),
+    channel_scale=RNG.uniform(0.01, 0.1, 3).astype(np.float32),
+)
+
+
+@I.ir_module
+class Before:
+    @R.function
+    def main(
+        x: R.Tensor((1, 8, 6, 6), "float32"),
+        p_conv_weight: R.Tensor((4, 8, 3, 3), "float32"),
+        p_fc_weight: R.Tensor((3, 4), "float32"),
+        p_float_weight: R.Tensor((2, 3), "float32"),
+    ):
+        with R.dataflow():
+            lv = R.nn.conv2d(x, p_conv_weight, padding=[1, 1, 1, 1])
+            lv1 = R.nn.relu(lv)
+            lv2 = R.mean(lv1, axis=[-1, -2], keepdims=False)
+            lv3 = R.permute_dims(p_fc_weight, axes=[1, 0])
+            lv4 = R.matmul(lv2, lv3, out_dtype="float32")
+            lv5 = R.permute_dims(p_float_weight, axes=[1, 0])
+            lv6 = R.matmul(lv4, lv5, out_dtype="float32")
+            R.output(lv6)
+        return lv6
+
+
+def expected() -> tvm.IRModule:
+    """The module the pass must produce: quantized layers as call_tir, the float layer kept."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    conv_w = relax.Var("p_conv_weight", relax.TensorType((4, 8, 3, 3), "float32"))
+    fc_w = relax.Var("p_fc_weight", relax.TensorType((3, 4), "float32"))
+    float_w = relax.Var("p_float_weight", relax.TensorType((2, 3), "float32"))
+    with bb.function("main", [x, conv_w, fc_w, float_w]):
+        with bb.dataflow():
+            conv = _kernel_call(bb, CONV, x, (1, 4, 6, 6))
+            relu = bb.emit(relax.op.nn.relu(conv))
+            mean = bb.emit(relax.op.mean(relu, axis=[-1, -2], keepdims=False))
+            bb.emit(relax.op.permute_dims(fc_w, axes=[1, 0]))
+            image = bb.emit(relax.op.reshape(mean, (1, 4, 1, 1)))
+            fc = _kernel_call(bb, FC, image, (1, 3, 1, 1))
+            logits = bb.emit(relax.op.reshape(fc, (1, 3)))
+            float_t = bb.emit(relax.op.permute_dims(float_w, axes=[1, 0]))
+            out = bb.emit_output(relax.op.matmul(logits, float_t, out_dtype="float32"))
+        bb.emit_func_output(out)
+    return bb.finalize()
+
+
+def _kernel_call(bb: relax.BlockBuilder, layer: QuantizedLayer, x, out_shape) -> relax.Var:
+    shape = layer_shape(layer, tuple(int(d) for d in x.ty.shape))
+    name = "fgq_" + layer.name
+    func = conv2d_prim_func(shape, layer.act, _encoding(layer)).with_attr("global_symbol", name)
+    kernel = bb.add_func(func, name)
+    args = [x, *(relax.const(a) for a in kernel_arguments(layer))]
+    return bb.emit(relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32")))
+
+
+def _encoding(layer: QuantizedLayer) -> str:
+    return "int8" if layer.config.weights == "int8" else "ternary_group_scales"
+
+
+def test_conv_and_linear_become_quantized_kernels():
+    layers = {"p_conv_weight": CONV, "p_fc_weight": FC}
+    after = LegalizeQuantizedLayers(layers)(Before)
+    tvm.ir.assert_structural_equal(after, expected())
+
+
+def test_module_without_quantized_parameters_is_unchanged():
+    after = LegalizeQuantizedLayers({})(Before)
+    tvm.ir.assert_structural_equal(after, Before)
