@@ -17,7 +17,8 @@
    layer's record is folded without re-ternarizing (``t_f = t * sign(factor)``,
    ``alpha_f = alpha * |factor|``); an int8 layer quantizes its folded float weight.
 6. Build one :class:`~fgq_tvm.quant.layers.QuantizedLayer` per quantized layer and the
-   ``reference`` model, whose quantized layers compute :func:`reference_forward`.
+   ``reference`` model, whose quantized layers compute :func:`reference_forward` and whose
+   average-pooling modules sum in float64 (:class:`Float64Average`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .ternary import (
 Progress = Callable[[str], None]
 
 UNREACHED = "not reached by the calibration data"
+AVERAGE_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
 @dataclass
@@ -312,8 +314,26 @@ def _bias(module: nn.Module) -> np.ndarray:
     return module.bias.detach().cpu().float().numpy().copy()
 
 
+class Float64Average(nn.Module):
+    """An average-pooling module that sums in float64 and rounds to float32 once.
+
+    The compiled module averages the same way (``PromoteAveragesToFloat64``), so that both agree
+    bit for bit on what feeds the next quantizer.
+    """
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x.double()).float()
+
+
 def _reference_model(folded: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
     reference = copy.deepcopy(folded)
     for name, layer in layers.items():
         reference.set_submodule(name, ReferenceLayer(layer))
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, AVERAGE_POOLS):
+            reference.set_submodule(name, Float64Average(module))
     return reference.eval()
