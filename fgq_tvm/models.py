@@ -6,6 +6,8 @@ a :class:`ModelSpec` that says which input the network expects and how to normal
 
 from __future__ import annotations
 
+import copy
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import fx, nn
 
 from .errors import FGQError, UsageError
 
@@ -41,6 +43,9 @@ class ModelSpec:
         Per-channel normalisation applied to pixels scaled to [0, 1].
     num_classes
         Number of output logits.
+    fixed_batch
+        True when the model only runs at ``input_shape[0]`` (a ``.pt2`` exported with a static
+        batch), so that calibration must use that batch size too.
     """
 
     name: str
@@ -48,6 +53,7 @@ class ModelSpec:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     num_classes: int = 1000
+    fixed_batch: bool = False
 
 
 class PadShortcut(nn.Module):
@@ -277,7 +283,315 @@ def _exported_spec(program: torch.export.ExportedProgram, path: Path) -> ModelSp
     if out_shape is None or out_shape[-1] is None:
         raise FGQError(f"{path}: expected one logits output with a static class count; re-export")
     batch = in_shape[0] or 1
-    return ModelSpec(path.stem, (batch, *in_shape[1:]), num_classes=out_shape[-1])
+    return ModelSpec(
+        path.stem,
+        (batch, *in_shape[1:]),
+        num_classes=out_shape[-1],
+        fixed_batch=in_shape[0] is not None,
+    )
+
+
+_aten = torch.ops.aten
+_CONVS = (_aten.conv2d.default, _aten.convolution.default)
+_BATCH_NORMS = (_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default)
+
+
+@dataclass
+class _Layer:
+    """An op of an exported graph that becomes a call of ``module``.
+
+    Attributes
+    ----------
+    node
+        The ``call_function`` node of the op.
+    module
+        The module that computes it.
+    base
+        The preferred module path: that of the op's weight (``conv1.weight`` -> ``conv1``).
+    params
+        The ``get_attr`` nodes of the tensors that ``module`` now holds.
+    outputs
+        The nodes that the module call replaces: ``node`` itself, or the ``getitem(node, 0)``
+        nodes of a batch norm that returns a tuple.
+    """
+
+    node: fx.Node
+    module: nn.Module
+    base: str
+    params: list[fx.Node]
+    outputs: list[fx.Node]
+
+
+def _arguments(node: fx.Node) -> dict[str, object]:
+    """The node's arguments by schema name, with the schema's defaults for omitted ones."""
+    values = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    """The object that a ``get_attr`` target (a dotted path) names in ``gm``."""
+    prefix, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(prefix), name)
+
+
+def _tensors(
+    gm: fx.GraphModule, node: fx.Node, args: list[object]
+) -> list[torch.Tensor | None] | None:
+    """The tensors of ``args`` (``None`` stays ``None``), if each is a get_attr used only here."""
+    tensors = []
+    for arg in args:
+        if arg is None:
+            tensors.append(None)
+            continue
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and list(arg.users) == [node]):
+            return None
+        value = _attribute(gm, arg.target)
+        if not isinstance(value, torch.Tensor):
+            return None
+        tensors.append(value)
+    return tensors
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _pair(value: object) -> tuple[int, int] | None:
+    """A 2-d stride/padding/dilation as a pair; None if it is not one."""
+    if isinstance(value, int):
+        return (value, value)
+    if not (isinstance(value, list | tuple) and all(isinstance(v, int) for v in value)):
+        return None
+    if len(value) == 1:
+        return (value[0], value[0])
+    return (value[0], value[1]) if len(value) == 2 else None
+
+
+def _path(param: fx.Node) -> str:
+    """The path of the parameter's parent module, or its own if it is top-level.
+
+    ``conv1.weight`` -> ``conv1``, ``w`` -> ``w``.
+    """
+    parent, _, name = param.target.rpartition(".")
+    return parent or name
+
+
+def _params(args: Mapping[str, object], names: tuple[str, ...]) -> list[fx.Node]:
+    """The get_attr nodes among the named arguments."""
+    return [args[name] for name in names if args[name] is not None]
+
+
+def _conv_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
+    """A non-transposed 2-d conv whose weight (and bias) are get_attr nodes, as nn.Conv2d."""
+    args = _arguments(node)
+    geometry = [_pair(args[name]) for name in ("stride", "padding", "dilation")]
+    tensors = _tensors(gm, node, [args["weight"], args["bias"]])
+    if args.get("transposed", False) or None in geometry or tensors is None:
+        return None
+    (weight, bias), groups = tensors, args["groups"]
+    if weight.dim() != 4 or not isinstance(groups, int):
+        return None
+    stride, padding, dilation = geometry
+    out_channels, in_channels, *kernel = weight.shape
+    conv = nn.Conv2d(
+        in_channels * groups,
+        out_channels,
+        tuple(kernel),
+        stride,
+        padding,
+        dilation,
+        groups,
+        bias=bias is not None,
+        device="meta",
+    )
+    conv.weight = _parameter(weight)
+    if bias is not None:
+        conv.bias = _parameter(bias)
+    params = _params(args, ("weight", "bias"))
+    return _Layer(node, conv, _path(args["weight"]), params, [node])
+
+
+def _linear_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
+    """A linear op whose weight (and bias) are get_attr nodes, as nn.Linear."""
+    args = _arguments(node)
+    tensors = _tensors(gm, node, [args["weight"], args["bias"]])
+    if tensors is None or tensors[0].dim() != 2:
+        return None
+    weight, bias = tensors
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = _parameter(weight)
+    if bias is not None:
+        linear.bias = _parameter(bias)
+    params = _params(args, ("weight", "bias"))
+    return _Layer(node, linear, _path(args["weight"]), params, [node])
+
+
+def _batch_norm_outputs(node: fx.Node) -> list[fx.Node] | None:
+    """The nodes computing the normalised tensor; None if the op's other outputs are used."""
+    if node.target == _aten.batch_norm.default:
+        return [node]
+    users = list(node.users)
+    if users and all(user.target is operator.getitem and user.args[1] == 0 for user in users):
+        return users
+    return None
+
+
+def _sibling(gm: fx.GraphModule, path: str, name: str) -> object:
+    """The attribute ``name`` of the submodule at ``path``; None if there is none."""
+    try:
+        return getattr(gm.get_submodule(path), name, None)
+    except AttributeError:
+        return None
+
+
+def _is_4d(node: object) -> bool:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 4
+
+
+def _batch_norm_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
+    """An inference batch norm of a 4-d tensor with get_attr statistics, as nn.BatchNorm2d."""
+    args = _arguments(node)
+    names = ("weight", "bias", "running_mean", "running_var")
+    tensors = _tensors(gm, node, [args[name] for name in names])
+    outputs = _batch_norm_outputs(node)
+    if args.get("training", False) or tensors is None or outputs is None:
+        return None
+    weight, bias, mean, var = tensors
+    if mean is None or var is None or (weight is None) != (bias is None):
+        return None
+    if not (_is_4d(args["input"]) or getattr(args["input"], "target", None) in _CONVS):
+        return None
+    affine = weight is not None
+    bn = nn.BatchNorm2d(len(mean), args["eps"], args["momentum"], affine, dtype=mean.dtype)
+    bn.running_mean, bn.running_var = mean, var
+    if weight is not None:
+        bn.weight, bn.bias = _parameter(weight), _parameter(bias)
+    base = _path(args["weight"] if weight is not None else args["running_mean"])
+    count = _sibling(gm, base, "num_batches_tracked")
+    if isinstance(count, torch.Tensor) and count.dim() == 0:
+        bn.num_batches_tracked = count
+    return _Layer(node, bn, base, _params(args, names), outputs)
+
+
+_LAYER_BUILDERS: dict[object, Callable[[fx.GraphModule, fx.Node], _Layer | None]] = {
+    **dict.fromkeys(_CONVS, _conv_layer),
+    _aten.linear.default: _linear_layer,
+    **dict.fromkeys(_BATCH_NORMS, _batch_norm_layer),
+}
+
+
+def _free_name(base: str, taken: set[str]) -> str:
+    """The first of ``base``, ``base_1``, ``base_2``, ... that does not clash with ``taken``.
+
+    A path clashes if it is, lies inside or contains one of the paths in ``taken``.
+    """
+
+    def clashes(name: str) -> bool:
+        return any(
+            other == name or other.startswith(f"{name}.") or name.startswith(f"{other}.")
+            for other in taken
+        )
+
+    name, suffix = base, 0
+    while clashes(name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def _replace(graph: fx.Graph, layer: _Layer, name: str) -> None:
+    """Put a call of module ``name`` in place of the layer's op and drop its get_attr nodes."""
+    with graph.inserting_before(layer.node):
+        call = graph.call_module(name, (_arguments(layer.node)["input"],))
+    call.meta = dict(layer.outputs[0].meta)
+    for output in layer.outputs:
+        output.replace_all_uses_with(call)
+        graph.erase_node(output)
+    if layer.node not in layer.outputs:
+        graph.erase_node(layer.node)
+    for param in layer.params:
+        graph.erase_node(param)
+
+
+def _put(root: nn.Module, path: str, value: object) -> None:
+    """Set ``root``'s attribute at the dotted ``path``, creating empty parent modules as needed.
+
+    A plain tensor becomes a buffer, anything else (a parameter or a module) an attribute.
+    """
+    *parents, name = path.split(".")
+    for parent in parents:
+        if not hasattr(root, parent):
+            root.add_module(parent, nn.Module())
+        root = getattr(root, parent)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        root.register_buffer(name, value)
+    else:
+        setattr(root, name, value)
+
+
+def _with_layer_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite an unlifted exported graph so that its convs, linears and batch norms are modules.
+
+    ``ExportedProgram.module()`` computes every layer with an ATen op on ``get_attr`` tensors,
+    so the quantizer, which looks for ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` modules,
+    finds nothing. Each ``aten.conv2d`` / non-transposed 2-d ``aten.convolution`` and
+    ``aten.linear`` whose weight (and bias) are get_attr nodes used by nothing else becomes a call
+    of an ``nn.Conv2d`` / ``nn.Linear`` holding those tensors, and each inference
+    ``aten.batch_norm`` / ``aten._native_batch_norm_legit_no_training`` (only its ``getitem 0``
+    used) of a 4-d tensor with get_attr parameters and statistics becomes an eval-mode
+    ``nn.BatchNorm2d``. A module takes its weight's path (``layer1.0.conv1.weight`` ->
+    ``layer1.0.conv1``), with a ``_1``, ``_2``, ... suffix if that path is taken. All other
+    nodes, the pytree input/output handling and the ``_guards_fn`` call are kept as they are.
+
+    Parameters
+    ----------
+    gm
+        The graph module of ``ExportedProgram.module()``; not modified.
+
+    Returns
+    -------
+    fx.GraphModule
+        A new graph module in eval mode sharing ``gm``'s tensors, computing the same function.
+    """
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.find_nodes(op="get_attr"):
+        if not node.users:
+            graph.erase_node(node)
+    layers = [
+        layer
+        for node in list(graph.nodes)
+        if node.op == "call_function" and node.target in _LAYER_BUILDERS
+        if (layer := _LAYER_BUILDERS[node.target](gm, node)) is not None
+    ]
+    consumed = {param for layer in layers for param in layer.params}
+    taken = {
+        node.target
+        for node in graph.nodes
+        if node.op in ("get_attr", "call_module") and node not in consumed
+    }
+    modules = {}
+    for layer in layers:
+        name = _free_name(layer.base, taken)
+        taken.add(name)
+        modules[name] = layer.module
+        _replace(graph, layer, name)
+    graph.lint()
+    root = nn.Module()
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = node.target
+            _put(root, target, modules[target] if target in modules else _attribute(gm, target))
+    result = fx.GraphModule(root, graph)
+    result.meta.update(gm.meta)
+    return result.eval()
 
 
 def _load_exported(path: Path) -> tuple[nn.Module, ModelSpec]:
@@ -290,7 +604,7 @@ def _load_exported(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise FGQError(
             f"cannot load exported program {path} ({_reason(exc)}); write it with torch.export.save"
         ) from exc
-    return program.module(), _exported_spec(program, path)
+    return _with_layer_modules(program.module()), _exported_spec(program, path)
 
 
 def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, ModelSpec]:
@@ -311,9 +625,13 @@ def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, Model
     -------
     model, spec
         The network in eval mode and its :class:`ModelSpec`. Torchvision models never download
-        anything. A ``.pt2`` file gives ``ExportedProgram.module()`` (which keeps the mode it was
-        exported in) and a spec whose input shape (batch 1 if the batch is dynamic) and class
-        count come from the exported graph's metadata, with the ImageNet mean and std.
+        anything. A ``.pt2`` file gives the graph module of ``ExportedProgram.module()`` with its
+        convs, linears and inference batch norms turned into ``nn.Conv2d`` / ``nn.Linear`` /
+        ``nn.BatchNorm2d`` modules named after their weights (see :func:`_with_layer_modules`;
+        the other ops keep the mode the program was exported in), and a spec whose input shape
+        (batch 1 if the batch is dynamic) and class count come from the exported graph's
+        metadata, with the ImageNet mean and std. A program exported with a static batch only
+        accepts inputs of that batch size.
 
     Raises
     ------
