@@ -1,3 +1,22 @@
 """fgq-tvm: compile PyTorch CNNs into fine-grained ternary (FGQ) native modules with TVM."""
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runtime import CompiledModel
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "load"]
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a module written by ``fgq-tvm compile`` (see :func:`fgq_tvm.runtime.load`).
+
+    The runtime is imported on the first call, so ``import fgq_tvm`` stays light.
+    """
+    from .runtime import load as load_module
+
+    return load_module(path)

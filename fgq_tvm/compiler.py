@@ -1,10 +1,11 @@
 """The compile pipeline: PyTorch model -> quantized reference -> Relax -> native ``.so``.
 
 Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
-torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` -> bind the
-remaining float parameters -> ``tvm.compile`` -> ``export_library``. The ``.so`` is written under
-a temporary name and renamed, and a sidecar JSON beside it records what a user of the module
-needs to know (see :func:`sidecar_path`).
+torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
+:class:`~fgq_tvm.relax_passes.PromoteAveragesToFloat64` -> bind the remaining float
+parameters -> ``tvm.compile`` -> ``export_library``. The ``.so`` is written under a temporary
+name and renamed, and a sidecar JSON beside it records what a user of the module needs to know
+(see :func:`sidecar_path`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from .errors import FGQError
 from .models import ModelSpec
 from .quant.layers import QuantizedLayer
 from .quant.quantize import QuantizedModel, quantize_model
-from .relax_passes import LegalizeQuantizedLayers, layer_encoding
+from .relax_passes import LegalizeQuantizedLayers, PromoteAveragesToFloat64, layer_encoding
+from .runtime import SIDECAR_FORMAT, sidecar_path
 
 Progress = Callable[[str], None]
-SIDECAR_FORMAT = "fgq-tvm-module/1"
 
 
 @dataclass
@@ -39,11 +40,6 @@ class CompileResult:
     output: Path
     sidecar: dict
     quantized: QuantizedModel
-
-
-def sidecar_path(module_path: str | os.PathLike) -> Path:
-    """The JSON that describes ``model.so``: ``model.so.json`` beside it."""
-    return Path(str(module_path) + ".json")
 
 
 def compile_model(
@@ -74,6 +70,8 @@ def compile_model(
         Path of the ``.so`` to write; its sidecar JSON goes beside it.
     progress
         Called with a short description of each stage.
+    calib_batch_size
+        Images per calibration batch (models with a fixed batch use theirs).
 
     Returns
     -------
@@ -83,16 +81,26 @@ def compile_model(
     output = Path(output)
     if not output.parent.is_dir():
         raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
-    batches = list(torch.split(calibration, calib_batch_size))
+    batches = _calibration_batches(calibration, spec, calib_batch_size)
     quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
     report("export to Relax")
     mod = lower_to_relax(quantized, spec.input_shape)
     report(f"build for {target}")
     executable = _build(mod, target)
     sidecar = describe(quantized, spec, target)
-    _write_atomically(output, executable.export_library)
-    _write_atomically(sidecar_path(output), lambda path: Path(path).write_text(_json(sidecar)))
+    _write_outputs(output, executable, sidecar)
     return CompileResult(output, sidecar, quantized)
+
+
+def _calibration_batches(calibration: torch.Tensor, spec: ModelSpec, batch_size: int):
+    """Split the calibration images into model inputs (whole batches for fixed-batch models)."""
+    if not spec.fixed_batch:
+        return list(torch.split(calibration, batch_size))
+    fixed = spec.input_shape[0]
+    batches = [batch for batch in torch.split(calibration, fixed) if batch.shape[0] == fixed]
+    if not batches:
+        raise FGQError(f"{spec.name} runs at batch {fixed} only: give at least {fixed} images")
+    return batches
 
 
 def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...]):
@@ -104,6 +112,7 @@ def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...]):
     by_parameter = _layers_by_parameter(exported, quantized.layers)
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod = LegalizeQuantizedLayers(by_parameter)(mod)
+    mod = PromoteAveragesToFloat64()(mod)
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
@@ -148,17 +157,34 @@ def _build(mod, target):
         return tvm.compile(mod, target=target)
 
 
-def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(temporary_path)`` then rename, so no half-written file remains."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix,
-                                         dir=path.parent)  # fmt: skip
-    os.close(handle)
+def _write_outputs(output: Path, executable, sidecar: dict) -> None:
+    """Write the module and its sidecar under temporary names, then rename both into place.
+
+    Nothing half-written is ever visible: if building either file fails, both temporaries are
+    removed. The sidecar is renamed first, so a new module never sits beside an old sidecar.
+    """
+    staged: list[Path] = []
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        module = _stage(output, staged, mode=0o755)
+        executable.export_library(str(module))
+        description = _stage(sidecar_path(output), staged, mode=0o644)
+        description.write_text(_json(sidecar))
+        os.replace(description, sidecar_path(output))
+        os.replace(module, output)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+
+
+def _stage(path: Path, staged: list[Path], mode: int) -> Path:
+    """A fresh temporary file beside ``path`` with the usual permissions (``mode`` & ~umask)."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    staged.append(Path(name))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, mode & ~umask)
+    return Path(name)
 
 
 def describe(quantized: QuantizedModel, spec: ModelSpec, target) -> dict:

@@ -1,0 +1,466 @@
+"""The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module.
+
+Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
+command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
+"internal error" unless ``FGQ_TVM_DEBUG=1`` asks for the traceback. ``run`` needs only the TVM
+runtime and NumPy: the modules that import PyTorch are imported inside ``compile`` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import numpy as np
+
+from .config import QuantConfig, parse_act_bits, parse_group_size, parse_override
+from .errors import FGQError, UsageError
+from .target import is_target_flag, parse_target
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .models import ModelSpec
+
+PROG = "fgq-tvm"
+MAX_TOP1_SHOWN = 16
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one-line :class:`UsageError`\\ s."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv
+        The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for usage errors, 1 for other errors.
+    """
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(join_target_words(words))
+        return args.handler(args)
+    except FGQError as error:
+        _print_error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as error:
+        if os.environ.get("FGQ_TVM_DEBUG") == "1":
+            raise
+        _print_error(f"internal error: {type(error).__name__}: {_first_line(error)}")
+        return 1
+
+
+def join_target_words(argv: Sequence[str]) -> list[str]:
+    """Join the words that follow ``--target VALUE`` and look like target flags into VALUE.
+
+    ``["--target", "llvm", "-mcpu=skylake", "-o", "m.so"]`` becomes
+    ``["--target", "llvm -mcpu=skylake", "-o", "m.so"]`` (argparse would otherwise read
+    ``-mcpu=skylake`` as an option of its own). ``--target=VALUE`` is handled alike.
+    """
+    joined: list[str] = []
+    for word in argv:
+        after_target = bool(joined) and (
+            joined[-1].startswith("--target=") or (len(joined) > 1 and joined[-2] == "--target")
+        )
+        if after_target and is_target_flag(word):
+            joined[-1] = f"{joined[-1]} {word}"
+        else:
+            joined.append(word)
+    return joined
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fgq-tvm`` and its subcommands."""
+    parser = _Parser(
+        prog=PROG,
+        description="Compile PyTorch CNNs into fine-grained ternary (FGQ) native modules.",
+        allow_abbrev=False,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_compile(commands)
+    _add_run(commands)
+    return parser
+
+
+def _add_compile(commands) -> None:
+    sub = commands.add_parser(
+        "compile",
+        help="quantize a model and compile it into a .so",
+        description="Quantize MODEL (ternary weights in groups of N, 8- or 4-bit activations) "
+        "and compile it for a CPU target into a shared library plus a .json sidecar.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_compile)
+    sub.add_argument(
+        "model",
+        metavar="MODEL",
+        help="zoo model name (e.g. resnet18, cifar_resnet20) or a .pt2 file",
+    )
+    sub.add_argument("-o", "--output", required=True, metavar="OUT.so", help="module to write")
+    sub.add_argument(
+        "--target",
+        metavar="TARGET",
+        help="'llvm -mcpu=skylake -mattr=+avx2' (quoted or as separate words) or a JSON dict "
+        'such as \'{"kind": "llvm", "mcpu": "skylake"}\' (default: llvm for the host CPU)',
+    )
+    sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
+    sub.add_argument("--input-shape", metavar="N,C,H,W", help="override the model's input shape")
+    quant = sub.add_argument_group("quantization")
+    quant.add_argument(
+        "--group-size",
+        default="4",
+        metavar="N|channel",
+        help="input channels per ternary group, 1..64 (default: 4)",
+    )
+    quant.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="PATTERN=SPEC",
+        help="per-layer override, e.g. 'layer4.*=16,a4' or 'fc=float' (repeatable)",
+    )
+    quant.add_argument(
+        "--act-bits", default="8", metavar="8|4", help="activation bits (default: 8)"
+    )
+    quant.add_argument(
+        "--scales",
+        choices=("float", "int8"),
+        default="float",
+        help="group scales in float, or int8 (the full 8-bit pipeline)",
+    )
+    quant.add_argument(
+        "--method",
+        choices=("exact", "twn"),
+        default="exact",
+        help="ternarization rule (default: exact)",
+    )
+    quant.add_argument(
+        "--first-last",
+        choices=("int8", "ternary", "float"),
+        default="int8",
+        help="weights of the first and last layer (default: int8)",
+    )
+    quant.add_argument(
+        "--first-last-act-bits",
+        default="8",
+        metavar="8|4",
+        help="activation bits of the first and last layer",
+    )
+    quant.add_argument(
+        "--calibration",
+        choices=("max", "percentile"),
+        default="max",
+        help="activation range estimation (default: max)",
+    )
+    quant.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        metavar="P",
+        help="percentile for --calibration percentile (default: 99.99)",
+    )
+    quant.add_argument(
+        "--no-reestimate-bn", action="store_true", help="keep the float BatchNorm statistics"
+    )
+    calib = sub.add_argument_group("calibration data")
+    calib.add_argument(
+        "--calib",
+        metavar="FILE",
+        help=".npz in the CIFAR-10 format or a normalised float32 .npy batch (default: the "
+        "CIFAR-10 calibration split for 32x32 models, else random images)",
+    )
+    calib.add_argument(
+        "--calib-split",
+        choices=("calib", "eval", "all"),
+        default="calib",
+        help="split of an .npz to use (default: calib)",
+    )
+    calib.add_argument(
+        "--calib-images",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="most calibration images to use (default: 256)",
+    )
+
+
+def _add_run(commands) -> None:
+    sub = commands.add_parser(
+        "run",
+        help="run a compiled module on a .npy batch",
+        description="Run MODULE on a float32 NCHW batch and print the top-1 classes.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_run)
+    sub.add_argument("module", metavar="MODULE", help="a .so written by fgq-tvm compile")
+    sub.add_argument("--input", required=True, metavar="X.npy", help="normalised float32 batch")
+    sub.add_argument("--output", metavar="Y.npy", help="where to save the logits")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    """``fgq-tvm compile``: check every option, then quantize, build and summarise."""
+    progress = _progress_printer()
+    output = _checked_output(args.output)
+    if output.suffix != ".so":
+        raise UsageError(f"output {str(output)!r} must end in .so")
+    quant = _quant_config(args)
+    input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
+    target = parse_target(args.target if args.target else default_target())
+    model, spec = _load_model(args.model, args.weights, input_shape)
+    from .data import load_calibration
+
+    calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    from .compiler import compile_model
+
+    result = compile_model(model, spec, quant, calibration, target, output, progress)
+    progress("done")
+    print(format_summary(result.sidecar, _layer_ops(model)))
+    _print_outputs(output)
+    return 0
+
+
+def _quant_config(args: argparse.Namespace) -> QuantConfig:
+    if not 0 < args.percentile <= 100:
+        raise UsageError(f"percentile {args.percentile} is out of range: use 0 < P <= 100")
+    return QuantConfig(
+        group_size=parse_group_size(args.group_size),
+        act_bits=parse_act_bits(args.act_bits),
+        scales=args.scales,
+        method=args.method,
+        first_last=args.first_last,
+        first_last_act_bits=parse_act_bits(args.first_last_act_bits),
+        calibration=args.calibration,
+        percentile=args.percentile,
+        reestimate_bn=not args.no_reestimate_bn,
+        overrides=tuple(parse_override(text) for text in args.layer),
+    )
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int, int]:
+    """Parse ``--input-shape N,C,H,W`` into four positive integers.
+
+    Raises
+    ------
+    UsageError
+        If the text is not four comma-separated positive integers.
+    """
+    parts = text.split(",")
+    if len(parts) != 4 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(
+            f"input shape {text!r} is malformed: write four positive integers N,C,H,W, "
+            "e.g. 1,3,224,224"
+        )
+    batch, channels, height, width = (int(part) for part in parts)
+    return batch, channels, height, width
+
+
+def default_target() -> str:
+    """``llvm -mcpu=<host CPU>``, or plain ``llvm`` when LLVM does not know the host CPU."""
+    from tvm.target import Target, codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    known = {str(name) for name in codegen.llvm_get_cpu_archlist(Target({"kind": "llvm"}))}
+    return f"llvm -mcpu={cpu}" if cpu in known else "llvm"
+
+
+def _load_model(
+    name: str, weights: str | None, input_shape: tuple[int, int, int, int] | None
+) -> tuple[nn.Module, ModelSpec]:
+    """The model and its spec, with ``input_shape`` checked by one forward pass."""
+    from dataclasses import replace
+
+    import torch
+
+    from .models import build_model
+
+    model, spec = build_model(name, weights)
+    if input_shape is None:
+        return model, spec
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    except Exception as error:  # the model's own shape checks raise various types
+        raise UsageError(
+            f"{spec.name} does not accept input shape {list(input_shape)} "
+            f"({type(error).__name__}: {_first_line(error)}); its default is "
+            f"{list(spec.input_shape)}"
+        ) from None
+    return model, replace(spec, input_shape=input_shape)
+
+
+def _progress_printer() -> Callable[[str], None]:
+    """A progress callback that prints each stage with the seconds since it was created."""
+    start = time.monotonic()
+
+    def report(stage: str) -> None:
+        print(f"{PROG}: [{time.monotonic() - start:6.1f}s] {stage}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _layer_ops(model: nn.Module) -> dict[str, str]:
+    """``module path -> "conv2d" | "linear"`` of the model's conv and linear layers, in order."""
+    from torch import nn
+
+    return {
+        name: "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    }
+
+
+def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
+    """The per-layer table and the layer counts of a compiled module.
+
+    Parameters
+    ----------
+    sidecar
+        The module's sidecar dict (``layers`` and ``float_layers``).
+    ops
+        ``module path -> op`` of the model's conv and linear layers in model order: the order
+        of the rows, and the op of the layers that stayed float.
+
+    Returns
+    -------
+    str
+        A table with one row per conv or linear layer, then one line of counts.
+    """
+    rows = [_layer_row(layer) for layer in sidecar["layers"]]
+    rows += [
+        (entry["name"], ops.get(entry["name"], ""), "float", "", f"stayed float: {entry['reason']}")
+        for entry in sidecar["float_layers"]
+    ]
+    order = {name: index for index, name in enumerate(ops)}
+    rows.sort(key=lambda row: order.get(row[0], len(order)))
+    header = ("layer", "op", "weights", "act", "kernel")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    modes = [layer["weights"] for layer in sidecar["layers"]]
+    lines.append(
+        f"{modes.count('ternary')} of {len(rows)} conv/linear layers became ternary-group "
+        f"operators, {modes.count('int8')} int8, {len(sidecar['float_layers'])} stayed float"
+    )
+    return "\n".join(lines)
+
+
+def _layer_row(layer: dict) -> tuple[str, str, str, str, str]:
+    weights = layer["weights"]
+    if weights == "ternary":
+        weights = f"ternary-group N={layer['group_size']}"
+    act = f"{'s' if layer['act_signed'] else 'u'}{layer['act_bits']}"
+    return layer["name"], layer["op"], weights, act, layer["kernel"]
+
+
+def _print_outputs(output: Path) -> None:
+    from .runtime import sidecar_path
+
+    print(f"wrote {output} ({output.stat().st_size / 1024:.1f} KiB) and {sidecar_path(output)}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``fgq-tvm run``: run a module on a .npy batch, print the top-1 classes, save logits."""
+    output = _checked_output(args.output) if args.output else None
+    x = read_npy(args.input)
+    from .runtime import load
+
+    logits = load(args.module)(x)
+    if output is not None:
+        save_npy_atomically(output, logits)
+    print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))
+    top1 = [str(label) for label in logits.reshape(len(logits), -1).argmax(axis=1)]
+    more = f" ... ({len(top1) - MAX_TOP1_SHOWN} more)" if len(top1) > MAX_TOP1_SHOWN else ""
+    print(f"top-1: {' '.join(top1[:MAX_TOP1_SHOWN])}{more}")
+    return 0
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """Read a ``.npy`` array without pickles.
+
+    Raises
+    ------
+    FGQError
+        The file is missing, unreadable or not a ``.npy`` array.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FGQError(f"input file {path} does not exist; check the path")
+    with path.open("rb") as file:
+        if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise FGQError(f"{path} is not a .npy file; save the input with numpy.save")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise FGQError(
+            f"cannot read {path} as a .npy array ({_first_line(error)}); save the input with "
+            "numpy.save"
+        ) from None
+
+
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` to ``path`` through a temporary file in the same folder and a rename."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, array)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _checked_output(text: str) -> Path:
+    """The output path, refused before any work if its folder is missing or it is a folder."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise FGQError(f"output directory {str(path.parent)!r} does not exist: create it first")
+    if path.is_dir():
+        raise FGQError(f"output {str(path)!r} is a directory; give a file name")
+    return path
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""

@@ -1,0 +1,247 @@
+"""Run compiled fgq-tvm modules with only the TVM runtime and NumPy.
+
+:func:`load` opens a ``.so`` written by ``fgq-tvm compile`` together with its sidecar JSON
+(``model.so.json``, see :func:`sidecar_path`) and returns a :class:`CompiledModel` that maps a
+float32 NCHW batch to its logits. Nothing here imports PyTorch (``tvm_ffi`` imports it
+opportunistically when it is installed; it is not needed).
+
+A module is compiled for one batch size, ``info["input"]["shape"][0]``. A :class:`CompiledModel`
+takes any batch whose size is a multiple of it and runs it in slices of that size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from .errors import FGQError
+
+SIDECAR_FORMAT = "fgq-tvm-module/1"
+INPUT_DTYPE = np.dtype("float32")
+_ELF_MAGIC = b"\x7fELF"
+_PT_LOAD = 1
+# ELF class (32 or 64 bit) -> format and offset of e_phoff/e_shoff, offset of e_phentsize,
+# format of a program header and the positions of p_type, p_offset, p_filesz in it.
+_ELF_CLASSES = {
+    1: ("II", 28, 42, "8I", (0, 1, 4)),
+    2: ("QQ", 32, 54, "2I6Q", (0, 2, 5)),
+}
+
+
+def sidecar_path(module_path: str | os.PathLike) -> Path:
+    """The JSON that describes ``model.so``: ``model.so.json`` beside it."""
+    return Path(str(module_path) + ".json")
+
+
+class CompiledModel:
+    """A loaded fgq-tvm module: call it with a float32 NCHW batch to get the logits.
+
+    Attributes
+    ----------
+    path
+        The ``.so`` file.
+    info
+        The sidecar dict (model, target, input contract, quantization per layer).
+    input_shape
+        The NCHW input shape the module was compiled for (its batch is the slice size).
+    input_dtype
+        Always ``float32``.
+    """
+
+    def __init__(self, path: Path, info: dict, vm) -> None:
+        self.path = path
+        self.info = info
+        self.input_shape: tuple[int, ...] = tuple(info["input"]["shape"])
+        self.input_dtype = INPUT_DTYPE
+        self._vm = vm
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Run the network on ``x``.
+
+        Parameters
+        ----------
+        x
+            float32 array of shape ``[k * B, C, H, W]``, where ``[B, C, H, W]`` is
+            :attr:`input_shape` and ``k >= 1``, normalised as ``info["input"]`` says.
+            Other dtypes (float64 included) are rejected rather than converted.
+
+        Returns
+        -------
+        np.ndarray
+            float32 logits ``[k * B, num_classes]``.
+
+        Raises
+        ------
+        FGQError
+            Wrong shape or dtype, or the module fails to run.
+        """
+        self._check_input(x)
+        import tvm
+
+        batch = self.input_shape[0]
+        x = np.ascontiguousarray(x)
+        try:
+            outputs = [
+                self._vm["main"](tvm.runtime.tensor(x[start : start + batch]))[0].numpy()
+                for start in range(0, len(x), batch)
+            ]
+        except Exception as error:  # any failure inside the foreign code is reported alike
+            raise FGQError(
+                f"module {self.path} failed to run ({_first_line(error)}); recompile it"
+            ) from error
+        return np.concatenate(outputs)
+
+    def _check_input(self, x: np.ndarray) -> None:
+        if not isinstance(x, np.ndarray):
+            raise FGQError(f"expected a NumPy array as input, got {type(x).__name__}")
+        if x.dtype != INPUT_DTYPE:
+            raise FGQError(
+                f"expected float32 input, got {x.dtype}; convert it with x.astype(np.float32)"
+            )
+        batch, *sample = self.input_shape
+        if x.ndim != len(self.input_shape) or list(x.shape[1:]) != sample or not _fits(x, batch):
+            multiple = f" with N a multiple of {batch}" if batch > 1 else ""
+            raise FGQError(
+                f"expected input of shape [N, {', '.join(map(str, sample))}]{multiple}, "
+                f"got {list(x.shape)}"
+            )
+
+
+def _fits(x: np.ndarray, batch: int) -> bool:
+    return len(x) > 0 and len(x) % batch == 0
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a module written by ``fgq-tvm compile``.
+
+    Parameters
+    ----------
+    path
+        The ``.so`` file; its sidecar ``<path>.json`` must be beside it.
+
+    Returns
+    -------
+    CompiledModel
+
+    Raises
+    ------
+    FGQError
+        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format, or the
+        file is not a loadable shared library (truncated, foreign, built for another machine).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
+    info = read_sidecar(path)
+    _check_elf(path)
+    return CompiledModel(path, info, _virtual_machine(path))
+
+
+def read_sidecar(module_path: str | os.PathLike) -> dict:
+    """Read and check the sidecar JSON of ``module_path``.
+
+    Raises
+    ------
+    FGQError
+        The sidecar is missing, not JSON, or not in the format this version writes.
+    """
+    sidecar = sidecar_path(module_path)
+    if not sidecar.is_file():
+        raise FGQError(
+            f"{sidecar} is missing: {module_path} was not written by fgq-tvm compile or its "
+            ".json was removed; recompile the model"
+        )
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FGQError(
+            f"cannot read {sidecar} ({_first_line(error)}); recompile the model"
+        ) from None
+    problem = _sidecar_problem(info)
+    if problem:
+        raise FGQError(f"{sidecar} is not an fgq-tvm sidecar ({problem}); recompile the model")
+    return info
+
+
+def _sidecar_problem(info: object) -> str | None:
+    """What is wrong with a parsed sidecar, or None."""
+    if not isinstance(info, dict):
+        return "not a JSON object"
+    if info.get("format") != SIDECAR_FORMAT:
+        return f"format {info.get('format')!r}, expected {SIDECAR_FORMAT!r}"
+    entry = info.get("input")
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(dim, int) and dim > 0 for dim in shape)
+    ):
+        return "input.shape is not four positive integers"
+    if entry.get("dtype") != INPUT_DTYPE.name:
+        return f"input.dtype {entry.get('dtype')!r}, expected 'float32'"
+    return None
+
+
+def _check_elf(path: Path) -> None:
+    """Refuse files that are not complete ELF shared libraries.
+
+    ``dlopen`` of a truncated library maps pages past the end of the file and the process dies
+    with SIGBUS, so the headers are checked against the file size before TVM opens the file.
+    """
+    with path.open("rb") as handle:
+        extents = _elf_extents(path, handle)
+    if max(extents) > path.stat().st_size:
+        raise _not_loadable(path, "the file is truncated")
+
+
+def _elf_extents(path: Path, handle: BinaryIO) -> list[int]:
+    """The file offsets where the ELF's header tables and its loadable segments end."""
+    header = handle.read(64)
+    if header[:4] != _ELF_MAGIC:
+        raise _not_loadable(path, "not an ELF shared library")
+    if len(header) < 64:
+        raise _not_loadable(path, "the file is truncated")
+    if header[4] not in _ELF_CLASSES:
+        raise _not_loadable(path, "corrupt ELF header")
+    tables_format, tables_at, sizes_at, segment_format, fields = _ELF_CLASSES[header[4]]
+    order = "<" if header[5] == 1 else ">"
+    ph_offset, sh_offset = struct.unpack_from(order + tables_format, header, tables_at)
+    ph_size, ph_count, sh_size, sh_count = struct.unpack_from(order + "HHHH", header, sizes_at)
+    segment = struct.Struct(order + segment_format)
+    if ph_size < segment.size:
+        raise _not_loadable(path, "corrupt ELF header")
+    handle.seek(ph_offset)
+    table = handle.read(ph_size * ph_count)
+    extents = [ph_offset + ph_size * ph_count, sh_offset + sh_size * sh_count]
+    for start in range(0, len(table) - segment.size + 1, ph_size):
+        kind, offset, file_size = (segment.unpack_from(table, start)[i] for i in fields)
+        if kind == _PT_LOAD:
+            extents.append(offset + file_size)
+    return extents
+
+
+def _virtual_machine(path: Path):
+    """Open the library with TVM and wrap it in a Relax virtual machine."""
+    import tvm
+
+    try:
+        library = tvm.runtime.load_module(str(path))
+        return tvm.relax.VirtualMachine(library, tvm.cpu())
+    except Exception as error:  # TVM raises several unrelated types for foreign files
+        raise _not_loadable(path, _first_line(error)) from error
+
+
+def _not_loadable(path: Path, reason: str) -> FGQError:
+    return FGQError(
+        f"{path} is not a loadable fgq-tvm module ({reason}); recompile it with fgq-tvm compile"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

@@ -1,0 +1,184 @@
+"""Tests of fgq_tvm.runtime on a tiny hand-built module in the fgq-tvm format.
+
+The module computes the per-channel mean of a [2, 3, 4, 4] batch, so its "logits" are known
+exactly; it is built with TVM in well under a second. The end-to-end tests with a real
+compiled network are in test_cli.py.
+"""
+
+import _ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fgq_tvm
+from fgq_tvm import runtime
+from fgq_tvm.errors import FGQError
+
+SHAPE = (2, 3, 4, 4)
+SIDECAR = {
+    "format": runtime.SIDECAR_FORMAT,
+    "model": "tiny",
+    "input": {"shape": list(SHAPE), "dtype": "float32", "layout": "NCHW"},
+    "output": {"shape": [SHAPE[0], SHAPE[1]], "dtype": "float32"},
+}
+
+
+def write_module(path: Path) -> Path:
+    """Build the per-channel-mean module at ``path`` with its sidecar."""
+    import tvm
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
+    with builder.function("main", [x]):
+        mean = builder.emit(relax.op.mean(x, axis=[2, 3]))
+        builder.emit_func_output(relax.Tuple([mean]))
+    executable = tvm.compile(builder.get(), target=tvm.target.Target({"kind": "llvm"}))
+    executable.export_library(str(path))
+    runtime.sidecar_path(path).write_text(json.dumps(SIDECAR))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_module(tmp_path_factory.mktemp("tiny") / "tiny.so")
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """Copy a file to ``tmp_path / name`` with the tiny module's sidecar beside it."""
+
+    def copy(data: bytes, name: str = "module.so") -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        runtime.sidecar_path(path).write_text(json.dumps(SIDECAR))
+        return path
+
+    return copy
+
+
+def batch(size: int, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(size).standard_normal((size, *SHAPE[1:])).astype(dtype)
+
+
+def test_load_and_call(tiny):
+    model = fgq_tvm.load(tiny)
+    x = batch(2)
+    np.testing.assert_allclose(model(x), x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+    assert model.input_shape == SHAPE
+    assert model.input_dtype == np.float32
+    assert model.info == SIDECAR
+
+
+def test_batches_run_in_slices_of_the_compiled_batch(tiny):
+    x = batch(6)
+    np.testing.assert_allclose(fgq_tvm.load(tiny)(x), x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_input(tiny):
+    x = np.ascontiguousarray(batch(2).transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not x.flags.c_contiguous
+    np.testing.assert_allclose(fgq_tvm.load(tiny)(x), x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "x", [batch(3), batch(2)[:, :, :3], batch(2)[0], np.zeros((0, 3, 4, 4), np.float32)]
+)
+def test_wrong_shape(tiny, x):
+    with pytest.raises(FGQError, match=r"expected input of shape \[N, 3, 4, 4\] with N a multiple"):
+        fgq_tvm.load(tiny)(x)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int64, np.uint8])
+def test_wrong_dtype(tiny, dtype):
+    with pytest.raises(FGQError, match=f"expected float32 input, got {np.dtype(dtype)}; convert"):
+        fgq_tvm.load(tiny)(batch(2, dtype))
+
+
+def test_missing_module(tmp_path):
+    with pytest.raises(FGQError, match="does not exist"):
+        fgq_tvm.load(tmp_path / "none.so")
+
+
+def test_missing_sidecar(tiny, tmp_path):
+    path = tmp_path / "bare.so"
+    path.write_bytes(tiny.read_bytes())
+    with pytest.raises(FGQError, match="was not written by fgq-tvm compile or its .json"):
+        fgq_tvm.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "cannot read"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps({**SIDECAR, "format": "other/2"}), "format 'other/2'"),
+        (json.dumps({**SIDECAR, "input": {"shape": [2, 3, 4], "dtype": "float32"}}), "shape"),
+        (json.dumps({**SIDECAR, "input": {"shape": list(SHAPE), "dtype": "int8"}}), "dtype"),
+    ],
+)
+def test_bad_sidecar(tiny, copy_of, text, problem):
+    path = copy_of(tiny.read_bytes())
+    runtime.sidecar_path(path).write_text(text)
+    with pytest.raises(FGQError, match=problem):
+        fgq_tvm.load(path)
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - 10, lambda n: 40, lambda n: 100])
+def test_truncated_module(tiny, copy_of, keep):
+    data = tiny.read_bytes()
+    path = copy_of(data[: keep(len(data))])
+    with pytest.raises(FGQError, match="not a loadable fgq-tvm module .the file is truncated"):
+        fgq_tvm.load(path)
+
+
+def test_not_an_elf_file(copy_of):
+    path = copy_of(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(FGQError, match="not a loadable fgq-tvm module .not an ELF"):
+        fgq_tvm.load(path)
+
+
+def test_foreign_shared_library(copy_of):
+    foreign = Path(_ctypes.__file__)
+    assert foreign.suffix == ".so"
+    path = copy_of(foreign.read_bytes())
+    with pytest.raises(FGQError, match="not a loadable fgq-tvm module .* recompile it"):
+        fgq_tvm.load(path)
+
+
+def test_sidecar_sits_beside_the_module():
+    assert runtime.sidecar_path("a/m.so") == Path("a/m.so.json")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_import_is_light():
+    result = run_python(
+        "import sys, fgq_tvm\n"
+        "heavy = {'torch', 'tvm', 'fgq_tvm.runtime'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_runs_without_torch(tiny):
+    # tvm_ffi imports torch opportunistically when it is installed; blocking it simulates a
+    # machine with only the TVM runtime and NumPy, and any import of torch fails loudly.
+    result = run_python(
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import numpy as np, fgq_tvm\n"
+        f"model = fgq_tvm.load({str(tiny)!r})\n"
+        f"print(model(np.ones({SHAPE}, np.float32)).tolist())\n"
+        "assert not [m for m in sys.modules if m.startswith(('torch.', 'torchvision'))]\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [[1.0] * 3] * 2
