@@ -161,7 +161,12 @@ def test_kernels_match_reference_bit_for_bit(encoding):
 
 @pytest.mark.parametrize(
     "knobs",
-    [ConvSchedule("width", 16, 8), ConvSchedule("width", 8, 3), ConvSchedule("channels", 16)],
+    [
+        ConvSchedule("width", 16, 8),
+        ConvSchedule("width", 8, 3, decode_once=False),
+        ConvSchedule("channels", 16),
+        ConvSchedule("channels", 16, decode_once=False),
+    ],
 )
 def test_every_schedule_family_is_exact(knobs):
     rng = np.random.default_rng(7)

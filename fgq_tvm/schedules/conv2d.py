@@ -3,7 +3,8 @@
 One PrimFunc computes one layer from its float32 input to its float32 output:
 
 1. ``xq``: quantize and zero-pad the input, ``clamp(round(x / s_x), qmin, qmax)``;
-2. ``wdec``: decode the packed weights into a ``[R, S, C, K]`` scratch tensor, once per call;
+2. ``wdec``: decode the packed weights into a ``[R, S, C, K]`` scratch tensor once per call (or,
+   for dense layers, inline in the inner loop, where each weight is used once);
 3. the reduction, in one of two forms (DESIGN.md, "The arithmetic"):
 
    * ``group_scales`` (ternary weights, float scales): the bitplane add/subtract core. For each
@@ -42,6 +43,7 @@ from ..quant.layers import ActQuant
 
 WeightEncoding = Literal["ternary_group_scales", "ternary_int8_scales", "int8"]
 WORD_BITS = 32
+MIN_DECODE_REUSE = 8  # output positions per weight from which decoding once pays off
 
 
 @dataclass(frozen=True)
@@ -106,17 +108,22 @@ class ConvSchedule:
         Vector lanes (int32/float32 elements).
     out_channel_tile
         ``vector_axis="width"`` only: output channels computed together (unrolled).
+    decode_once
+        Decode the packed weights into a scratch tensor once per call (worth it when each
+        weight is used at many output positions), or inside the inner loop (dense layers).
     """
 
     vector_axis: Literal["width", "channels"] = "width"
     lanes: int = 16
     out_channel_tile: int = 8
+    decode_once: bool = True
 
     @staticmethod
     def default_for(shape: Conv2dShape) -> ConvSchedule:
         """A schedule that needs no tuning: full vectors on the axis that fills them best."""
+        reuse = shape.batch * shape.out_height * shape.out_width
         if shape.out_width <= 16 and shape.out_channels % 16 == 0 or shape.is_dense:
-            return ConvSchedule("channels", lanes=16)
+            return ConvSchedule("channels", lanes=16, decode_once=reuse >= MIN_DECODE_REUSE)
         tile = next(t for t in (8, 4, 2, 1) if shape.out_channels % t == 0)
         return ConvSchedule("width", 16 if shape.out_width > 8 else 8, tile)
 
@@ -147,13 +154,11 @@ def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     padded = -(-c // group_size) * group_size
     words = -(-padded // WORD_BITS)
     weights = ternary.transpose(2, 3, 0, 1)
-    bit_values = np.left_shift(np.uint64(1), np.arange(WORD_BITS, dtype=np.uint64))
 
     def plane(mask: np.ndarray) -> np.ndarray:
-        full = np.zeros((r, s, k, words * WORD_BITS), dtype=np.uint64)
-        full[..., :c] = mask
-        words_view = full.reshape(r, s, k, words, WORD_BITS)
-        packed = (words_view * bit_values).sum(axis=-1).astype(np.uint32)
+        bits = np.zeros((r, s, k, words * WORD_BITS), dtype=bool)
+        bits[..., :c] = mask
+        packed = np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
         return np.ascontiguousarray(packed.transpose(0, 1, 3, 2))
 
     return plane(weights == 1), plane(weights == -1)
@@ -330,8 +335,11 @@ def schedule_conv2d(func: tvm.tirx.PrimFunc, knobs: ConvSchedule) -> Schedule:
     """Apply the default CPU schedule (see the module docstring) to ``conv2d_compute``'s func."""
     sch = Schedule(func)
     _parallel_outer(sch, "xq", 2)
-    _parallel_outer(sch, "wdec", 1)
-    _vectorize_innermost(sch, "wdec", knobs.lanes)
+    if knobs.decode_once:
+        _parallel_outer(sch, "wdec", 1)
+        _vectorize_innermost(sch, "wdec", knobs.lanes)
+    else:
+        sch.compute_inline(sch.get_sblock("wdec"))
     if knobs.vector_axis == "channels":
         _schedule_channel_vectors(sch, knobs)
     else:
