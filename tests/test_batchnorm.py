@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from model_utils import randomize_batchnorm
 from torch import nn
 
 from fgq_tvm.errors import FGQError
@@ -17,20 +18,6 @@ from fgq_tvm.quant.batchnorm import (
 )
 from fgq_tvm.quant.layers import expand_groups
 from fgq_tvm.quant.ternary import dequantize_ternary, ternarize_groups
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters, some gammas negative."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                size = bn.num_features
-                bn.running_mean.copy_(torch.randn(size, generator=generator) * 0.5)
-                bn.running_var.copy_(torch.rand(size, generator=generator) * 2 + 0.2)
-                bn.weight.copy_(torch.randn(size, generator=generator))
-                bn.bias.copy_(torch.randn(size, generator=generator) * 0.3)
-    return model.eval()
 
 
 class LambdaLayer(nn.Module):

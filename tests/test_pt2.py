@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from model_utils import randomize_batchnorm
 from torch import nn
 
 from fgq_tvm.compiler import compile_model
@@ -25,20 +26,6 @@ REWRITTEN_OPS = {
     torch.ops.aten.batch_norm.default,
     torch.ops.aten._native_batch_norm_legit_no_training.default,
 }
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters, so folding matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                size = bn.num_features
-                bn.running_mean.copy_(torch.randn(size, generator=generator) * 0.3)
-                bn.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-                bn.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                bn.bias.copy_(torch.randn(size, generator=generator) * 0.2)
-    return model.eval()
 
 
 def source_model(name: str) -> nn.Module:

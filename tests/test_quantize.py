@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from model_utils import randomize_batchnorm
 from torch import nn
 
 from fgq_tvm.config import LayerConfig, LayerOverride, QuantConfig
@@ -14,20 +15,6 @@ from fgq_tvm.quant.batchnorm import batchnorm_affine, fold_ternary
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer, expand_groups, reference_forward
 from fgq_tvm.quant.quantize import ReferenceLayer, quantize_model
 from fgq_tvm.quant.ternary import ternarize_groups
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                size = bn.num_features
-                bn.running_mean.copy_(torch.randn(size, generator=generator) * 0.3)
-                bn.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-                bn.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                bn.bias.copy_(torch.randn(size, generator=generator) * 0.2)
-    return model.eval()
 
 
 class SmallNet(nn.Module):

@@ -34,6 +34,7 @@ from ..schedules.conv2d import (
     pack_bitplanes,
     to_kernel_layout,
 )
+from ._mutation import mutate_relax_functions
 
 
 def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
@@ -81,11 +82,7 @@ class LegalizeQuantizedLayers:
         self.layers = dict(layers)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.layers)
-        for global_var, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(global_var, rewriter.visit_expr(func))
-        return rewriter.builder_.finalize()
+        return mutate_relax_functions(mod, _Rewriter(mod, self.layers))
 
 
 @mutator

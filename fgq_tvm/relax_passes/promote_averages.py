@@ -16,6 +16,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ._mutation import mutate_relax_functions
+
 AVERAGE_OPS = ("relax.mean", "relax.nn.adaptive_avg_pool2d", "relax.nn.avg_pool2d")
 
 
@@ -24,11 +26,7 @@ class PromoteAveragesToFloat64:
     """Compute float32 averages in float64 (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for global_var, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(global_var, rewriter.visit_expr(func))
-        return rewriter.builder_.finalize()
+        return mutate_relax_functions(mod, _Rewriter(mod))
 
 
 @mutator
