@@ -26,7 +26,7 @@ from fgq_tvm.config import QuantConfig, parse_group_size
 from fgq_tvm.data import load_calibration
 from fgq_tvm.models import build_model
 from fgq_tvm.runtime import load
-from fgq_tvm.target import parse_target
+from fgq_tvm.target import host_target, parse_target
 
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "alexnet", "vgg11", "vgg16")
 
@@ -86,7 +86,7 @@ def markdown(rows: list[dict], target: str, threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--target", default="llvm -mcpu=znver4")
+    parser.add_argument("--target", default=host_target())
     parser.add_argument("--group-size", default="4")
     parser.add_argument("--act-bits", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)

@@ -55,6 +55,19 @@ def parse_target(text: str | list[str]):
     return tvm.target.Target(config)
 
 
+def host_target() -> str:
+    """``llvm -mcpu=<host CPU>``, or plain ``llvm`` when LLVM does not know the host CPU.
+
+    Modules built for another CPU may use instructions this one lacks (``-mcpu=znver4`` code
+    can contain AMD-only SSE4a instructions, fatal on an Intel host): run tests on this one.
+    """
+    from tvm.target import Target, codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    known = {str(name) for name in codegen.llvm_get_cpu_archlist(Target({"kind": "llvm"}))}
+    return f"llvm -mcpu={cpu}" if cpu in known else "llvm"
+
+
 def target_key(target) -> str:
     """A short folder-safe name for a target, such as ``llvm-znver4``."""
     parts = [str(target.kind.name)]

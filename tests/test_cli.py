@@ -22,6 +22,7 @@ from fgq_tvm import cli
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
 from fgq_tvm.errors import UsageError
 from fgq_tvm.runtime import sidecar_path
+from fgq_tvm.target import host_target
 
 RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
 RESNET56 = data_dir() / "cifar_resnet" / "resnet56-4bfd9763.th"
@@ -212,7 +213,7 @@ def test_format_summary_lists_float_layers():
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     module = tmp_path_factory.mktemp("r20") / "r20.so"
-    target = ["--target", "llvm", "-mcpu=znver4"]
+    target = ["--target", *host_target().split()]
     result = fgq_tvm(
         *R20, "--weights", RESNET20, *target, "-o", module, "--calib-images", CALIB_IMAGES
     )

@@ -20,9 +20,9 @@ from fgq_tvm.config import QuantConfig
 from fgq_tvm.data import data_dir, load_calibration, load_npz_split
 from fgq_tvm.models import build_model
 from fgq_tvm.runtime import load
-from fgq_tvm.target import parse_target
+from fgq_tvm.target import host_target, parse_target
 
-TARGET = "llvm -mcpu=znver4"
+TARGET = host_target()
 EVAL_BATCH = 100
 
 pytestmark = pytest.mark.slow

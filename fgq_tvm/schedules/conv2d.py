@@ -172,8 +172,8 @@ def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np
 def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str, out_w: int):
     """``xq``: the input quantized, zero-padded spatially and up to whole groups of channels."""
     pad_h, pad_w = shape.padding
-    height = _padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
-    width = _padded_extent(shape.width, pad_w, out_w, shape, axis=1)
+    height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
+    width = padded_extent(shape.width, pad_w, out_w, shape, axis=1)
     scale = tirx.const(act.scale, "float32")
 
     def quantize(b, c, h, w):
@@ -188,13 +188,13 @@ def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str
     return te.compute((shape.batch, shape.padded_channels, height, width), quantize, name="xq")
 
 
-def _padded_extent(size: int, pad: int, outputs: int, shape: Conv2dShape, axis: int) -> int:
+def padded_extent(size: int, pad: int, outputs: int, shape: Conv2dShape, axis: int) -> int:
     """Input extent read by ``outputs`` output positions (at least the padded input)."""
     reach = (outputs - 1) * shape.stride[axis] + shape.dilation[axis] * (shape.kernel[axis] - 1)
     return max(size + 2 * pad, reach + 1)
 
 
-def _bit(plane: te.Tensor, k, c, r, s):
+def decode_bit(plane: te.Tensor, k, c, r, s):
     word = plane[r, s, c // WORD_BITS, k]
     return ((word >> (c % WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")).astype("int32")
 
@@ -204,7 +204,7 @@ def _decoded_ternary(plus: te.Tensor, minus: te.Tensor, shape: Conv2dShape, scal
     k_h, k_w = shape.kernel
 
     def decode(r, s, c, k):
-        t = _bit(plus, k, c, r, s) - _bit(minus, k, c, r, s)
+        t = decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
         if scale is None:
             return t.astype("float32")
         return t * scale[r, s, c // shape.group_size, k].astype("int32")

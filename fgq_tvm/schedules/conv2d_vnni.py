@@ -1,0 +1,172 @@
+"""Integer conv2d and dense on the int8 dot core (AVX-512 VNNI): compute, schedule, knobs.
+
+For the integer weight encodings (``ternary_int8_scales``: ``w = t * alpha_q``; ``int8``) with
+unsigned activations, the layer is ``acc = sum w * xq`` in int32 and
+``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the same numbers as
+:mod:`fgq_tvm.schedules.conv2d`, whose ``reference_forward`` checks them). Here:
+
+1. ``xq``: the input quantized to uint8 in blocks of 4 channels, ``[B, C/4, H, W, 4]``;
+2. ``wpack``: the packed weights decoded once per call into the dot core's layout,
+   ``[K/16, R, S, C/4, 16, 4]`` int8 (zeros pad C to whole 4s and K to whole 16s);
+3. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
+   ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
+   adds 16 channels x 4 products;
+4. ``y``: the float output in NCHW.
+
+Schedule: the (batch, channel block, row) loop in parallel; inside, ``columns`` output columns
+of 16 channels each stay in registers while the reduction over (r, s, C/4) runs; each 64-byte
+weight tile is loaded once for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from ..quant.layers import ActQuant
+from .conv2d import Conv2dShape, WeightEncoding, decode_bit, padded_extent
+from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
+
+INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
+MAX_COLUMNS = 16
+
+
+@dataclass(frozen=True)
+class VnniSchedule:
+    """Tuning knobs: ``columns`` output columns per register tile (each one 16-lane vector)."""
+
+    columns: int
+
+    @staticmethod
+    def default_for(shape: Conv2dShape) -> VnniSchedule:
+        """The widest tile up to 16 columns that divides the output width."""
+        width = shape.out_width
+        return VnniSchedule(max(d for d in range(1, MAX_COLUMNS + 1) if width % d == 0))
+
+
+def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
+    """Whether the int8 dot core computes this layer: integer weights, unsigned activations."""
+    return encoding in INTEGER_ENCODINGS and not act.signed
+
+
+def vnni_conv2d_compute(
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
+) -> list[te.Tensor]:
+    """TE compute; arguments as :func:`fgq_tvm.schedules.conv2d.conv2d_compute`'s, output last."""
+    k_h, k_w = shape.kernel
+    channel_blocks = -(-shape.in_channels // DOT_DEPTH)
+    out_blocks = -(-shape.out_channels // LANES)
+    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    if encoding == "int8":
+        weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
+        inputs = [x, weight]
+
+        def weight_value(r, s, c, k):
+            return weight[r, s, c, k]
+    else:
+        plane_dims = (k_h, k_w, shape.words, shape.out_channels)
+        plus = te.placeholder(plane_dims, "uint32", name="plus")
+        minus = te.placeholder(plane_dims, "uint32", name="minus")
+        scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
+        alpha_q = te.placeholder(scale_dims, "int8", name="alpha")
+        inputs = [x, plus, minus, alpha_q]
+
+        def weight_value(r, s, c, k):
+            t = decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
+            return (t * alpha_q[r, s, c // shape.group_size, k].astype("int32")).astype("int8")
+
+    def pack(kb, r, s, cb, ki, ci):
+        k, c = kb * LANES + ki, cb * DOT_DEPTH + ci
+        inside = tirx.all(k < shape.out_channels, c < shape.in_channels)
+        clamped_k = tirx.min(k, shape.out_channels - 1)
+        value = weight_value(r, s, tirx.min(c, shape.in_channels - 1), clamped_k)
+        return tirx.if_then_else(inside, value, tirx.const(0, "int8"))
+
+    wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
+    wpack = te.compute(wpack_dims, pack, name="wpack")
+    xq = _blocked_input(x, shape, act, channel_blocks)
+    acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
+    out_scale = te.placeholder((shape.out_channels,), name="out_scale")
+    bias = te.placeholder((shape.out_channels,), name="bias")
+
+    def dequantize(b, k, oh, ow):
+        value = acc[b, k // LANES, oh, ow, k % LANES].astype("float64")
+        return (value * out_scale[k].astype("float64")).astype("float32") + bias[k]
+
+    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    y = te.compute(out_dims, dequantize, name="y")
+    return [*inputs, out_scale, bias, y]
+
+
+def _blocked_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int) -> te.Tensor:
+    """``xq[b, cb, h, w, ci]``: uint8, zero-padded spatially and up to whole blocks of 4."""
+    pad_h, pad_w = shape.padding
+    height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
+    width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
+    scale = tirx.const(act.scale, "float32")
+
+    def quantize(b, cb, h, w, ci):
+        c = cb * DOT_DEPTH + ci
+        inside = tirx.all(
+            c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
+            w >= pad_w, w < shape.width + pad_w,
+        )  # fmt: skip
+        value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w] / scale
+        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), 0.0)
+        return tirx.if_then_else(inside, clamped.astype("uint8"), tirx.const(0, "uint8"))
+
+    dims = (shape.batch, blocks, height, width, DOT_DEPTH)
+    return te.compute(dims, quantize, name="xq")
+
+
+def _dot_accumulate(xq, wpack, shape: Conv2dShape, out_blocks: int, blocks: int) -> te.Tensor:
+    (stride_h, stride_w), (dil_h, dil_w) = shape.stride, shape.dilation
+    r = te.reduce_axis((0, shape.kernel[0]), name="r")
+    s = te.reduce_axis((0, shape.kernel[1]), name="s")
+    cb = te.reduce_axis((0, blocks), name="cb")
+    ci = te.reduce_axis((0, DOT_DEPTH), name="ci")
+
+    def dot(b, kb, oh, ow, ki):
+        pixel = xq[b, cb, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w, ci]
+        product = pixel.astype("int32") * wpack[kb, r, s, cb, ki, ci].astype("int32")
+        return te.sum(product, axis=[r, s, cb, ci])
+
+    dims = (shape.batch, out_blocks, shape.out_height, shape.out_width, LANES)
+    return te.compute(dims, dot, name="acc")
+
+
+def schedule_vnni_conv2d(func: tvm.tirx.PrimFunc, knobs: VnniSchedule) -> Schedule:
+    """Tensorize the accumulation with the VNNI intrinsic (see the module docstring)."""
+    sch = Schedule(func)
+    xq_loops = sch.get_loops(sch.get_sblock("xq"))
+    sch.parallel(sch.fuse(*xq_loops[:2]))
+    wpack_loops = sch.get_loops(sch.get_sblock("wpack"))
+    sch.parallel(wpack_loops[0])
+    sch.vectorize(sch.fuse(*wpack_loops[-2:]))
+    acc = sch.get_sblock("acc")
+    sch.set_scope(acc, 0, "local")
+    b, kb, oh, ow, ki, r, s, cb, ci = sch.get_loops(acc)
+    ow_outer, ow_inner = sch.split(ow, [None, knobs.columns])
+    sch.reorder(b, kb, oh, ow_outer, r, s, cb, ow_inner, ki, ci)
+    sch.parallel(sch.fuse(b, kb, oh))
+    sch.reverse_compute_at(sch.get_sblock("y"), ow_outer)
+    init = sch.decompose_reduction(acc, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ki, VNNI_DOT_16X4)
+    sch.unroll(ow_inner)
+    return sch
+
+
+def vnni_conv2d_prim_func(
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    knobs: VnniSchedule | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of one integer layer on the int8 dot core."""
+    func = te.create_prim_func(vnni_conv2d_compute(shape, act, encoding))
+    sch = schedule_vnni_conv2d(func, knobs or VnniSchedule.default_for(shape))
+    return sch.mod["main"]
