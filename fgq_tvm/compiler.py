@@ -84,10 +84,10 @@ def compile_model(
     batches = _calibration_batches(calibration, spec, calib_batch_size)
     quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
     report("export to Relax")
-    mod = lower_to_relax(quantized, spec.input_shape)
+    mod = lower_to_relax(quantized, spec.input_shape, target)
     report(f"build for {target}")
     executable = _build(mod, target)
-    sidecar = describe(quantized, spec, target)
+    sidecar = describe(quantized, spec, target, kernel_cores(mod))
     _write_outputs(output, executable, sidecar)
     return CompileResult(output, sidecar, quantized)
 
@@ -103,15 +103,18 @@ def _calibration_batches(calibration: torch.Tensor, spec: ModelSpec, batch_size:
     return batches
 
 
-def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...]):
-    """The Relax module of the quantized network, with every parameter bound as a constant."""
+def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...], target=None):
+    """The Relax module of the quantized network, with every parameter bound as a constant.
+
+    ``target`` picks each layer's core (``None``: the portable bitplane core everywhere).
+    """
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     exported = _export(quantized, input_shape)
     by_parameter = _layers_by_parameter(exported, quantized.layers)
     mod = from_exported_program(exported, keep_params_as_input=True)
-    mod = LegalizeQuantizedLayers(by_parameter)(mod)
+    mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
     mod = PromoteAveragesToFloat64()(mod)
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
@@ -187,8 +190,18 @@ def _stage(path: Path, staged: list[Path], mode: int) -> Path:
     return Path(name)
 
 
-def describe(quantized: QuantizedModel, spec: ModelSpec, target) -> dict:
-    """The sidecar JSON: input contract, quantization per layer, versions."""
+def kernel_cores(mod) -> dict[str, str]:
+    """``layer -> core`` as LegalizeQuantizedLayers recorded it on the kernels."""
+    cores = {}
+    for _, func in mod.functions_items():
+        attrs = func.attrs if func.attrs is not None else {}
+        if "fgq.layer" in attrs:
+            cores[str(attrs["fgq.layer"])] = str(attrs["fgq.core"])
+    return cores
+
+
+def describe(quantized: QuantizedModel, spec: ModelSpec, target, cores: dict[str, str]) -> dict:
+    """The sidecar JSON: input contract, quantization and core per layer, versions."""
     import tvm
 
     config = quantized.config
@@ -214,14 +227,14 @@ def describe(quantized: QuantizedModel, spec: ModelSpec, target) -> dict:
             "calibration": config.calibration,
             "reestimate_bn": config.reestimate_bn,
         },
-        "layers": [layer_summary(layer) for layer in quantized.layers.values()],
+        "layers": [layer_summary(layer, cores[name]) for name, layer in quantized.layers.items()],
         "float_layers": [
             {"name": name, "reason": reason} for name, reason in quantized.float_layers.items()
         ],
     }
 
 
-def layer_summary(layer: QuantizedLayer) -> dict:
+def layer_summary(layer: QuantizedLayer, core: str) -> dict:
     """One layer's row of the sidecar and of the compile summary."""
     return {
         "name": layer.name,
@@ -232,6 +245,7 @@ def layer_summary(layer: QuantizedLayer) -> dict:
         "act_signed": layer.act.signed,
         "act_scale": layer.act.scale,
         "kernel": layer_encoding(layer),
+        "core": core,
         "shape": list(layer.weight.shape),
     }
 

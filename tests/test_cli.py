@@ -191,6 +191,7 @@ def test_format_summary_lists_float_layers():
         "act_bits": 4,
         "act_signed": False,
         "kernel": "ternary_group_scales",
+        "core": "bitplane",
     }
     sidecar = {"layers": [layer], "float_layers": [{"name": "fc", "reason": "config: float"}]}
     lines = cli.format_summary(sidecar, {"fc": "linear", "conv": "conv2d"}).splitlines()
@@ -202,6 +203,7 @@ def test_format_summary_lists_float_layers():
         "N=8",
         "u4",
         "ternary_group_scales",
+        "bitplane",
     ]
     assert lines[3].startswith("1 of 2 conv/linear layers became ternary-group operators, 0 int8")
     assert lines[3].endswith(", 1 stayed float")
@@ -258,9 +260,9 @@ def test_compile_writes_module_and_summary(compiled):
     assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["layer", "op", "weights", "act", "kernel"]
-    assert lines[1].split() == ["conv1", "conv2d", "int8", "s8", "int8"]
-    assert "layer1.0.conv1  conv2d  ternary-group N=4  u8   ternary_group_scales" in lines
+    assert lines[0].split() == ["layer", "op", "weights", "act", "kernel", "core"]
+    assert lines[1].split() == ["conv1", "conv2d", "int8", "s8", "int8", "bitplane"]
+    assert "layer1.0.conv1  conv2d  ternary-group N=4  u8   ternary_group_scales  bitplane" in lines
     assert (
         "18 of 20 conv/linear layers became ternary-group operators, 2 int8, 0 stayed float"
         in lines

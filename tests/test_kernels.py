@@ -6,10 +6,14 @@ both schedule families):
 
 * the integer part of the compute (the per-group sums of the bitplane core) equals NumPy's
   exact integer sums;
-* the scheduled kernel's float output is bit-identical to :func:`reference_forward`.
+* the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
+  bitplane core (every encoding and schedule family) and for the int8 dot core (integer
+  encodings, unsigned activations, built for the host CPU).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,6 +35,10 @@ from fgq_tvm.schedules.conv2d import (
     conv2d_prim_func,
     reference_group_sums,
 )
+from fgq_tvm.schedules.conv2d_vnni import INTEGER_ENCODINGS, vnni_conv2d_prim_func
+from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.select import select_core
+from fgq_tvm.target import host_target, parse_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 GROUP_SIZES = (1, 3, 4, 16, 64)
@@ -105,17 +113,22 @@ def random_input(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:
 
 
 def run_kernel(layer: QuantizedLayer, x: np.ndarray, knobs: ConvSchedule | None = None):
-    """Compile and run the layer's scheduled PrimFunc on ``x``."""
+    """Compile and run the layer's scheduled bitplane PrimFunc on ``x``."""
     image = x if x.ndim == 4 else x[:, :, None, None]
     shape = layer_shape(layer, image.shape)
     func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs)
-    kernel = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    result = run_prim_func(func, shape, image, layer, TARGET)
+    return result if x.ndim == 4 else result[:, :, 0, 0]
+
+
+def run_prim_func(func, shape: Conv2dShape, image: np.ndarray, layer: QuantizedLayer, target):
+    """Build ``func`` for ``target`` and run it on an NCHW ``image`` with the layer's weights."""
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)
     out_shape = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
     arguments = [tvm.runtime.tensor(a) for a in [image, *kernel_arguments(layer)]]
     kernel(*arguments, out)
-    result = out.numpy()
-    return result if x.ndim == 4 else result[:, :, 0, 0]
+    return out.numpy()
 
 
 def compute_group_sums(layer: QuantizedLayer, x_q: np.ndarray, shape: Conv2dShape):
@@ -187,3 +200,43 @@ def test_integer_part_of_bitplane_core_is_exact():
         expected = reference_group_sums(x_q, layer.weight, shape)
         actual = compute_group_sums(layer, x_q, shape)
         np.testing.assert_array_equal(actual.astype(np.int64), expected)
+
+
+# --- the int8 dot core (AVX-512 VNNI) -------------------------------------------------------
+
+HOST = parse_target(host_target())
+needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("encoding", INTEGER_ENCODINGS)
+def test_vnni_core_matches_reference_bit_for_bit(encoding):
+    rng = np.random.default_rng(100 + INTEGER_ENCODINGS.index(encoding))
+    mismatches = []
+    for case in range(40):
+        layer = random_layer(rng, encoding, dense=case % 9 == 0)
+        layer = replace(layer, act=replace(layer.act, signed=False))
+        x = random_input(rng, layer)
+        image = x if x.ndim == 4 else x[:, :, None, None]
+        shape = layer_shape(layer, image.shape)
+        func = vnni_conv2d_prim_func(shape, layer.act, encoding)
+        actual = run_prim_func(func, shape, image, layer, HOST)
+        actual = actual if x.ndim == 4 else actual[:, :, 0, 0]
+        if not np.array_equal(actual, reference_forward(layer, torch.from_numpy(x)).numpy()):
+            mismatches.append((case, shape))
+    assert not mismatches
+
+
+def test_core_selection_rules():
+    wide = Conv2dShape(1, 64, 28, 28, 64, (3, 3), padding=(1, 1), group_size=4)
+    dense = Conv2dShape(1, 512, 1, 1, 10, group_size=512)
+    unsigned, signed = ActQuant(0.1, 8, False), ActQuant(0.1, 8, True)
+    vnni = parse_target("llvm -mcpu=cascadelake")
+    avx2 = parse_target("llvm -mcpu=haswell")
+    assert select_core(wide, unsigned, "int8", vnni) == "int8-dot-vnni"
+    assert select_core(wide, unsigned, "ternary_int8_scales", vnni) == "int8-dot-vnni"
+    assert select_core(wide, unsigned, "ternary_group_scales", vnni) == "bitplane"
+    assert select_core(wide, signed, "int8", vnni) == "bitplane"
+    assert select_core(dense, unsigned, "int8", vnni) == "bitplane"
+    assert select_core(wide, unsigned, "int8", avx2) == "bitplane"
+    assert select_core(wide, unsigned, "int8", None) == "bitplane"

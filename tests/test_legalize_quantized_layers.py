@@ -85,7 +85,8 @@ def expected() -> tvm.IRModule:
 def _kernel_call(bb: relax.BlockBuilder, layer: QuantizedLayer, x, out_shape) -> relax.Var:
     shape = layer_shape(layer, tuple(int(d) for d in x.ty.shape))
     name = "fgq_" + layer.name
-    func = conv2d_prim_func(shape, layer.act, _encoding(layer)).with_attr("global_symbol", name)
+    attrs = {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": "bitplane"}
+    func = conv2d_prim_func(shape, layer.act, _encoding(layer)).with_attrs(attrs)
     kernel = bb.add_func(func, name)
     args = [x, *(relax.const(a) for a in kernel_arguments(layer))]
     return bb.emit(relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32")))

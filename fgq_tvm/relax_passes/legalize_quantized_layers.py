@@ -27,13 +27,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
-from ..schedules.conv2d import (
-    Conv2dShape,
-    WeightEncoding,
-    conv2d_prim_func,
-    pack_bitplanes,
-    to_kernel_layout,
-)
+from ..schedules.conv2d import Conv2dShape, WeightEncoding, pack_bitplanes, to_kernel_layout
+from ..schedules.select import core_prim_func, select_core
 from ._mutation import mutate_relax_functions
 
 
@@ -76,20 +71,27 @@ class LegalizeQuantizedLayers:
     layers
         Quantized layers keyed by the name of their weight parameter in the Relax function
         (``p_layer1_0_conv1_weight`` for ``layer1.0.conv1`` as imported from torch.export).
+    target
+        The :class:`tvm.target.Target` whose features pick each layer's core
+        (:func:`~fgq_tvm.schedules.select.select_core`); ``None`` for the portable core.
+
+    Each kernel PrimFunc carries the attributes ``fgq.layer`` (the module path) and ``fgq.core``.
     """
 
-    def __init__(self, layers: Mapping[str, QuantizedLayer]):
+    def __init__(self, layers: Mapping[str, QuantizedLayer], target=None):
         self.layers = dict(layers)
+        self.target = target
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_relax_functions(mod, _Rewriter(mod, self.layers))
+        return mutate_relax_functions(mod, _Rewriter(mod, self.layers, self.target))
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]):
+    def __init__(self, mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer], target):
         super().__init__(mod)
         self.layers = layers
+        self.target = target
         self.conv2d_op = tvm.ir.Op.get("relax.nn.conv2d")
         self.matmul_op = tvm.ir.Op.get("relax.matmul")
         self.permute_op = tvm.ir.Op.get("relax.permute_dims")
@@ -120,9 +122,13 @@ class _Rewriter(PyExprMutator):
 
     def _conv2d(self, x: relax.Expr, layer: QuantizedLayer) -> relax.Expr:
         shape = layer_shape(layer, _static_shape(x))
-        func = conv2d_prim_func(shape, layer.act, layer_encoding(layer))
+        encoding = layer_encoding(layer)
+        core = select_core(shape, layer.act, encoding, self.target)
         name = "fgq_" + layer.name.replace(".", "_")
-        kernel = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        func = core_prim_func(core, shape, layer.act, encoding).with_attrs(
+            {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": core}
+        )
+        kernel = self.builder_.add_func(func, name)
         args = [x, *(relax.const(array) for array in kernel_arguments(layer))]
         out_shape = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
         return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
