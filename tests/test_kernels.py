@@ -35,7 +35,7 @@ from fgq_tvm.schedules.conv2d import (
     conv2d_prim_func,
     reference_group_sums,
 )
-from fgq_tvm.schedules.conv2d_vnni import INTEGER_ENCODINGS, vnni_conv2d_prim_func
+from fgq_tvm.schedules.conv2d_vnni import vnni_conv2d_prim_func
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.schedules.select import select_core
 from fgq_tvm.target import host_target, parse_target
@@ -209,13 +209,16 @@ needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no 
 
 
 @needs_vnni
-@pytest.mark.parametrize("encoding", INTEGER_ENCODINGS)
+@pytest.mark.parametrize("encoding", ENCODINGS)
 def test_vnni_core_matches_reference_bit_for_bit(encoding):
-    rng = np.random.default_rng(100 + INTEGER_ENCODINGS.index(encoding))
+    rng = np.random.default_rng(100 + ENCODINGS.index(encoding))
     mismatches = []
     for case in range(40):
         layer = random_layer(rng, encoding, dense=case % 9 == 0)
         layer = replace(layer, act=replace(layer.act, signed=False))
+        if encoding == "ternary_group_scales":
+            layer = replace(layer, group_size=int(rng.choice([4, 16, 64])))
+            layer = replace(layer, group_scale=_group_scales(rng, layer))
         x = random_input(rng, layer)
         image = x if x.ndim == 4 else x[:, :, None, None]
         shape = layer_shape(layer, image.shape)
@@ -227,6 +230,12 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
     assert not mismatches
 
 
+def _group_scales(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:
+    out_channels, channels, k_h, k_w = layer.weight.shape
+    groups = -(-channels // layer.group_size)
+    return rng.uniform(0.001, 1.0, (out_channels, groups, k_h, k_w)).astype(np.float32)
+
+
 def test_core_selection_rules():
     wide = Conv2dShape(1, 64, 28, 28, 64, (3, 3), padding=(1, 1), group_size=4)
     dense = Conv2dShape(1, 512, 1, 1, 10, group_size=512)
@@ -235,7 +244,9 @@ def test_core_selection_rules():
     avx2 = parse_target("llvm -mcpu=haswell")
     assert select_core(wide, unsigned, "int8", vnni) == "int8-dot-vnni"
     assert select_core(wide, unsigned, "ternary_int8_scales", vnni) == "int8-dot-vnni"
-    assert select_core(wide, unsigned, "ternary_group_scales", vnni) == "bitplane"
+    assert select_core(wide, unsigned, "ternary_group_scales", vnni) == "int8-dot-vnni"
+    odd_groups = replace(wide, group_size=3)
+    assert select_core(odd_groups, unsigned, "ternary_group_scales", vnni) == "bitplane"
     assert select_core(wide, signed, "int8", vnni) == "bitplane"
     assert select_core(dense, unsigned, "int8", vnni) == "bitplane"
     assert select_core(wide, unsigned, "int8", avx2) == "bitplane"

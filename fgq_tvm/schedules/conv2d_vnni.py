@@ -1,16 +1,18 @@
 """Integer conv2d and dense on the int8 dot core (AVX-512 VNNI): compute, schedule, knobs.
 
-For the integer weight encodings (``ternary_int8_scales``: ``w = t * alpha_q``; ``int8``) with
-unsigned activations, the layer is ``acc = sum w * xq`` in int32 and
-``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the same numbers as
-:mod:`fgq_tvm.schedules.conv2d`, whose ``reference_forward`` checks them). Here:
+Unsigned activations only. For the integer weight encodings (``ternary_int8_scales``:
+``w = t * alpha_q``; ``int8``) the layer is ``acc = sum w * xq`` in int32 and
+``y = f32(f64(acc) * f64(out_scale[k])) + bias``; for ternary weights with float group scales
+(groups of a multiple of 4 channels) each group's integer sum ``psum`` comes from the dot core
+and ``acc += f64(alpha) * f64(psum)`` runs in float64, ``y = f32(acc * s_x) + bias``. These are
+the numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). Here:
 
 1. ``xq``: the input quantized to uint8 in blocks of 4 channels, ``[B, C/4, H, W, 4]``;
 2. ``wpack``: the packed weights decoded once per call into the dot core's layout,
    ``[K/16, R, S, C/4, 16, 4]`` int8 (zeros pad C to whole 4s and K to whole 16s);
 3. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
    ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
-   adds 16 channels x 4 products;
+   adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
 4. ``y``: the float output in NCHW.
 
 Schedule: the (batch, channel block, row) loop in parallel; inside, ``columns`` output columns
@@ -32,6 +34,7 @@ from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
+MAX_GROUP_COLUMNS = 8  # group scales keep 3 vectors per column live: int32 sums + float64 pair
 
 
 @dataclass(frozen=True)
@@ -41,15 +44,18 @@ class VnniSchedule:
     columns: int
 
     @staticmethod
-    def default_for(shape: Conv2dShape) -> VnniSchedule:
-        """The widest tile up to 16 columns that divides the output width."""
+    def default_for(shape: Conv2dShape, encoding: WeightEncoding) -> VnniSchedule:
+        """The widest tile that divides the output width and fits the registers."""
+        limit = MAX_COLUMNS if encoding in INTEGER_ENCODINGS else MAX_GROUP_COLUMNS
         width = shape.out_width
-        return VnniSchedule(max(d for d in range(1, MAX_COLUMNS + 1) if width % d == 0))
+        return VnniSchedule(max(d for d in range(1, limit + 1) if width % d == 0))
 
 
 def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
-    """Whether the int8 dot core computes this layer: integer weights, unsigned activations."""
-    return encoding in INTEGER_ENCODINGS and not act.signed
+    """Whether the int8 dot core computes this layer: unsigned activations, and integer
+    weights or groups of a multiple of 4 channels."""
+    whole_blocks = encoding in INTEGER_ENCODINGS or shape.group_size % DOT_DEPTH == 0
+    return whole_blocks and not act.signed
 
 
 def vnni_conv2d_compute(
@@ -57,7 +63,7 @@ def vnni_conv2d_compute(
 ) -> list[te.Tensor]:
     """TE compute; arguments as :func:`fgq_tvm.schedules.conv2d.conv2d_compute`'s, output last."""
     k_h, k_w = shape.kernel
-    channel_blocks = -(-shape.in_channels // DOT_DEPTH)
+    channel_blocks = -(-shape.padded_channels // DOT_DEPTH)
     out_blocks = -(-shape.out_channels // LANES)
     x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
     if encoding == "int8":
@@ -71,12 +77,15 @@ def vnni_conv2d_compute(
         plus = te.placeholder(plane_dims, "uint32", name="plus")
         minus = te.placeholder(plane_dims, "uint32", name="minus")
         scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
-        alpha_q = te.placeholder(scale_dims, "int8", name="alpha")
-        inputs = [x, plus, minus, alpha_q]
+        scale_dtype = "int8" if encoding == "ternary_int8_scales" else "float32"
+        alpha = te.placeholder(scale_dims, scale_dtype, name="alpha")
+        inputs = [x, plus, minus, alpha]
 
         def weight_value(r, s, c, k):
             t = decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
-            return (t * alpha_q[r, s, c // shape.group_size, k].astype("int32")).astype("int8")
+            if encoding == "ternary_group_scales":
+                return t.astype("int8")
+            return (t * alpha[r, s, c // shape.group_size, k].astype("int32")).astype("int8")
 
     def pack(kb, r, s, cb, ki, ci):
         k, c = kb * LANES + ki, cb * DOT_DEPTH + ci
@@ -88,9 +97,18 @@ def vnni_conv2d_compute(
     wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
     wpack = te.compute(wpack_dims, pack, name="wpack")
     xq = _blocked_input(x, shape, act, channel_blocks)
+    bias = te.placeholder((shape.out_channels,), name="bias")
+    if encoding == "ternary_group_scales":
+        acc = _group_scaled_accumulate(xq, wpack, alpha, shape, out_blocks)
+        scale = tirx.const(act.scale, "float64")
+
+        def rescale(b, k, oh, ow):
+            return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
+
+        out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        return [*inputs, bias, te.compute(out_dims, rescale, name="y")]
     acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
-    bias = te.placeholder((shape.out_channels,), name="bias")
 
     def dequantize(b, k, oh, ow):
         value = acc[b, k // LANES, oh, ow, k % LANES].astype("float64")
@@ -138,6 +156,34 @@ def _dot_accumulate(xq, wpack, shape: Conv2dShape, out_blocks: int, blocks: int)
     return te.compute(dims, dot, name="acc")
 
 
+def _group_scaled_accumulate(xq, wpack, alpha, shape: Conv2dShape, out_blocks: int):
+    """``psum`` per (group, r, s) from the dot core, then the float64 sum of scaled groups."""
+    (stride_h, stride_w), (dil_h, dil_w) = shape.stride, shape.dilation
+    k_h, k_w = shape.kernel
+    group_blocks = shape.group_size // DOT_DEPTH
+    cb = te.reduce_axis((0, group_blocks), name="cb")
+    ci = te.reduce_axis((0, DOT_DEPTH), name="ci")
+
+    def group_sum(b, kb, oh, ow, g, r, s, ki):
+        block = g * group_blocks + cb
+        pixel = xq[b, block, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w, ci]
+        product = pixel.astype("int32") * wpack[kb, r, s, block, ki, ci].astype("int32")
+        return te.sum(product, axis=[cb, ci])
+
+    dims = (shape.batch, out_blocks, shape.out_height, shape.out_width)
+    psum = te.compute((*dims, shape.num_groups, k_h, k_w, LANES), group_sum, name="psum")
+    g = te.reduce_axis((0, shape.num_groups), name="g")
+    r = te.reduce_axis((0, k_h), name="r")
+    s = te.reduce_axis((0, k_w), name="s")
+
+    def scaled_sum(b, kb, oh, ow, ki):
+        k = tirx.min(kb * LANES + ki, shape.out_channels - 1)
+        term = alpha[r, s, g, k].astype("float64") * psum[b, kb, oh, ow, g, r, s, ki]
+        return te.sum(term.astype("float64"), axis=[g, r, s])
+
+    return te.compute((*dims, LANES), scaled_sum, name="acc")
+
+
 def schedule_vnni_conv2d(func: tvm.tirx.PrimFunc, knobs: VnniSchedule) -> Schedule:
     """Tensorize the accumulation with the VNNI intrinsic (see the module docstring)."""
     sch = Schedule(func)
@@ -148,16 +194,52 @@ def schedule_vnni_conv2d(func: tvm.tirx.PrimFunc, knobs: VnniSchedule) -> Schedu
     sch.vectorize(sch.fuse(*wpack_loops[-2:]))
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
-    b, kb, oh, ow, ki, r, s, cb, ci = sch.get_loops(acc)
+    b, kb, oh, ow, ki, *reduction = sch.get_loops(acc)
     ow_outer, ow_inner = sch.split(ow, [None, knobs.columns])
-    sch.reorder(b, kb, oh, ow_outer, r, s, cb, ow_inner, ki, ci)
+    if len(reduction) == 4:  # integer form: r, s, cb, ci, the dot core directly on acc
+        r, s, cb, ci = reduction
+        sch.reorder(b, kb, oh, ow_outer, r, s, cb, ow_inner, ki, ci)
+    else:  # group scales: g, r, s over scaled group sums
+        sch.reorder(b, kb, oh, ow_outer, *reduction, ow_inner, ki)
     sch.parallel(sch.fuse(b, kb, oh))
     sch.reverse_compute_at(sch.get_sblock("y"), ow_outer)
-    init = sch.decompose_reduction(acc, r)
+    if len(reduction) == 4:
+        init = sch.decompose_reduction(acc, reduction[0])
+        sch.tensorize(ki, VNNI_DOT_16X4)
+    else:
+        _schedule_group_sums(sch, reduction[-1])
+        sch.vectorize(ki)
+        init = sch.decompose_reduction(acc, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ki, VNNI_DOT_16X4)
     sch.unroll(ow_inner)
     return sch
+
+
+def _schedule_group_sums(sch: Schedule, innermost_reduction) -> None:
+    """Each group's sums next to their use: channel blocks outermost, the dot core inside.
+
+    Unit loops vanish at ``compute_at`` (a group of 4 channels has no block loop, a one-column
+    tile no column loop); the 16-lane loop is the first of extent 16, as tiles have at most 8
+    columns.
+    """
+    psum = sch.get_sblock("psum")
+    sch.set_scope(psum, 0, "local")
+    sch.compute_at(psum, innermost_reduction)
+    loops = sch.get_loops(psum)
+    anchor = sch.get(innermost_reduction)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(anchor)) + 1
+    own = loops[depth:]  # [columns], ki (16 lanes), [channel blocks of the group], ci
+    lanes = next(i for i, loop in enumerate(own) if _extent(sch, loop) == LANES)
+    columns, ki, blocks = own[:lanes], own[lanes], own[lanes + 1 : -1]
+    sch.reorder(*blocks, *columns, ki, own[-1])
+    sch.decompose_reduction(psum, (blocks or columns or [ki])[0])
+    sch.tensorize(ki, VNNI_DOT_16X4)
+    for loop in columns:
+        sch.unroll(loop)
+
+
+def _extent(sch: Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
 
 
 def vnni_conv2d_prim_func(
@@ -168,5 +250,5 @@ def vnni_conv2d_prim_func(
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one integer layer on the int8 dot core."""
     func = te.create_prim_func(vnni_conv2d_compute(shape, act, encoding))
-    sch = schedule_vnni_conv2d(func, knobs or VnniSchedule.default_for(shape))
+    sch = schedule_vnni_conv2d(func, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]
