@@ -1,4 +1,5 @@
-"""The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module.
+"""The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
+``bench`` a model against its peers.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_compile(commands)
     _add_run(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -215,6 +217,87 @@ def _add_run(commands) -> None:
     sub.add_argument("module", metavar="MODULE", help="a .so written by fgq-tvm compile")
     sub.add_argument("--input", required=True, metavar="X.npy", help="normalised float32 batch")
     sub.add_argument("--output", metavar="Y.npy", help="where to save the logits")
+
+
+def _add_bench(commands) -> None:
+    sub = commands.add_parser(
+        "bench",
+        help="time a model compiled by fgq-tvm against PyTorch, ONNX Runtime and TVM FP32",
+        description="Compile MODEL with fgq-tvm (default schedules) and time it at batch 1 "
+        "against its peers on the same input and threads; time every quantized layer's kernel "
+        "against the int8 VNNI peak. Prints the table and writes <model>.md and <model>.json.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_bench)
+    sub.add_argument("model", metavar="MODEL", help="zoo model name or a .pt2 file")
+    sub.add_argument("--target", metavar="TARGET", help="as for compile (default: the host CPU)")
+    sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
+    sub.add_argument("--group-size", default="4", metavar="N|channel", help="(default: 4)")
+    sub.add_argument("--act-bits", default="8", metavar="8|4", help="(default: 8)")
+    sub.add_argument(
+        "--peers",
+        type=_peers,
+        default="all",
+        metavar="LIST",
+        help="comma list of torch, torch-int8, ort, ort-int8, tvm-fp32, or all, or none "
+        "(default: all; fgq-tvm itself is always timed)",
+    )
+    sub.add_argument(
+        "--repeats", type=_positive_int, default=20, metavar="N", help="timed runs (default: 20)"
+    )
+    sub.add_argument(
+        "--warmup", type=_count, default=3, metavar="N", help="untimed runs first (default: 3)"
+    )
+    sub.add_argument(
+        "--threads", type=_positive_int, default=2, metavar="N", help="threads (default: 2)"
+    )
+    sub.add_argument(
+        "--ghz",
+        type=_positive_float,
+        metavar="GHZ",
+        help="clock of the VNNI peak (default: the highest 'cpu MHz' of /proc/cpuinfo)",
+    )
+    sub.add_argument(
+        "--calib", metavar="FILE", help="calibration images, as for compile (default: as compile)"
+    )
+    sub.add_argument(
+        "--calib-images",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="most calibration images (default: 32)",
+    )
+    sub.add_argument(
+        "--out", metavar="DIR", help="output folder (default: benchmarks/results/<target key>)"
+    )
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    """argparse type of ``--peers``."""
+    from .bench import parse_peers
+
+    try:
+        return parse_peers(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -356,12 +439,19 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
     """
     rows = [_layer_row(layer) for layer in sidecar["layers"]]
     rows += [
-        (entry["name"], ops.get(entry["name"], ""), "float", "", f"stayed float: {entry['reason']}")
+        (
+            entry["name"],
+            ops.get(entry["name"], ""),
+            "float",
+            "",
+            f"stayed float: {entry['reason']}",
+            "",
+        )
         for entry in sidecar["float_layers"]
     ]
     order = {name: index for index, name in enumerate(ops)}
     rows.sort(key=lambda row: order.get(row[0], len(order)))
-    header = ("layer", "op", "weights", "act", "kernel")
+    header = ("layer", "op", "weights", "act", "kernel", "core")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -375,12 +465,12 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _layer_row(layer: dict) -> tuple[str, str, str, str, str]:
+def _layer_row(layer: dict) -> tuple[str, str, str, str, str, str]:
     weights = layer["weights"]
     if weights == "ternary":
         weights = f"ternary-group N={layer['group_size']}"
     act = f"{'s' if layer['act_signed'] else 'u'}{layer['act_bits']}"
-    return layer["name"], layer["op"], weights, act, layer["kernel"]
+    return layer["name"], layer["op"], weights, act, layer["kernel"], layer["core"]
 
 
 def _print_outputs(output: Path) -> None:
@@ -402,6 +492,33 @@ def _run(args: argparse.Namespace) -> int:
     top1 = [str(label) for label in logits.reshape(len(logits), -1).argmax(axis=1)]
     more = f" ... ({len(top1) - MAX_TOP1_SHOWN} more)" if len(top1) > MAX_TOP1_SHOWN else ""
     print(f"top-1: {' '.join(top1[:MAX_TOP1_SHOWN])}{more}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``fgq-tvm bench``: compile, prepare the peers, time them, print and write the tables."""
+    progress = _progress_printer()
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise FGQError(f"output {str(out_dir)!r} is a file; give a folder")
+    quant = QuantConfig(
+        group_size=parse_group_size(args.group_size), act_bits=parse_act_bits(args.act_bits)
+    )
+    target = parse_target(args.target if args.target else default_target())
+    model, spec = _load_model(args.model, args.weights, None)
+    from .data import load_calibration
+
+    calibration, warning = load_calibration(args.calib, spec, "calib", args.calib_images)
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    from . import bench
+
+    options = bench.BenchOptions(args.peers, args.repeats, args.warmup, args.threads, args.ghz)
+    note = bench.describe_calibration(spec, args.calib, len(calibration))
+    result = bench.run_bench(model, spec, quant, calibration, target, options, note, progress)
+    paths = bench.write_results(result, out_dir or bench.default_out_dir(target))
+    print(bench.format_markdown(result))
+    print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
