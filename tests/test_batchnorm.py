@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from model_utils import randomize_batchnorm
+from helpers import randomize_batchnorm
 from torch import nn
 
 from fgq_tvm.errors import FGQError

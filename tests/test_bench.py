@@ -4,12 +4,11 @@ CIFAR ResNet-20 with only the cheap peers (marked slow: it compiles the model, a
 """
 
 import json
-import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import fgq_tvm
 
 from fgq_tvm import bench
 from fgq_tvm.bench import BenchResult, LayerResult, PeerResult
@@ -22,19 +21,6 @@ processor\t: 1
 model name\t: Example CPU @ 2.00GHz
 cpu MHz\t\t: 3500.500
 """
-
-
-def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
-    """Run ``python -m fgq_tvm ARGS`` without FGQ_TVM_DEBUG."""
-    env = {key: value for key, value in os.environ.items() if key != "FGQ_TVM_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "fgq_tvm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
 
 
 def synthetic_result(ghz: float | None = 2.0) -> BenchResult:

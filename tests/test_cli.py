@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fgq_tvm
 
 from fgq_tvm import cli
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
@@ -28,19 +29,6 @@ from fgq_tvm.target import host_target, parse_target
 RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
 RESNET56 = data_dir() / "cifar_resnet" / "resnet56-4bfd9763.th"
 CALIB_IMAGES = 64
-
-
-def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
-    """Run ``python -m fgq_tvm ARGS`` without FGQ_TVM_DEBUG."""
-    env = {key: value for key, value in os.environ.items() if key != "FGQ_TVM_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "fgq_tvm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
 
 
 def error_message(result: subprocess.CompletedProcess, status: int) -> str:

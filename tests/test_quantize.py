@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from model_utils import randomize_batchnorm
+from helpers import randomize_batchnorm
 from torch import nn
 
 from fgq_tvm.config import LayerConfig, LayerOverride, QuantConfig

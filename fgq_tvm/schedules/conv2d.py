@@ -354,7 +354,7 @@ def _parallel_outer(sch: Schedule, block: str, loops: int) -> None:
 
 def _vectorize_innermost(sch: Schedule, block: str, lanes: int) -> None:
     innermost = sch.get_loops(sch.get_sblock(block))[-1]
-    if _extent(sch, innermost) % lanes == 0:
+    if loop_extent(sch, innermost) % lanes == 0:
         sch.vectorize(sch.split(innermost, [None, lanes])[1])
 
 
@@ -437,11 +437,11 @@ def _store_tile(sch: Schedule, acc, tile_loop) -> None:
     y = sch.get_sblock("y")
     sch.reverse_compute_at(y, tile_loop)
     loops = sch.get_loops(y)
-    if _extent(sch, loops[-1]) > 1:
+    if loop_extent(sch, loops[-1]) > 1:
         sch.vectorize(loops[-1])
 
 
-def _extent(sch: Schedule, loop) -> int:
+def loop_extent(sch: Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 

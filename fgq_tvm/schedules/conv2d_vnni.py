@@ -29,7 +29,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import Conv2dShape, WeightEncoding, decode_bit, padded_extent
+from .conv2d import Conv2dShape, WeightEncoding, decode_bit, loop_extent, padded_extent
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
@@ -229,17 +229,13 @@ def _schedule_group_sums(sch: Schedule, innermost_reduction) -> None:
     anchor = sch.get(innermost_reduction)
     depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(anchor)) + 1
     own = loops[depth:]  # [columns], ki (16 lanes), [channel blocks of the group], ci
-    lanes = next(i for i, loop in enumerate(own) if _extent(sch, loop) == LANES)
+    lanes = next(i for i, loop in enumerate(own) if loop_extent(sch, loop) == LANES)
     columns, ki, blocks = own[:lanes], own[lanes], own[lanes + 1 : -1]
     sch.reorder(*blocks, *columns, ki, own[-1])
     sch.decompose_reduction(psum, (blocks or columns or [ki])[0])
     sch.tensorize(ki, VNNI_DOT_16X4)
     for loop in columns:
         sch.unroll(loop)
-
-
-def _extent(sch: Schedule, loop) -> int:
-    return int(sch.get(loop).extent)
 
 
 def vnni_conv2d_prim_func(

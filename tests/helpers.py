@@ -1,6 +1,10 @@
-"""Helpers shared by the tests that build models."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -18,3 +22,16 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 bn.weight.copy_(torch.randn(size, generator=generator))
                 bn.bias.copy_(torch.randn(size, generator=generator) * 0.3)
     return model.eval()
+
+
+def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
+    """Run ``python -m fgq_tvm ARGS`` without FGQ_TVM_DEBUG."""
+    env = {key: value for key, value in os.environ.items() if key != "FGQ_TVM_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "fgq_tvm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
