@@ -199,30 +199,62 @@ def decode_bit(plane: te.Tensor, k, c, r, s):
     return ((word >> (c % WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")).astype("int32")
 
 
-def _decoded_ternary(plus: te.Tensor, minus: te.Tensor, shape: Conv2dShape, scale=None):
-    """``wdec[r, s, c, k]``: ``t`` (float32) or ``t * alpha_q`` (int32, with ``scale``)."""
+@dataclass(frozen=True)
+class LayerArguments:
+    """The placeholders of a layer's kernel (either core) and how to read its weights.
+
+    ``weights`` is ``(w,)`` for int8 layers, ``(plus, minus, alpha)`` for ternary layers.
+    """
+
+    shape: Conv2dShape
+    encoding: WeightEncoding
+    x: te.Tensor
+    weights: tuple[te.Tensor, ...]
+
+    @property
+    def group_scale(self) -> te.Tensor:
+        """``alpha`` of a ternary layer: float32 or int8 ``[R, S, G, K]``."""
+        return self.weights[2]
+
+    def ternary(self, r, s, c, k):
+        """``t[k, c, r, s]`` (int32) from the bitplanes; zero on padding channels."""
+        plus, minus = self.weights[:2]
+        return decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
+
+    def integer_weight(self, r, s, c, k):
+        """The int32 weight of the integer forms: ``t * alpha_q`` or the int8 weight (zero on
+        padding channels)."""
+        if self.encoding == "int8":
+            channels = self.shape.in_channels
+            value = self.weights[0][r, s, tirx.min(c, channels - 1), k].astype("int32")
+            return tirx.if_then_else(c < channels, value, 0)
+        alpha_q = self.group_scale[r, s, c // self.shape.group_size, k].astype("int32")
+        return self.ternary(r, s, c, k) * alpha_q
+
+
+def layer_arguments(shape: Conv2dShape, encoding: WeightEncoding) -> LayerArguments:
+    """The input placeholders of a kernel for ``encoding`` (see :func:`conv2d_compute`)."""
     k_h, k_w = shape.kernel
+    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    if encoding == "int8":
+        weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
+        return LayerArguments(shape, encoding, x, (weight,))
+    plane_dims = (k_h, k_w, shape.words, shape.out_channels)
+    plus = te.placeholder(plane_dims, "uint32", name="plus")
+    minus = te.placeholder(plane_dims, "uint32", name="minus")
+    scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
+    scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
+    alpha = te.placeholder(scale_dims, scale_dtype, name="alpha")
+    return LayerArguments(shape, encoding, x, (plus, minus, alpha))
 
-    def decode(r, s, c, k):
-        t = decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
-        if scale is None:
-            return t.astype("float32")
-        return t * scale[r, s, c // shape.group_size, k].astype("int32")
 
-    dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
-    return te.compute(dims, decode, name="wdec")
-
-
-def _decoded_int8(weight: te.Tensor, shape: Conv2dShape) -> te.Tensor:
-    k_h, k_w = shape.kernel
-
-    def decode(r, s, c, k):
-        inside = c < shape.in_channels
-        value = weight[r, s, tirx.min(c, shape.in_channels - 1), k].astype("int32")
-        return tirx.if_then_else(inside, value, 0)
-
-    dims = (k_h, k_w, shape.padded_channels, shape.out_channels)
-    return te.compute(dims, decode, name="wdec")
+def _decoded_weights(args: LayerArguments) -> te.Tensor:
+    """``wdec[r, s, c, k]``: ``t`` (float32, group scales) or the integer weight (int32)."""
+    shape = args.shape
+    dims = (*shape.kernel, shape.padded_channels, shape.out_channels)
+    if args.encoding == "ternary_group_scales":
+        return te.compute(dims, lambda *i: args.ternary(*i).astype("float32"), name="wdec")
+    return te.compute(dims, args.integer_weight, name="wdec")
 
 
 def _window(xq: te.Tensor, shape: Conv2dShape, b, c, oh, ow, r, s):
@@ -298,27 +330,14 @@ def conv2d_compute(
       bias``;
     * ``int8``: ``x, weight (i8 [R,S,C,K]), out_scale, bias``.
     """
-    k_h, k_w = shape.kernel
-    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    args = layer_arguments(shape, encoding)
+    x, inputs = args.x, [args.x, *args.weights]
     bias = te.placeholder((shape.out_channels,), name="bias")
-    if encoding == "int8":
-        weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
-        inputs = [x, weight]
-        wdec = _decoded_int8(weight, shape)
-    else:
-        plane_dims = (k_h, k_w, shape.words, shape.out_channels)
-        plus = te.placeholder(plane_dims, "uint32", name="plus")
-        minus = te.placeholder(plane_dims, "uint32", name="minus")
-        scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
-        scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
-        group_scale = te.placeholder(scale_dims, scale_dtype, name="alpha")
-        inputs = [x, plus, minus, group_scale]
-        integer_scale = group_scale if encoding == "ternary_int8_scales" else None
-        wdec = _decoded_ternary(plus, minus, shape, integer_scale)
+    wdec = _decoded_weights(args)
     out_w = knobs.padded_out_width(shape)
     if encoding == "ternary_group_scales":
         xq = _quantized_input(x, shape, act, "float32", out_w)
-        y = _group_scaled_output(xq, wdec, group_scale, bias, shape, act, out_w)
+        y = _group_scaled_output(xq, wdec, args.group_scale, bias, shape, act, out_w)
         return [*inputs, bias, y]
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
     xq = _quantized_input(x, shape, act, "int32", out_w)

@@ -29,7 +29,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import Conv2dShape, WeightEncoding, decode_bit, loop_extent, padded_extent
+from .conv2d import Conv2dShape, WeightEncoding, layer_arguments, loop_extent, padded_extent
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
@@ -65,27 +65,13 @@ def vnni_conv2d_compute(
     k_h, k_w = shape.kernel
     channel_blocks = -(-shape.padded_channels // DOT_DEPTH)
     out_blocks = -(-shape.out_channels // LANES)
-    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
-    if encoding == "int8":
-        weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
-        inputs = [x, weight]
+    args = layer_arguments(shape, encoding)
+    x, inputs = args.x, [args.x, *args.weights]
 
-        def weight_value(r, s, c, k):
-            return weight[r, s, c, k]
-    else:
-        plane_dims = (k_h, k_w, shape.words, shape.out_channels)
-        plus = te.placeholder(plane_dims, "uint32", name="plus")
-        minus = te.placeholder(plane_dims, "uint32", name="minus")
-        scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
-        scale_dtype = "int8" if encoding == "ternary_int8_scales" else "float32"
-        alpha = te.placeholder(scale_dims, scale_dtype, name="alpha")
-        inputs = [x, plus, minus, alpha]
-
-        def weight_value(r, s, c, k):
-            t = decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
-            if encoding == "ternary_group_scales":
-                return t.astype("int8")
-            return (t * alpha[r, s, c // shape.group_size, k].astype("int32")).astype("int8")
+    def weight_value(r, s, c, k):
+        if encoding == "ternary_group_scales":
+            return args.ternary(r, s, c, k).astype("int8")
+        return args.integer_weight(r, s, c, k).astype("int8")
 
     def pack(kb, r, s, cb, ki, ci):
         k, c = kb * LANES + ki, cb * DOT_DEPTH + ci
@@ -99,7 +85,7 @@ def vnni_conv2d_compute(
     xq = _blocked_input(x, shape, act, channel_blocks)
     bias = te.placeholder((shape.out_channels,), name="bias")
     if encoding == "ternary_group_scales":
-        acc = _group_scaled_accumulate(xq, wpack, alpha, shape, out_blocks)
+        acc = _group_scaled_accumulate(xq, wpack, args.group_scale, shape, out_blocks)
         scale = tirx.const(act.scale, "float64")
 
         def rescale(b, k, oh, ow):
