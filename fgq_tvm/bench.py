@@ -86,7 +86,6 @@ DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_THREADS = 2
 DEFAULT_CALIB_IMAGES = 32
-CALIB_BATCH = 32
 SETTLE_S = 0.2  # pause between peers, so that one runtime's spinning threads go idle
 MIN_KERNEL_REPEAT_MS = 10  # each timed kernel repeat loops the kernel for at least this long
 ONNX_OPSET = 17
@@ -367,19 +366,6 @@ def thread_settings(threads: int) -> Iterator[None]:
             os.environ["TVM_NUM_THREADS"] = previous_env
 
 
-def calibration_batches(calibration: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
-    """Calibration images in model inputs: batches of 32, or whole fixed batches."""
-    import torch
-
-    size = spec.input_shape[0] if spec.fixed_batch else CALIB_BATCH
-    batches = list(torch.split(calibration, size))
-    if spec.fixed_batch:
-        batches = [batch for batch in batches if batch.shape[0] == size]
-    if not batches:
-        raise FGQError(f"{spec.name} runs at batch {size} only: give at least {size} images")
-    return batches
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the peers' deprecation warnings and chatter on stdout."""
@@ -453,6 +439,8 @@ def prepare_torch(setup: BenchSetup) -> Runner:
 def prepare_torch_int8(setup: BenchSetup) -> Runner:
     """PyTorch int8: FX graph mode post-training quantization (x86 backend), run eagerly."""
     import torch
+
+    from .compiler import calibration_batches
 
     try:
         from torch.ao.quantization import get_default_qconfig_mapping
@@ -667,15 +655,10 @@ def layer_kernel(layer: QuantizedLayer, input_shape: tuple[int, ...], core: str 
         The layer's :class:`~fgq_tvm.schedules.conv2d.Conv2dShape` and PrimFunc.
     """
     from .relax_passes.legalize_quantized_layers import layer_encoding, layer_shape
-    from .schedules.conv2d import conv2d_prim_func
-
-    shape = layer_shape(layer, input_shape)
-    encoding = layer_encoding(layer)
-    if core == "bitplane":
-        return shape, conv2d_prim_func(shape, layer.act, encoding)
     from .schedules.select import core_prim_func
 
-    return shape, core_prim_func(core, shape, layer.act, encoding)
+    shape = layer_shape(layer, input_shape)
+    return shape, core_prim_func(core, shape, layer.act, layer_encoding(layer))
 
 
 def time_layer(

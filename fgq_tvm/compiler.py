@@ -31,6 +31,7 @@ from .relax_passes import LegalizeQuantizedLayers, PromoteAveragesToFloat64, lay
 from .runtime import SIDECAR_FORMAT, sidecar_path
 
 Progress = Callable[[str], None]
+CALIB_BATCH_SIZE = 32
 
 
 @dataclass
@@ -50,7 +51,7 @@ def compile_model(
     target,
     output: str | os.PathLike,
     progress: Progress | None = None,
-    calib_batch_size: int = 32,
+    calib_batch_size: int = CALIB_BATCH_SIZE,
 ) -> CompileResult:
     """Quantize ``model`` and compile it for ``target`` into the shared library ``output``.
 
@@ -81,7 +82,7 @@ def compile_model(
     output = Path(output)
     if not output.parent.is_dir():
         raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
-    batches = _calibration_batches(calibration, spec, calib_batch_size)
+    batches = calibration_batches(calibration, spec, calib_batch_size)
     quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
     report("export to Relax")
     mod = lower_to_relax(quantized, spec.input_shape, target)
@@ -92,7 +93,9 @@ def compile_model(
     return CompileResult(output, sidecar, quantized)
 
 
-def _calibration_batches(calibration: torch.Tensor, spec: ModelSpec, batch_size: int):
+def calibration_batches(
+    calibration: torch.Tensor, spec: ModelSpec, batch_size: int = CALIB_BATCH_SIZE
+) -> list[torch.Tensor]:
     """Split the calibration images into model inputs (whole batches for fixed-batch models)."""
     if not spec.fixed_batch:
         return list(torch.split(calibration, batch_size))

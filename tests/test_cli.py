@@ -7,7 +7,6 @@ reference.
 """
 
 import _ctypes
-import inspect
 import json
 import os
 import subprocess
@@ -229,7 +228,7 @@ def reference_logits(images) -> np.ndarray:
     """The PyTorch reference of the compiled module: the same quantization, run in eager mode."""
     import torch
 
-    from fgq_tvm.compiler import compile_model
+    from fgq_tvm.compiler import calibration_batches
     from fgq_tvm.config import QuantConfig
     from fgq_tvm.data import load_calibration
     from fgq_tvm.models import build_model
@@ -237,8 +236,7 @@ def reference_logits(images) -> np.ndarray:
 
     model, spec = build_model("cifar_resnet20", str(RESNET20))
     calibration, _ = load_calibration(None, spec, limit=CALIB_IMAGES)
-    batch_size = inspect.signature(compile_model).parameters["calib_batch_size"].default
-    quantized = quantize_model(model, QuantConfig(), list(torch.split(calibration, batch_size)))
+    quantized = quantize_model(model, QuantConfig(), calibration_batches(calibration, spec))
     with torch.no_grad():
         return quantized.reference(torch.from_numpy(np.load(images))).numpy()
 
