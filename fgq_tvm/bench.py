@@ -636,55 +636,34 @@ def layer_input_shapes(quantized: QuantizedModel, x: np.ndarray) -> dict[str, tu
     return shapes
 
 
-def layer_kernel(layer: QuantizedLayer, input_shape: tuple[int, ...], core: str = "bitplane"):
-    """The layer's scheduled kernel for ``input_shape``, built as LegalizeQuantizedLayers does.
-
-    Parameters
-    ----------
-    layer
-        The quantized layer.
-    input_shape
-        Its NCHW input shape (``[B, F, 1, 1]`` for linear layers).
-    core
-        The core the compiled module uses for it (the sidecar's ``core``; ``"bitplane"`` is
-        :func:`~fgq_tvm.schedules.conv2d.conv2d_prim_func`).
-
-    Returns
-    -------
-    shape, func
-        The layer's :class:`~fgq_tvm.schedules.conv2d.Conv2dShape` and PrimFunc.
-    """
-    from .relax_passes.legalize_quantized_layers import layer_encoding, layer_shape
-    from .schedules.select import core_prim_func
-
-    shape = layer_shape(layer, input_shape)
-    return shape, core_prim_func(core, shape, layer.act, layer_encoding(layer))
-
-
 def time_layer(
     layer: QuantizedLayer, input_shape: tuple[int, ...], target, repeats: int, core: str
 ) -> LayerResult:
-    """Build ``layer``'s kernel (:func:`layer_kernel`) and time it standalone.
+    """Build ``layer``'s kernels on ``core`` as LegalizeQuantizedLayers does and time the
+    per-inference kernel standalone (its weights packed beforehand, as at load time).
 
     The input is random, uniform over the layer's quantization range; the time is the median
     of ``repeats`` repeats of at least :data:`MIN_KERNEL_REPEAT_MS` each.
     """
     import tvm
 
-    from .relax_passes.legalize_quantized_layers import kernel_arguments
+    from .relax_passes.legalize_quantized_layers import (
+        kernel_arguments,
+        layer_encoding,
+        layer_shape,
+    )
+    from .schedules.select import build_layer, layer_kernels
 
-    shape, func = layer_kernel(layer, input_shape, core)
-    with target:
-        kernel = tvm.compile(tvm.IRModule({"main": func}), target=target).jit()
+    shape = layer_shape(layer, input_shape)
+    kernels = layer_kernels(core, shape, layer.act, layer_encoding(layer))
+    built = build_layer(kernels, kernel_arguments(layer), target)
     rng = np.random.default_rng(0)
     low = layer.act.qmin * layer.act.scale
     x = rng.uniform(low, layer.act.qmax * layer.act.scale, input_shape).astype(np.float32)
-    out = np.zeros((shape.batch, shape.out_channels, shape.out_height, shape.out_width), "float32")
-    arguments = [tvm.runtime.tensor(a) for a in [x, *kernel_arguments(layer), out]]
-    timer = kernel.time_evaluator(
+    timer = built.module.time_evaluator(
         "main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=MIN_KERNEL_REPEAT_MS
     )
-    seconds = median(list(timer(*arguments).results))
+    seconds = median(list(timer(*built.arguments(x)).results))
     weights = f"ternary N={layer.group_size}" if layer.is_ternary else layer.config.weights
     return LayerResult(
         layer.name, layer.op, weights, core, tuple(input_shape), shape.macs, seconds * 1e3

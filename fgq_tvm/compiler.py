@@ -3,9 +3,10 @@
 Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
 torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
 :class:`~fgq_tvm.relax_passes.PromoteAveragesToFloat64` -> bind the remaining float
-parameters -> ``tvm.compile`` -> ``export_library``. The ``.so`` is written under a temporary
-name and renamed, and a sidecar JSON beside it records what a user of the module needs to know
-(see :func:`sidecar_path`).
+parameters -> :class:`~fgq_tvm.relax_passes.LiftConstantComputations` (weight packing moves to
+the module's ``prepare`` function, run at load time) -> ``tvm.compile`` -> ``export_library``.
+The ``.so`` is written under a temporary name and renamed, and a sidecar JSON beside it records
+what a user of the module needs to know (see :func:`sidecar_path`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from .errors import FGQError
 from .models import ModelSpec
 from .quant.layers import QuantizedLayer
 from .quant.quantize import QuantizedModel, quantize_model
-from .relax_passes import LegalizeQuantizedLayers, PromoteAveragesToFloat64, layer_encoding
+from .relax_passes import (
+    LegalizeQuantizedLayers,
+    LiftConstantComputations,
+    PromoteAveragesToFloat64,
+    layer_encoding,
+)
 from .runtime import SIDECAR_FORMAT, sidecar_path
 
 Progress = Callable[[str], None]
@@ -107,7 +113,8 @@ def calibration_batches(
 
 
 def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...], target=None):
-    """The Relax module of the quantized network, with every parameter bound as a constant.
+    """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
+    ``main(x, prepare())`` runs the network.
 
     ``target`` picks each layer's core (``None``: the portable bitplane core everywhere).
     """
@@ -122,7 +129,8 @@ def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...], targ
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
-    return relax.transform.DeadCodeElimination(["main"])(mod)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    return LiftConstantComputations()(mod)
 
 
 def _export(quantized: QuantizedModel, input_shape: tuple[int, ...]):
@@ -157,6 +165,7 @@ def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
 
 
 def _build(mod, target):
+    """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function."""
     import tvm
 
     with target:

@@ -5,8 +5,10 @@
 float32 NCHW batch to its logits. Nothing here imports PyTorch (``tvm_ffi`` imports it
 opportunistically when it is installed; it is not needed).
 
-A module is compiled for one batch size, ``info["input"]["shape"][0]``. A :class:`CompiledModel`
-takes any batch whose size is a multiple of it and runs it in slices of that size.
+The module's ``prepare`` function (weights packed for the kernels) runs once, at load time; its
+result is passed to every call of ``main``. A module is compiled for one batch size,
+``info["input"]["shape"][0]``. A :class:`CompiledModel` takes any batch whose size is a multiple
+of it and runs it in slices of that size.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from .errors import FGQError
 
-SIDECAR_FORMAT = "fgq-tvm-module/1"
+SIDECAR_FORMAT = "fgq-tvm-module/2"
 INPUT_DTYPE = np.dtype("float32")
 _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
@@ -53,12 +55,13 @@ class CompiledModel:
         Always ``float32``.
     """
 
-    def __init__(self, path: Path, info: dict, vm) -> None:
+    def __init__(self, path: Path, info: dict, vm, prepared) -> None:
         self.path = path
         self.info = info
         self.input_shape: tuple[int, ...] = tuple(info["input"]["shape"])
         self.input_dtype = INPUT_DTYPE
         self._vm = vm
+        self._prepared = prepared
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the network on ``x``.
@@ -87,7 +90,9 @@ class CompiledModel:
         x = np.ascontiguousarray(x)
         try:
             outputs = [
-                self._vm["main"](tvm.runtime.tensor(x[start : start + batch]))[0].numpy()
+                self._vm["main"](tvm.runtime.tensor(x[start : start + batch]), self._prepared)[
+                    0
+                ].numpy()
                 for start in range(0, len(x), batch)
             ]
         except Exception as error:  # any failure inside the foreign code is reported alike
@@ -139,7 +144,8 @@ def load(path: str | os.PathLike) -> CompiledModel:
         raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
     info = read_sidecar(path)
     _check_elf(path)
-    return CompiledModel(path, info, _virtual_machine(path))
+    vm = _virtual_machine(path)
+    return CompiledModel(path, info, vm, _prepare(path, vm))
 
 
 def read_sidecar(module_path: str | os.PathLike) -> dict:
@@ -233,6 +239,14 @@ def _virtual_machine(path: Path):
         library = tvm.runtime.load_module(str(path))
         return tvm.relax.VirtualMachine(library, tvm.cpu())
     except Exception as error:  # TVM raises several unrelated types for foreign files
+        raise _not_loadable(path, _first_line(error)) from error
+
+
+def _prepare(path: Path, vm):
+    """Run the module's ``prepare`` function (weights packed for its kernels)."""
+    try:
+        return vm["prepare"]()
+    except Exception as error:  # see _virtual_machine
         raise _not_loadable(path, _first_line(error)) from error
 
 

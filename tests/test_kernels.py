@@ -7,8 +7,9 @@ both schedule families):
 * the integer part of the compute (the per-group sums of the bitplane core) equals NumPy's
   exact integer sums;
 * the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
-  bitplane core (every encoding and schedule family) and for the int8 dot core (integer
-  encodings, unsigned activations, built for the host CPU).
+  bitplane core (every encoding and schedule family) and for the int8 dot core with its
+  load-time weight pack (every encoding; signed activations for the integer encodings; built
+  for the host CPU).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from fgq_tvm.schedules.conv2d import (
     conv2d_prim_func,
     reference_group_sums,
 )
-from fgq_tvm.schedules.conv2d_vnni import vnni_conv2d_prim_func
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.select import select_core
+from fgq_tvm.schedules.select import LayerKernels, build_layer, layer_kernels, select_core
 from fgq_tvm.target import host_target, parse_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -114,21 +114,21 @@ def random_input(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:
 
 def run_kernel(layer: QuantizedLayer, x: np.ndarray, knobs: ConvSchedule | None = None):
     """Compile and run the layer's scheduled bitplane PrimFunc on ``x``."""
-    image = x if x.ndim == 4 else x[:, :, None, None]
-    shape = layer_shape(layer, image.shape)
+    shape = layer_shape(layer, as_image(x).shape)
+    kernels = layer_kernels("bitplane", shape, layer.act, layer_encoding(layer))
     func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs)
-    result = run_prim_func(func, shape, image, layer, TARGET)
+    return run_layer(replace(kernels, layer=func), layer, x, TARGET)
+
+
+def run_layer(kernels: LayerKernels, layer: QuantizedLayer, x: np.ndarray, target):
+    """Build ``kernels`` for ``target`` with the layer's weights and run them on ``x``."""
+    result = build_layer(kernels, kernel_arguments(layer), target)(as_image(x))
     return result if x.ndim == 4 else result[:, :, 0, 0]
 
 
-def run_prim_func(func, shape: Conv2dShape, image: np.ndarray, layer: QuantizedLayer, target):
-    """Build ``func`` for ``target`` and run it on an NCHW ``image`` with the layer's weights."""
-    kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)
-    out_shape = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
-    arguments = [tvm.runtime.tensor(a) for a in [image, *kernel_arguments(layer)]]
-    kernel(*arguments, out)
-    return out.numpy()
+def as_image(x: np.ndarray) -> np.ndarray:
+    """Linear layers' ``[B, F]`` inputs as the ``[B, F, 1, 1]`` their kernels take."""
+    return x if x.ndim == 4 else x[:, :, None, None]
 
 
 def compute_group_sums(layer: QuantizedLayer, x_q: np.ndarray, shape: Conv2dShape):
@@ -215,16 +215,14 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
     mismatches = []
     for case in range(40):
         layer = random_layer(rng, encoding, dense=case % 9 == 0)
-        layer = replace(layer, act=replace(layer.act, signed=False))
         if encoding == "ternary_group_scales":
+            layer = replace(layer, act=replace(layer.act, signed=False))
             layer = replace(layer, group_size=int(rng.choice([4, 16, 64])))
             layer = replace(layer, group_scale=_group_scales(rng, layer))
         x = random_input(rng, layer)
-        image = x if x.ndim == 4 else x[:, :, None, None]
-        shape = layer_shape(layer, image.shape)
-        func = vnni_conv2d_prim_func(shape, layer.act, encoding)
-        actual = run_prim_func(func, shape, image, layer, HOST)
-        actual = actual if x.ndim == 4 else actual[:, :, 0, 0]
+        shape = layer_shape(layer, as_image(x).shape)
+        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding)
+        actual = run_layer(kernels, layer, x, HOST)
         if not np.array_equal(actual, reference_forward(layer, torch.from_numpy(x)).numpy()):
             mismatches.append((case, shape))
     assert not mismatches
@@ -247,7 +245,8 @@ def test_core_selection_rules():
     assert select_core(wide, unsigned, "ternary_group_scales", vnni) == "int8-dot-vnni"
     odd_groups = replace(wide, group_size=3)
     assert select_core(odd_groups, unsigned, "ternary_group_scales", vnni) == "bitplane"
-    assert select_core(wide, signed, "int8", vnni) == "bitplane"
-    assert select_core(dense, unsigned, "int8", vnni) == "bitplane"
+    assert select_core(wide, signed, "int8", vnni) == "int8-dot-vnni"
+    assert select_core(wide, signed, "ternary_group_scales", vnni) == "bitplane"
+    assert select_core(dense, unsigned, "int8", vnni) == "int8-dot-vnni"
     assert select_core(wide, unsigned, "int8", avx2) == "bitplane"
     assert select_core(wide, unsigned, "int8", None) == "bitplane"

@@ -28,13 +28,17 @@ SIDECAR = {
 
 
 def write_module(path: Path) -> Path:
-    """Build the per-channel-mean module at ``path`` with its sidecar."""
+    """Build the per-channel-mean module at ``path`` with its sidecar (and, as every fgq-tvm
+    module has, a ``prepare`` function whose result ``main`` takes: here an empty tuple)."""
     import tvm
     from tvm import relax
 
     builder = relax.BlockBuilder()
+    with builder.function("prepare", []):
+        builder.emit_func_output(relax.Tuple([]))
     x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
-    with builder.function("main", [x]):
+    prepared = relax.Var("prepared", relax.TupleType([]))
+    with builder.function("main", [x, prepared]):
         mean = builder.emit(relax.op.mean(x, axis=[2, 3]))
         builder.emit_func_output(relax.Tuple([mean]))
     executable = tvm.compile(builder.get(), target=tvm.target.Target({"kind": "llvm"}))

@@ -7,11 +7,15 @@ Rewrites, for every weight parameter named in the given table of
 * ``R.matmul(x, R.permute_dims(w))`` (how the PyTorch importer writes ``nn.Linear``) into
   ``R.reshape(R.call_tir(fgq_<layer>, (R.reshape(x, [B, C, 1, 1]), *packed)), [B, K])``.
 
-``fgq_<layer>`` is the layer's scheduled PrimFunc from :mod:`fgq_tvm.schedules.conv2d`: it
-quantizes the float input (``clamp(round(x / s_x))``), runs the ternary-group (or 8-bit) core on
-the packed weights and returns the dequantized float output with the layer's bias added, so the
-layer's bias must not also stay in the graph (the exporter strips it). ``packed`` are constants:
-the 2-bit ternary bitplanes and the group scales, or the int8 weights, and the bias.
+``fgq_<layer>`` is the layer's scheduled PrimFunc on the core
+:func:`~fgq_tvm.schedules.select.select_core` picks: it quantizes the float input
+(``clamp(round(x / s_x))``), runs the ternary-group (or 8-bit) core and returns the dequantized
+float output with the layer's bias added, so the layer's bias must not also stay in the graph
+(the exporter strips it). ``packed`` are the stored arguments as constants (the 2-bit ternary
+bitplanes and the group scales, or the int8 weights, and the bias); for cores that want the
+weights in another layout, the leading ones first go through
+``R.call_tir(fgq_<layer>_pack, (...))``, a computation on constants only that
+:class:`~fgq_tvm.relax_passes.LiftConstantComputations` moves to load time.
 
 The weight parameters the pass rewrote are no longer used; binding the remaining parameters and
 running dead code elimination removes them.
@@ -28,7 +32,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
 from ..schedules.conv2d import Conv2dShape, WeightEncoding, pack_bitplanes, to_kernel_layout
-from ..schedules.select import core_prim_func, select_core
+from ..schedules.select import LayerKernels, layer_kernels, select_core
 from ._mutation import mutate_relax_functions
 
 
@@ -124,20 +128,37 @@ class _Rewriter(PyExprMutator):
         shape = layer_shape(layer, _static_shape(x))
         encoding = layer_encoding(layer)
         core = select_core(shape, layer.act, encoding, self.target)
+        kernels = layer_kernels(core, shape, layer.act, encoding)
         name = "fgq_" + layer.name.replace(".", "_")
-        func = core_prim_func(core, shape, layer.act, encoding).with_attrs(
-            {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": core}
+        stored = [relax.const(array) for array in kernel_arguments(layer)]
+        prepared = self._pack(kernels, stored[: kernels.packed_arguments], name + "_pack")
+        attrs = {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": core}
+        kernel = self.builder_.add_func(kernels.layer.with_attrs(attrs), name)
+        args = [x, *prepared, *stored[kernels.packed_arguments :]]
+        return relax.call_tir(kernel, args, _tensor_type(kernels.output))
+
+    def _pack(self, kernels: LayerKernels, stored: list[relax.Expr], name: str) -> list:
+        """The pack's outputs (bound to variables), or nothing for cores without one."""
+        if kernels.pack is None:
+            return []
+        pack = self.builder_.add_func(kernels.pack.with_attrs({"global_symbol": name}), name)
+        types = [_tensor_type(spec) for spec in kernels.prepared]
+        packed = self.builder_.emit(
+            relax.call_tir(pack, stored, types[0] if len(types) == 1 else types)
         )
-        kernel = self.builder_.add_func(func, name)
-        args = [x, *(relax.const(array) for array in kernel_arguments(layer))]
-        out_shape = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-        return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
+        if len(types) == 1:
+            return [packed]
+        return [self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
 
     def _linear(self, x: relax.Expr, layer: QuantizedLayer) -> relax.Expr:
         batch, features = _static_shape(x)
         as_image = self.builder_.emit(relax.op.reshape(x, (batch, features, 1, 1)))
         out = self.builder_.emit(self._conv2d(as_image, layer))
         return relax.op.reshape(out, (batch, layer.weight.shape[0]))
+
+
+def _tensor_type(spec: tuple[tuple[int, ...], str]) -> relax.TensorType:
+    return relax.TensorType(*spec)
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...]:

@@ -377,7 +377,7 @@ def _vectorize_innermost(sch: Schedule, block: str, lanes: int) -> None:
         sch.vectorize(sch.split(innermost, [None, lanes])[1])
 
 
-def _has_block(sch: Schedule, name: str) -> bool:
+def has_block(sch: Schedule, name: str) -> bool:
     try:
         sch.get_sblock(name)
     except tvm.s_tir.ScheduleError:
@@ -404,7 +404,7 @@ def _schedule_channel_vectors(sch: Schedule, knobs: ConvSchedule) -> None:
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     sch.transform_layout(acc, ("write", 0), lambda b, k, oh, ow: (b, oh, ow, k))
-    if _has_block(sch, "psum"):
+    if has_block(sch, "psum"):
         psum = sch.get_sblock("psum")
         sch.transform_layout(
             psum, ("write", 0), lambda b, k, g, r, s, oh, ow: (b, g, r, s, oh, ow, k)
@@ -420,7 +420,7 @@ def _finish_tile(
 ) -> None:
     """Shared tail of both tilings: parallel outer loop, group sums, unroll, vectorise, store."""
     sch.parallel(parallel)
-    if _has_block(sch, "psum"):
+    if has_block(sch, "psum"):
         _schedule_group_sums(sch, reduction[-1], channels_innermost)
     sch.unroll(unrolled)
     sch.vectorize(vector)

@@ -1,23 +1,29 @@
 """Integer conv2d and dense on the int8 dot core (AVX-512 VNNI): compute, schedule, knobs.
 
-Unsigned activations only. For the integer weight encodings (``ternary_int8_scales``:
-``w = t * alpha_q``; ``int8``) the layer is ``acc = sum w * xq`` in int32 and
-``y = f32(f64(acc) * f64(out_scale[k])) + bias``; for ternary weights with float group scales
-(groups of a multiple of 4 channels) each group's integer sum ``psum`` comes from the dot core
-and ``acc += f64(alpha) * f64(psum)`` runs in float64, ``y = f32(acc * s_x) + bias``. These are
-the numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). Here:
+For the integer weight encodings (``ternary_int8_scales``: ``w = t * alpha_q``; ``int8``) the
+layer is ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias``; for
+ternary weights with float group scales (groups of a multiple of 4 channels, unsigned
+activations) each group's integer sum ``psum`` comes from the dot core and
+``acc += f64(alpha) * f64(psum)`` runs in float64, ``y = f32(acc * s_x) + bias``. These are the
+numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). Two PrimFuncs:
 
-1. ``xq``: the input quantized to uint8 in blocks of 4 channels, ``[B, C/4, H, W, 4]``;
-2. ``wpack``: the packed weights decoded once per call into the dot core's layout,
-   ``[K/16, R, S, C/4, 16, 4]`` int8 (zeros pad C to whole 4s and K to whole 16s);
-3. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
-   ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
-   adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
-4. ``y``: the float output in NCHW.
+* the **pack** (:func:`vnni_pack_compute`), run once when the module is loaded: the stored
+  weights (2-bit bitplanes with int8 scales, or int8) decoded into the dot core's layout,
+  ``wpack [K/16, R, S, C/4, 16, 4]`` int8 (zeros pad C to whole 4s and K to whole 16s); for
+  signed activations also ``offset_sums[k] = 128 * sum w[k]``;
+* the **layer** (:func:`vnni_conv2d_compute`), run per inference:
 
-Schedule: the (batch, channel block, row) loop in parallel; inside, ``columns`` output columns
-of 16 channels each stay in registers while the reduction over (r, s, C/4) runs; each 64-byte
-weight tile is loaded once for all of them.
+  1. ``xq``: the input quantized to uint8 in blocks of 4 channels, ``[B, C/4, H, W, 4]``.
+     ``vpdpbusd`` multiplies unsigned by signed bytes, so signed activations are stored plus
+     128 (padding included) and ``offset_sums`` is subtracted from the exact int32 sum;
+  2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
+     ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
+     adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
+  3. ``y``: the float output in NCHW.
+
+Schedule (:class:`VnniSchedule`): the (batch, channel block, row) loop in parallel; inside,
+``columns`` output columns of 16 channels each stay in registers while the reduction over
+(r, s, C/4) runs; each 64-byte weight tile is loaded once for all of them.
 """
 
 from __future__ import annotations
@@ -29,12 +35,22 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import Conv2dShape, WeightEncoding, layer_arguments, loop_extent, padded_extent
+from .conv2d import (
+    Conv2dShape,
+    WeightEncoding,
+    has_block,
+    layer_arguments,
+    loop_extent,
+    padded_extent,
+)
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
 MAX_GROUP_COLUMNS = 8  # group scales keep 3 vectors per column live: int32 sums + float64 pair
+ACT_OFFSET = 128  # added to signed activations to make them the unsigned bytes vpdpbusd takes
+# Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
+PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 3, "ternary_group_scales": 2}
 
 
 @dataclass(frozen=True)
@@ -52,65 +68,116 @@ class VnniSchedule:
 
 
 def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
-    """Whether the int8 dot core computes this layer: unsigned activations, and integer
-    weights or groups of a multiple of 4 channels."""
-    whole_blocks = encoding in INTEGER_ENCODINGS or shape.group_size % DOT_DEPTH == 0
-    return whole_blocks and not act.signed
+    """Whether the int8 dot core computes this layer: integer weights, or groups of a multiple
+    of 4 channels with unsigned activations."""
+    if encoding in INTEGER_ENCODINGS:
+        return True
+    return shape.group_size % DOT_DEPTH == 0 and not act.signed
 
 
-def vnni_conv2d_compute(
+def _blocks(shape: Conv2dShape) -> tuple[int, int]:
+    """(output channel blocks of 16, input channel blocks of 4)."""
+    return -(-shape.out_channels // LANES), -(-shape.padded_channels // DOT_DEPTH)
+
+
+def prepared_types(shape: Conv2dShape, act: ActQuant) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """Shape and dtype of the pack's outputs: ``wpack`` (and ``offset_sums``)."""
+    out_blocks, channel_blocks = _blocks(shape)
+    wpack = (out_blocks, *shape.kernel, channel_blocks, LANES, DOT_DEPTH), "int8"
+    return (wpack, ((shape.out_channels,), "int32")) if act.signed else (wpack,)
+
+
+def vnni_pack_compute(
     shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
 ) -> list[te.Tensor]:
-    """TE compute; arguments as :func:`fgq_tvm.schedules.conv2d.conv2d_compute`'s, output last."""
+    """TE compute of the load-time pack: ``[*stored weights, wpack(, offset_sums)]``.
+
+    The stored weights are the first ``PACKED_ARGUMENTS[encoding]`` arguments of
+    :func:`fgq_tvm.schedules.conv2d.conv2d_compute` after ``x``.
+    """
     k_h, k_w = shape.kernel
-    channel_blocks = -(-shape.padded_channels // DOT_DEPTH)
-    out_blocks = -(-shape.out_channels // LANES)
+    out_blocks, channel_blocks = _blocks(shape)
     args = layer_arguments(shape, encoding)
-    x, inputs = args.x, [args.x, *args.weights]
+    stored = list(args.weights[: PACKED_ARGUMENTS[encoding]])
 
     def weight_value(r, s, c, k):
         if encoding == "ternary_group_scales":
-            return args.ternary(r, s, c, k).astype("int8")
-        return args.integer_weight(r, s, c, k).astype("int8")
+            return args.ternary(r, s, c, k)
+        return args.integer_weight(r, s, c, k)
 
     def pack(kb, r, s, cb, ki, ci):
         k, c = kb * LANES + ki, cb * DOT_DEPTH + ci
         inside = tirx.all(k < shape.out_channels, c < shape.in_channels)
         clamped_k = tirx.min(k, shape.out_channels - 1)
         value = weight_value(r, s, tirx.min(c, shape.in_channels - 1), clamped_k)
-        return tirx.if_then_else(inside, value, tirx.const(0, "int8"))
+        return tirx.if_then_else(inside, value.astype("int8"), tirx.const(0, "int8"))
 
     wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
     wpack = te.compute(wpack_dims, pack, name="wpack")
+    if not act.signed:
+        return [*stored, wpack]
+    r = te.reduce_axis((0, k_h), name="r")
+    s = te.reduce_axis((0, k_w), name="s")
+    c = te.reduce_axis((0, shape.in_channels), name="c")
+    offset_sums = te.compute(
+        (shape.out_channels,),
+        lambda k: te.sum(weight_value(r, s, c, k) * ACT_OFFSET, axis=[r, s, c]),
+        name="offset_sums",
+    )
+    return [*stored, wpack, offset_sums]
+
+
+def vnni_conv2d_compute(
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
+) -> list[te.Tensor]:
+    """TE compute of the layer; returns its arguments, output last.
+
+    Arguments: ``x``, the pack's outputs (``wpack``, and ``offset_sums`` for signed
+    activations), then the stored arguments the pack does not consume (``alpha`` for group
+    scales, ``out_scale`` for the integer forms) and ``bias``.
+    """
+    k_h, k_w = shape.kernel
+    out_blocks, channel_blocks = _blocks(shape)
+    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
+    wpack = te.placeholder(wpack_dims, "int8", name="wpack")
     xq = _blocked_input(x, shape, act, channel_blocks)
     bias = te.placeholder((shape.out_channels,), name="bias")
+    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     if encoding == "ternary_group_scales":
-        acc = _group_scaled_accumulate(xq, wpack, args.group_scale, shape, out_blocks)
+        alpha_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
+        alpha = te.placeholder(alpha_dims, name="alpha")
+        acc = _group_scaled_accumulate(xq, wpack, alpha, shape, out_blocks)
         scale = tirx.const(act.scale, "float64")
 
         def rescale(b, k, oh, ow):
             return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
 
-        out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-        return [*inputs, bias, te.compute(out_dims, rescale, name="y")]
+        return [x, wpack, alpha, bias, te.compute(out_dims, rescale, name="y")]
     acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
+    offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
 
     def dequantize(b, k, oh, ow):
-        value = acc[b, k // LANES, oh, ow, k % LANES].astype("float64")
-        return (value * out_scale[k].astype("float64")).astype("float32") + bias[k]
+        exact = acc[b, k // LANES, oh, ow, k % LANES]
+        if act.signed:
+            exact = exact - offset_sums[k]
+        value = exact.astype("float64") * out_scale[k].astype("float64")
+        return value.astype("float32") + bias[k]
 
-    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     y = te.compute(out_dims, dequantize, name="y")
-    return [*inputs, out_scale, bias, y]
+    packed = [wpack, offset_sums] if act.signed else [wpack]
+    return [x, *packed, out_scale, bias, y]
 
 
 def _blocked_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int) -> te.Tensor:
-    """``xq[b, cb, h, w, ci]``: uint8, zero-padded spatially and up to whole blocks of 4."""
+    """``xq[b, cb, h, w, ci]``: uint8 (signed values plus :data:`ACT_OFFSET`), zero-padded
+    spatially and up to whole blocks of 4."""
     pad_h, pad_w = shape.padding
     height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
     width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
     scale = tirx.const(act.scale, "float32")
+    offset = ACT_OFFSET if act.signed else 0
 
     def quantize(b, cb, h, w, ci):
         c = cb * DOT_DEPTH + ci
@@ -119,8 +186,9 @@ def _blocked_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int)
             w >= pad_w, w < shape.width + pad_w,
         )  # fmt: skip
         value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w] / scale
-        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), 0.0)
-        return tirx.if_then_else(inside, clamped.astype("uint8"), tirx.const(0, "uint8"))
+        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
+        stored = (clamped + float(offset)).astype("uint8")
+        return tirx.if_then_else(inside, stored, tirx.const(offset, "uint8"))
 
     dims = (shape.batch, blocks, height, width, DOT_DEPTH)
     return te.compute(dims, quantize, name="xq")
@@ -175,9 +243,6 @@ def schedule_vnni_conv2d(func: tvm.tirx.PrimFunc, knobs: VnniSchedule) -> Schedu
     sch = Schedule(func)
     xq_loops = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(sch.fuse(*xq_loops[:2]))
-    wpack_loops = sch.get_loops(sch.get_sblock("wpack"))
-    sch.parallel(wpack_loops[0])
-    sch.vectorize(sch.fuse(*wpack_loops[-2:]))
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     b, kb, oh, ow, ki, *reduction = sch.get_loops(acc)
@@ -224,13 +289,32 @@ def _schedule_group_sums(sch: Schedule, innermost_reduction) -> None:
         sch.unroll(loop)
 
 
+def schedule_vnni_pack(func: tvm.tirx.PrimFunc) -> Schedule:
+    """The load-time pack: parallel over output channel blocks, whole 64-byte tiles at once."""
+    sch = Schedule(func)
+    wpack_loops = sch.get_loops(sch.get_sblock("wpack"))
+    sch.parallel(wpack_loops[0])
+    sch.vectorize(sch.fuse(*wpack_loops[-2:]))
+    if has_block(sch, "offset_sums"):
+        sch.parallel(sch.get_loops(sch.get_sblock("offset_sums"))[0])
+    return sch
+
+
+def vnni_pack_prim_func(
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
+) -> tvm.tirx.PrimFunc:
+    """The scheduled load-time pack of one layer's weights for the int8 dot core."""
+    func = te.create_prim_func(vnni_pack_compute(shape, act, encoding))
+    return schedule_vnni_pack(func).mod["main"]
+
+
 def vnni_conv2d_prim_func(
     shape: Conv2dShape,
     act: ActQuant,
     encoding: WeightEncoding,
     knobs: VnniSchedule | None = None,
 ) -> tvm.tirx.PrimFunc:
-    """The scheduled PrimFunc of one integer layer on the int8 dot core."""
+    """The scheduled PrimFunc of one layer on the int8 dot core (weights packed)."""
     func = te.create_prim_func(vnni_conv2d_compute(shape, act, encoding))
     sch = schedule_vnni_conv2d(func, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]

@@ -1,20 +1,26 @@
-"""Which core computes a layer on a target, and its scheduled PrimFunc.
+"""Which core computes a layer on a target, and its scheduled PrimFuncs.
 
 Cores:
 
 * ``int8-dot-vnni`` (:mod:`~fgq_tvm.schedules.conv2d_vnni`): integer weights (int8 layers, or
-  ternary with int8 group scales) and unsigned activations on a target with AVX-512 VNNI, when
-  each weight serves enough output positions to repay decoding it once per call;
-* ``bitplane`` (:mod:`~fgq_tvm.schedules.conv2d`): everything else (float group scales, signed
-  activations, dense layers, targets without VNNI).
+  ternary with int8 group scales), and ternary weights with float scales in groups of a multiple
+  of 4 channels on unsigned activations, on a target with AVX-512 VNNI. Its weights are packed
+  into the dot core's int8 layout once, when the module is loaded (the ``pack`` PrimFunc);
+* ``bitplane`` (:mod:`~fgq_tvm.schedules.conv2d`): everything else (float group scales on
+  signed activations or odd group sizes, targets without VNNI); it reads the stored 2-bit
+  weights directly.
 
-Both take the same arguments and compute the same numbers (``reference_forward``).
+Both compute the same numbers (``reference_forward``) from the same stored arguments
+(:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import tvm
 
 from ..quant.layers import ActQuant
@@ -23,26 +29,103 @@ from .conv2d import Conv2dShape, WeightEncoding, conv2d_prim_func
 from .intrinsics_x86 import has_vnni
 
 Core = Literal["bitplane", "int8-dot-vnni"]
-MIN_VNNI_REUSE = 16  # output positions per weight from which the dot core's decode pays off
+
+
+TensorSpec = tuple[tuple[int, ...], str]  # (shape, dtype)
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """The PrimFuncs that compute one layer on one core.
+
+    Attributes
+    ----------
+    core
+        The core's name (printed in the compile summary).
+    layer
+        Runs per inference: ``(x, *prepared, *stored[packed_arguments:], y)``.
+    output
+        ``y``'s shape and dtype.
+    pack
+        Runs once at load time: ``(*stored[:packed_arguments], *prepared)``; ``None`` when the
+        layer reads the stored arguments as they are.
+    prepared
+        Shape and dtype of each array ``pack`` writes.
+    packed_arguments
+        How many leading stored arguments ``pack`` consumes.
+    """
+
+    core: Core
+    layer: tvm.tirx.PrimFunc
+    output: TensorSpec
+    pack: tvm.tirx.PrimFunc | None = None
+    prepared: tuple[TensorSpec, ...] = ()
+    packed_arguments: int = 0
 
 
 def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, target) -> Core:
     """The fastest exact core for this layer on ``target`` (``None``: portable default)."""
-    reuse = shape.batch * shape.out_height * shape.out_width
-    if (
-        target is not None
-        and has_vnni(target)
-        and conv2d_vnni.supports(shape, act, encoding)
-        and reuse >= MIN_VNNI_REUSE
-    ):
+    if target is not None and has_vnni(target) and conv2d_vnni.supports(shape, act, encoding):
         return "int8-dot-vnni"
     return "bitplane"
 
 
-def core_prim_func(
+def layer_kernels(
     core: Core, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
-) -> tvm.tirx.PrimFunc:
-    """The scheduled PrimFunc of ``core`` for this layer, with its default schedule."""
+) -> LayerKernels:
+    """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule."""
+    output = (shape.batch, shape.out_channels, shape.out_height, shape.out_width), "float32"
     if core == "int8-dot-vnni":
-        return conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding)
-    return conv2d_prim_func(shape, act, encoding)
+        return LayerKernels(
+            core,
+            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding),
+            output,
+            conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
+            conv2d_vnni.prepared_types(shape, act),
+            conv2d_vnni.PACKED_ARGUMENTS[encoding],
+        )
+    return LayerKernels(core, conv2d_prim_func(shape, act, encoding), output)
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    """One layer's kernel built for a target, with its weights packed (see :func:`build_layer`).
+
+    Call it with a float32 NCHW input to get the output; :meth:`arguments` gives the kernel's
+    full argument list for timing ``module["main"]``.
+    """
+
+    module: tvm.runtime.Module
+    constants: tuple
+    output: TensorSpec
+
+    def arguments(self, x: np.ndarray) -> list:
+        """``x``, the prepared and stored arguments, and a fresh output tensor."""
+        return [tvm.runtime.tensor(np.ascontiguousarray(x)), *self.constants, _empty(*self.output)]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        arguments = self.arguments(x)
+        self.module["main"](*arguments)
+        return arguments[-1].numpy()
+
+
+def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> BuiltLayer:
+    """Build one layer's kernels for ``target`` and run its pack on ``stored`` once.
+
+    For tests and per-layer benchmarks; whole networks run the same PrimFuncs through the
+    Relax VM (the packs in the module's ``prepare`` function).
+    """
+    stored = [tvm.runtime.tensor(np.ascontiguousarray(array)) for array in stored]
+    prepared = []
+    with target:
+        if kernels.pack is not None:
+            pack = tvm.compile(tvm.IRModule({"main": kernels.pack}), target=target)
+            prepared = [_empty(*spec) for spec in kernels.prepared]
+            pack(*stored[: kernels.packed_arguments], *prepared)
+        layer = tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target).jit()
+    constants = (*prepared, *stored[kernels.packed_arguments :])
+    return BuiltLayer(layer, constants, kernels.output)
+
+
+def _empty(shape: tuple[int, ...], dtype: str):
+    return tvm.runtime.tensor(np.zeros(shape, dtype))
