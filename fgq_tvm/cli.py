@@ -1,5 +1,5 @@
 """The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
-``bench`` a model against its peers.
+``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import QuantConfig, parse_act_bits, parse_group_size, parse_override
 from .errors import FGQError, UsageError
-from .target import is_target_flag, parse_target
+from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
 
 if TYPE_CHECKING:
     from torch import nn
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_compile(commands)
     _add_run(commands)
+    _add_tune(commands)
     _add_bench(commands)
     return parser
 
@@ -113,12 +114,53 @@ def _add_compile(commands) -> None:
         allow_abbrev=False,
     )
     sub.set_defaults(handler=_compile)
+    sub.add_argument("-o", "--output", required=True, metavar="OUT.so", help="module to write")
+    _add_model_arguments(sub)
+    tuning = sub.add_argument_group("schedules")
+    tuning.add_argument(
+        "--tuning-logs",
+        default=str(TUNING_LOGS),
+        metavar="DIR",
+        help="tuning databases: the kernels recorded in DIR/<target key> use their tuned "
+        f"schedules, verified first (default: {TUNING_LOGS})",
+    )
+    tuning.add_argument("--default-schedules", action="store_true", help="ignore tuning databases")
+
+
+def _add_tune(commands) -> None:
+    sub = commands.add_parser(
+        "tune",
+        help="tune a model's kernels with MetaSchedule into the target's database",
+        description="Quantize MODEL as compile would, then tune each distinct int8 dot core "
+        "kernel with MetaSchedule (XGBoost cost model, candidates timed on this machine, each "
+        "new best verified against the reference arithmetic) and append the records to "
+        "DIR/<target key>, where compile finds them.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_tune)
+    sub.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="measured candidates per kernel (default: 32)",
+    )
+    sub.add_argument(
+        "--tuning-logs",
+        default=str(TUNING_LOGS),
+        metavar="DIR",
+        help=f"where the databases live (default: {TUNING_LOGS})",
+    )
+    _add_model_arguments(sub)
+
+
+def _add_model_arguments(sub) -> None:
+    """The model, target, quantization and calibration options of compile and tune."""
     sub.add_argument(
         "model",
         metavar="MODEL",
         help="zoo model name (e.g. resnet18, cifar_resnet20) or a .pt2 file",
     )
-    sub.add_argument("-o", "--output", required=True, metavar="OUT.so", help="module to write")
     sub.add_argument(
         "--target",
         metavar="TARGET",
@@ -313,6 +355,21 @@ def _compile(args: argparse.Namespace) -> int:
     output = _checked_output(args.output)
     if output.suffix != ".so":
         raise UsageError(f"output {str(output)!r} must end in .so")
+    model, spec, quant, target, calibration = _model_inputs(args)
+    from .compiler import compile_model
+
+    tuning_logs = None if args.default_schedules else Path(args.tuning_logs)
+    result = compile_model(
+        model, spec, quant, calibration, target, output, progress, tuning_logs=tuning_logs
+    )
+    progress("done")
+    print(format_summary(result.sidecar, _layer_ops(model)))
+    _print_outputs(output)
+    return 0
+
+
+def _model_inputs(args: argparse.Namespace):
+    """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
     quant = _quant_config(args)
     input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
     target = parse_target(args.target if args.target else default_target())
@@ -322,12 +379,27 @@ def _compile(args: argparse.Namespace) -> int:
     calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-    from .compiler import compile_model
+    return model, spec, quant, target, calibration
 
-    result = compile_model(model, spec, quant, calibration, target, output, progress)
-    progress("done")
-    print(format_summary(result.sidecar, _layer_ops(model)))
-    _print_outputs(output)
+
+def _tune(args: argparse.Namespace) -> int:
+    """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
+    progress = _progress_printer()
+    model, spec, quant, target, calibration = _model_inputs(args)
+    from .compiler import calibration_batches, lower_to_relax
+    from .quant.quantize import quantize_model
+    from .tuning import kernel_tasks, tune
+
+    batches = calibration_batches(calibration, spec)
+    quantized = quantize_model(model, quant, batches, progress=lambda s: progress(f"quantize: {s}"))
+    tasks = kernel_tasks(lower_to_relax(quantized, spec.input_shape, target), quantized.layers)
+    if not tasks:
+        raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")
+    folder = database_folder(target, Path(args.tuning_logs))
+    progress(f"tune {len(tasks)} kernels, up to {args.trials} trials each, into {folder}")
+    results = tune(tasks, target, args.trials, folder, progress)
+    tuned = sum(result.best_ms is not None for result in results)
+    print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
     return 0
 
 
@@ -446,12 +518,14 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
             "",
             f"stayed float: {entry['reason']}",
             "",
+            "",
+            "",
         )
         for entry in sidecar["float_layers"]
     ]
     order = {name: index for index, name in enumerate(ops)}
     rows.sort(key=lambda row: order.get(row[0], len(order)))
-    header = ("layer", "op", "weights", "act", "kernel", "core")
+    header = ("layer", "op", "weights", "act", "kernel", "core", "epilogue", "schedule")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -465,12 +539,23 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _layer_row(layer: dict) -> tuple[str, str, str, str, str, str]:
+def _layer_row(layer: dict) -> tuple[str, ...]:
     weights = layer["weights"]
     if weights == "ternary":
         weights = f"ternary-group N={layer['group_size']}"
     act = f"{'s' if layer['act_signed'] else 'u'}{layer['act_bits']}"
-    return layer["name"], layer["op"], weights, act, layer["kernel"], layer["core"]
+    epilogue = layer.get("epilogue") or "-"
+    schedule = layer.get("schedule", "default")
+    return (
+        layer["name"],
+        layer["op"],
+        weights,
+        act,
+        layer["kernel"],
+        layer["core"],
+        epilogue,
+        schedule,
+    )
 
 
 def _print_outputs(output: Path) -> None:

@@ -2,6 +2,8 @@
 
 Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
 torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
+:class:`~fgq_tvm.relax_passes.FuseLayerEpilogues` (residual adds and ReLUs into the kernels) ->
+:class:`~fgq_tvm.relax_passes.ApplyTunedSchedules` (when the target has a tuning database) ->
 :class:`~fgq_tvm.relax_passes.PromoteAveragesToFloat64` -> bind the remaining float
 parameters -> :class:`~fgq_tvm.relax_passes.LiftConstantComputations` (weight packing moves to
 the module's ``prepare`` function, run at load time) -> ``tvm.compile`` -> ``export_library``.
@@ -29,6 +31,8 @@ from .models import ModelSpec
 from .quant.layers import QuantizedLayer
 from .quant.quantize import QuantizedModel, quantize_model
 from .relax_passes import (
+    ApplyTunedSchedules,
+    FuseLayerEpilogues,
     LegalizeQuantizedLayers,
     LiftConstantComputations,
     PromoteAveragesToFloat64,
@@ -58,6 +62,7 @@ def compile_model(
     output: str | os.PathLike,
     progress: Progress | None = None,
     calib_batch_size: int = CALIB_BATCH_SIZE,
+    tuning_logs: Path | None = None,
 ) -> CompileResult:
     """Quantize ``model`` and compile it for ``target`` into the shared library ``output``.
 
@@ -79,6 +84,10 @@ def compile_model(
         Called with a short description of each stage.
     calib_batch_size
         Images per calibration batch (models with a fixed batch use theirs).
+    tuning_logs
+        Folder of tuning databases: the kernels recorded in ``tuning_logs/<target key>`` (if
+        it exists) use their tuned schedules, verified first (:mod:`fgq_tvm.tuning`); ``None``:
+        default schedules only.
 
     Returns
     -------
@@ -90,11 +99,14 @@ def compile_model(
         raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
     batches = calibration_batches(calibration, spec, calib_batch_size)
     quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
-    report("export to Relax")
-    mod = lower_to_relax(quantized, spec.input_shape, target)
+    tuned = _tuned_schedules(tuning_logs, target, quantized.layers)
+    report("export to Relax" + (f", tuned schedules from {tuned.folder}" if tuned else ""))
+    mod = lower_to_relax(quantized, spec.input_shape, target, tuned)
+    if tuned is not None and tuned.failed:
+        report(f"tuned schedules failed the check, defaults kept: {', '.join(tuned.failed)}")
     report(f"build for {target}")
     executable = _build(mod, target)
-    sidecar = describe(quantized, spec, target, kernel_cores(mod))
+    sidecar = describe(quantized, spec, target, kernel_info(mod), tuned.folder if tuned else None)
     _write_outputs(output, executable, sidecar)
     return CompileResult(output, sidecar, quantized)
 
@@ -112,11 +124,25 @@ def calibration_batches(
     return batches
 
 
-def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...], target=None):
+def _tuned_schedules(tuning_logs: Path | None, target, layers):
+    """The target's tuned schedules, or ``None`` without a database."""
+    from .target import database_folder
+    from .tuning import TunedSchedules
+
+    folder = database_folder(target, tuning_logs) if tuning_logs is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    return TunedSchedules(folder, target, layers)
+
+
+def lower_to_relax(
+    quantized: QuantizedModel, input_shape: tuple[int, ...], target=None, tuned=None
+):
     """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
     ``main(x, prepare())`` runs the network.
 
-    ``target`` picks each layer's core (``None``: the portable bitplane core everywhere).
+    ``target`` picks each layer's core (``None``: the portable bitplane core everywhere);
+    ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels.
     """
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -125,6 +151,9 @@ def lower_to_relax(quantized: QuantizedModel, input_shape: tuple[int, ...], targ
     by_parameter = _layers_by_parameter(exported, quantized.layers)
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
+    mod = FuseLayerEpilogues(quantized.layers)(mod)
+    if tuned is not None:
+        mod = ApplyTunedSchedules(tuned)(mod)
     mod = PromoteAveragesToFloat64()(mod)
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
@@ -202,18 +231,29 @@ def _stage(path: Path, staged: list[Path], mode: int) -> Path:
     return Path(name)
 
 
-def kernel_cores(mod) -> dict[str, str]:
-    """``layer -> core`` as LegalizeQuantizedLayers recorded it on the kernels."""
-    cores = {}
+def kernel_info(mod) -> dict[str, dict[str, str]]:
+    """``layer -> {"core", "epilogue", "schedule"}`` as the passes recorded them on the
+    kernels."""
+    info = {}
     for _, func in mod.functions_items():
         attrs = func.attrs if func.attrs is not None else {}
         if "fgq.layer" in attrs:
-            cores[str(attrs["fgq.layer"])] = str(attrs["fgq.core"])
-    return cores
+            info[str(attrs["fgq.layer"])] = {
+                "core": str(attrs["fgq.core"]),
+                "epilogue": str(attrs.get("fgq.epilogue", "")),
+                "schedule": str(attrs.get("fgq.schedule", "default")),
+            }
+    return info
 
 
-def describe(quantized: QuantizedModel, spec: ModelSpec, target, cores: dict[str, str]) -> dict:
-    """The sidecar JSON: input contract, quantization and core per layer, versions."""
+def describe(
+    quantized: QuantizedModel,
+    spec: ModelSpec,
+    target,
+    kernels: dict[str, dict[str, str]],
+    tuning_database: Path | None = None,
+) -> dict:
+    """The sidecar JSON: input contract, quantization and kernel per layer, versions."""
     import tvm
 
     config = quantized.config
@@ -223,6 +263,7 @@ def describe(quantized: QuantizedModel, spec: ModelSpec, target, cores: dict[str
         "fgq_tvm_version": __version__,
         "tvm_version": tvm.__version__,
         "target": str(target),
+        "tuning_database": str(tuning_database) if tuning_database else None,
         "input": {
             "shape": list(spec.input_shape),
             "dtype": "float32",
@@ -239,15 +280,16 @@ def describe(quantized: QuantizedModel, spec: ModelSpec, target, cores: dict[str
             "calibration": config.calibration,
             "reestimate_bn": config.reestimate_bn,
         },
-        "layers": [layer_summary(layer, cores[name]) for name, layer in quantized.layers.items()],
+        "layers": [layer_summary(layer, kernels[name]) for name, layer in quantized.layers.items()],
         "float_layers": [
             {"name": name, "reason": reason} for name, reason in quantized.float_layers.items()
         ],
     }
 
 
-def layer_summary(layer: QuantizedLayer, core: str) -> dict:
-    """One layer's row of the sidecar and of the compile summary."""
+def layer_summary(layer: QuantizedLayer, kernel: dict[str, str]) -> dict:
+    """One layer's row of the sidecar and of the compile summary (``kernel``: its entry of
+    :func:`kernel_info`)."""
     return {
         "name": layer.name,
         "op": layer.op,
@@ -257,7 +299,7 @@ def layer_summary(layer: QuantizedLayer, core: str) -> dict:
         "act_signed": layer.act.signed,
         "act_scale": layer.act.scale,
         "kernel": layer_encoding(layer),
-        "core": core,
+        **kernel,
         "shape": list(layer.weight.shape),
     }
 

@@ -13,8 +13,11 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from .errors import UsageError
+
+TUNING_LOGS = Path("tuning_logs")  # tuning databases, one folder per target key
 
 SUPPORTED_KINDS = ("llvm",)
 LIST_OPTIONS = ("mattr",)
@@ -75,6 +78,11 @@ def target_key(target) -> str:
     if mcpu:
         parts.append(str(mcpu))
     return "-".join(parts)
+
+
+def database_folder(target, tuning_logs: str | os.PathLike = TUNING_LOGS) -> Path:
+    """``tuning_logs/<target key>``: where the MetaSchedule database of ``target`` lives."""
+    return Path(tuning_logs) / target_key(target)
 
 
 def _parse_json(text: str) -> dict:

@@ -35,3 +35,54 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
         timeout=300,
         check=False,
     )
+
+
+def kernel_call(bb, layer, x, core: str = "bitplane", epilogue=None, residual=None, emit=True):
+    """Emit the calls LegalizeQuantizedLayers (and FuseLayerEpilogues, given an epilogue) make
+    for ``layer`` on ``x``: the load-time pack if the core has one, then the kernel (returned
+    unbound unless ``emit``)."""
+    from tvm import relax
+
+    from fgq_tvm.relax_passes.legalize_quantized_layers import (
+        kernel_arguments,
+        kernel_attributes,
+        layer_encoding,
+        layer_shape,
+    )
+    from fgq_tvm.schedules.conv2d import NO_EPILOGUE
+    from fgq_tvm.schedules.select import layer_kernels
+
+    epilogue = epilogue or NO_EPILOGUE
+    shape = layer_shape(layer, tuple(int(d) for d in x.ty.shape))
+    kernels = layer_kernels(core, shape, layer.act, layer_encoding(layer), epilogue)
+    name = "fgq_" + layer.name
+    stored = [relax.const(a) for a in kernel_arguments(layer)]
+    prepared = []
+    if kernels.pack is not None:
+        pack = bb.add_func(
+            kernels.pack.with_attrs({"global_symbol": name + "_pack"}), name + "_pack"
+        )
+        types = [relax.TensorType(*spec) for spec in kernels.prepared]
+        packed = bb.emit(
+            relax.call_tir(
+                pack, stored[: kernels.packed_arguments], types[0] if len(types) == 1 else types
+            )
+        )
+        prepared = (
+            [packed]
+            if len(types) == 1
+            else [bb.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
+        )
+    attrs = kernel_attributes(name, layer, shape, core)
+    if epilogue != NO_EPILOGUE:
+        name += "_" + epilogue.name
+        attrs.update({"global_symbol": name, "fgq.epilogue": epilogue.name})
+    kernel = bb.add_func(kernels.layer.with_attrs(attrs), name)
+    args = [
+        x,
+        *prepared,
+        *stored[kernels.packed_arguments :],
+        *([residual] if residual is not None else []),
+    ]
+    call = relax.call_tir(kernel, args, relax.TensorType(*kernels.output))
+    return bb.emit(call) if emit else call

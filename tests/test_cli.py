@@ -192,6 +192,8 @@ def test_format_summary_lists_float_layers():
         "u4",
         "ternary_group_scales",
         "bitplane",
+        "-",
+        "default",
     ]
     assert lines[3].startswith("1 of 2 conv/linear layers became ternary-group operators, 0 int8")
     assert lines[3].endswith(", 1 stayed float")
@@ -247,11 +249,15 @@ def test_compile_writes_module_and_summary(compiled):
     assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["layer", "op", "weights", "act", "kernel", "core"]
+    header = ["layer", "op", "weights", "act", "kernel", "core", "epilogue", "schedule"]
+    assert lines[0].split() == header
     core = "int8-dot-vnni" if has_vnni(parse_target(host_target())) else "bitplane"
-    assert lines[1].split() == ["conv1", "conv2d", "int8", "s8", "int8", core]
-    row = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_group_scales", core]
-    assert row in [line.split() for line in lines]
+    assert lines[1].split() == ["conv1", "conv2d", "int8", "s8", "int8", core, "relu", "default"]
+    conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_group_scales"]
+    conv2 = ["layer1.0.conv2", *conv1[1:]]
+    rows = [line.split() for line in lines]
+    assert [*conv1, core, "relu", "default"] in rows
+    assert [*conv2, core, "add_relu", "default"] in rows
     assert (
         "18 of 20 conv/linear layers became ternary-group operators, 2 int8, 0 stayed float"
         in lines

@@ -30,8 +30,10 @@ from fgq_tvm.relax_passes.legalize_quantized_layers import (
     layer_shape,
 )
 from fgq_tvm.schedules.conv2d import (
+    NO_EPILOGUE,
     Conv2dShape,
     ConvSchedule,
+    Epilogue,
     conv2d_compute,
     conv2d_prim_func,
     reference_group_sums,
@@ -112,18 +114,34 @@ def random_input(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
-def run_kernel(layer: QuantizedLayer, x: np.ndarray, knobs: ConvSchedule | None = None):
+def run_kernel(
+    layer: QuantizedLayer,
+    x: np.ndarray,
+    knobs: ConvSchedule | None = None,
+    epilogue: Epilogue = NO_EPILOGUE,
+    residual: tuple[np.ndarray, ...] = (),
+):
     """Compile and run the layer's scheduled bitplane PrimFunc on ``x``."""
     shape = layer_shape(layer, as_image(x).shape)
     kernels = layer_kernels("bitplane", shape, layer.act, layer_encoding(layer))
-    func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs)
-    return run_layer(replace(kernels, layer=func), layer, x, TARGET)
+    func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs, epilogue)
+    return run_layer(replace(kernels, layer=func), layer, x, TARGET, *residual)
 
 
-def run_layer(kernels: LayerKernels, layer: QuantizedLayer, x: np.ndarray, target):
+def run_layer(kernels: LayerKernels, layer: QuantizedLayer, x: np.ndarray, target, *residual):
     """Build ``kernels`` for ``target`` with the layer's weights and run them on ``x``."""
-    result = build_layer(kernels, kernel_arguments(layer), target)(as_image(x))
+    result = build_layer(kernels, kernel_arguments(layer), target)(as_image(x), *residual)
     return result if x.ndim == 4 else result[:, :, 0, 0]
+
+
+def with_epilogue(rng: np.random.Generator, expected: np.ndarray):
+    """A random epilogue, the residual it adds (if any) and the expected output after it."""
+    epilogue = Epilogue(residual=bool(rng.integers(0, 2)), relu=bool(rng.integers(0, 2)))
+    image = as_image(expected)
+    residual = rng.normal(size=image.shape).astype(np.float32) if epilogue.residual else None
+    after = epilogue.reference(image, residual)
+    result = after if expected.ndim == 4 else after[:, :, 0, 0]
+    return epilogue, [] if residual is None else [residual], result
 
 
 def as_image(x: np.ndarray) -> np.ndarray:
@@ -166,7 +184,8 @@ def test_kernels_match_reference_bit_for_bit(encoding):
         layer = random_layer(rng, encoding, dense=case % 7 == 0)
         x = random_input(rng, layer)
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
-        actual = run_kernel(layer, x)
+        epilogue, residual, expected = with_epilogue(rng, expected)
+        actual = run_kernel(layer, x, epilogue=epilogue, residual=residual)
         if not np.array_equal(actual, expected):
             mismatches.append((case, layer.weight.shape, layer.group_size, layer.stride))
     assert not mismatches
@@ -221,9 +240,11 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
             layer = replace(layer, group_scale=_group_scales(rng, layer))
         x = random_input(rng, layer)
         shape = layer_shape(layer, as_image(x).shape)
-        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding)
-        actual = run_layer(kernels, layer, x, HOST)
-        if not np.array_equal(actual, reference_forward(layer, torch.from_numpy(x)).numpy()):
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        epilogue, residual, expected = with_epilogue(rng, expected)
+        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue)
+        actual = run_layer(kernels, layer, x, HOST, *residual)
+        if not np.array_equal(actual, expected):
             mismatches.append((case, shape))
     assert not mismatches
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from helpers import kernel_call
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -11,8 +12,7 @@ from tvm.script import relax as R
 from fgq_tvm.config import LayerConfig
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
 from fgq_tvm.relax_passes import LegalizeQuantizedLayers
-from fgq_tvm.relax_passes.legalize_quantized_layers import kernel_arguments, layer_shape
-from fgq_tvm.schedules.conv2d import conv2d_prim_func
+from fgq_tvm.target import parse_target
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +60,7 @@ class Before:
         return lv6
 
 
-def expected() -> tvm.IRModule:
+def expected(cores: tuple[str, str] = ("bitplane", "bitplane")) -> tvm.IRModule:
     """The module the pass must produce: quantized layers as call_tir, the float layer kept."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
@@ -69,12 +69,12 @@ def expected() -> tvm.IRModule:
     float_w = relax.Var("p_float_weight", relax.TensorType((2, 3), "float32"))
     with bb.function("main", [x, conv_w, fc_w, float_w]):
         with bb.dataflow():
-            conv = _kernel_call(bb, CONV, x, (1, 4, 6, 6))
+            conv = kernel_call(bb, CONV, x, cores[0])
             relu = bb.emit(relax.op.nn.relu(conv))
             mean = bb.emit(relax.op.mean(relu, axis=[-1, -2], keepdims=False))
             bb.emit(relax.op.permute_dims(fc_w, axes=[1, 0]))
             image = bb.emit(relax.op.reshape(mean, (1, 4, 1, 1)))
-            fc = _kernel_call(bb, FC, image, (1, 3, 1, 1))
+            fc = kernel_call(bb, FC, image, cores[1])
             logits = bb.emit(relax.op.reshape(fc, (1, 3)))
             float_t = bb.emit(relax.op.permute_dims(float_w, axes=[1, 0]))
             out = bb.emit_output(relax.op.matmul(logits, float_t, out_dtype="float32"))
@@ -82,24 +82,19 @@ def expected() -> tvm.IRModule:
     return bb.finalize()
 
 
-def _kernel_call(bb: relax.BlockBuilder, layer: QuantizedLayer, x, out_shape) -> relax.Var:
-    shape = layer_shape(layer, tuple(int(d) for d in x.ty.shape))
-    name = "fgq_" + layer.name
-    attrs = {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": "bitplane"}
-    func = conv2d_prim_func(shape, layer.act, _encoding(layer)).with_attrs(attrs)
-    kernel = bb.add_func(func, name)
-    args = [x, *(relax.const(a) for a in kernel_arguments(layer))]
-    return bb.emit(relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32")))
-
-
-def _encoding(layer: QuantizedLayer) -> str:
-    return "int8" if layer.config.weights == "int8" else "ternary_group_scales"
-
-
 def test_conv_and_linear_become_quantized_kernels():
     layers = {"p_conv_weight": CONV, "p_fc_weight": FC}
     after = LegalizeQuantizedLayers(layers)(Before)
     tvm.ir.assert_structural_equal(after, expected())
+
+
+def test_vnni_target_packs_weights_for_the_dot_core():
+    """The int8 linear layer goes to the dot core (pack, then kernel); the conv, whose group
+    scales are float and activations signed, stays on the bitplane core."""
+    layers = {"p_conv_weight": CONV, "p_fc_weight": FC}
+    vnni = parse_target("llvm -mcpu=cascadelake")
+    after = LegalizeQuantizedLayers(layers, vnni)(Before)
+    tvm.ir.assert_structural_equal(after, expected(("bitplane", "int8-dot-vnni")))
 
 
 def test_module_without_quantized_parameters_is_unchanged():

@@ -56,6 +56,20 @@ def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
     return [plus, minus, alpha_q, layer.out_scale(), bias]
 
 
+def kernel_attributes(name: str, layer: QuantizedLayer, shape: Conv2dShape, core: str) -> dict:
+    """What a kernel PrimFunc records about itself: the layer it computes (``fgq.layer``), on
+    which core, for which NCHW input shape, and its epilogue (none yet: ``fgq.epilogue`` is
+    empty until :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues`)."""
+    input_shape = [shape.batch, shape.in_channels, shape.height, shape.width]
+    return {
+        "global_symbol": name,
+        "fgq.layer": layer.name,
+        "fgq.core": core,
+        "fgq.input_shape": input_shape,
+        "fgq.epilogue": "",
+    }
+
+
 def layer_shape(layer: QuantizedLayer, input_shape: tuple[int, int, int, int]) -> Conv2dShape:
     """The kernel geometry of ``layer`` applied to an NCHW input of ``input_shape``."""
     batch, channels, height, width = input_shape
@@ -79,7 +93,7 @@ class LegalizeQuantizedLayers:
         The :class:`tvm.target.Target` whose features pick each layer's core
         (:func:`~fgq_tvm.schedules.select.select_core`); ``None`` for the portable core.
 
-    Each kernel PrimFunc carries the attributes ``fgq.layer`` (the module path) and ``fgq.core``.
+    Each kernel PrimFunc carries the attributes of :func:`kernel_attributes`.
     """
 
     def __init__(self, layers: Mapping[str, QuantizedLayer], target=None):
@@ -132,7 +146,7 @@ class _Rewriter(PyExprMutator):
         name = "fgq_" + layer.name.replace(".", "_")
         stored = [relax.const(array) for array in kernel_arguments(layer)]
         prepared = self._pack(kernels, stored[: kernels.packed_arguments], name + "_pack")
-        attrs = {"global_symbol": name, "fgq.layer": layer.name, "fgq.core": core}
+        attrs = kernel_attributes(name, layer, shape, core)
         kernel = self.builder_.add_func(kernels.layer.with_attrs(attrs), name)
         args = [x, *prepared, *stored[kernels.packed_arguments :]]
         return relax.call_tir(kernel, args, _tensor_type(kernels.output))

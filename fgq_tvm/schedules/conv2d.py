@@ -263,7 +263,7 @@ def _window(xq: te.Tensor, shape: Conv2dShape, b, c, oh, ow, r, s):
 
 
 def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuant, out_w: int):
-    """The bitplane core with float group scales; returns ``y``."""
+    """The bitplane core with float group scales; returns ``y``'s value before the epilogue."""
     size, k_h, k_w = shape.group_size, *shape.kernel
     j = te.reduce_axis((0, size), name="j")
 
@@ -285,15 +285,12 @@ def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuan
     acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
     acc = te.compute(acc_dims, scaled_sum, name="acc")
     scale = tirx.const(act.scale, "float64")
-    return te.compute(
-        (shape.batch, shape.out_channels, shape.out_height, shape.out_width),
-        lambda b, k, oh, ow: (acc[b, k, oh, ow] * scale).astype("float32") + bias[k],
-        name="y",
-    )
+    return lambda b, k, oh, ow: (acc[b, k, oh, ow] * scale).astype("float32") + bias[k]
 
 
-def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape, out_w: int) -> te.Tensor:
-    """The integer form: exact int32 accumulation, one float multiply per output."""
+def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape, out_w: int):
+    """The integer form: exact int32 accumulation, one float multiply per output; returns
+    ``y``'s value before the epilogue."""
     k_h, k_w = shape.kernel
     c = te.reduce_axis((0, shape.padded_channels), name="c")
     r = te.reduce_axis((0, k_h), name="r")
@@ -305,18 +302,72 @@ def _integer_output(xq, wdec, out_scale, bias, shape: Conv2dShape, out_w: int) -
 
     acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
     acc = te.compute(acc_dims, integer_sum, name="acc")
-    return te.compute(
-        (shape.batch, shape.out_channels, shape.out_height, shape.out_width),
-        lambda b, k, oh, ow: (
-            (acc[b, k, oh, ow].astype("float64") * out_scale[k].astype("float64")).astype("float32")
-            + bias[k]
-        ),
-        name="y",
-    )
+    return lambda b, k, oh, ow: dequantize(acc[b, k, oh, ow], out_scale[k]) + bias[k]
+
+
+def dequantize(acc, out_scale):
+    """``f32(f64(acc) * f64(out_scale))``: the product in float64, so no fused multiply-add
+    can change the float32 rounding."""
+    return (acc.astype("float64") * out_scale.astype("float64")).astype("float32")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Elementwise work fused after a layer's float output ``y = conv(x) + bias``.
+
+    ``y + residual`` (a float32 tensor of the output's shape) when ``residual``, then
+    ``max(y, 0)`` when ``relu``: the float32 operations of ``relu(conv(x) + residual)`` in the
+    reference, in the same order, so the result is bit-identical.
+    """
+
+    residual: bool = False
+    relu: bool = False
+
+    @property
+    def name(self) -> str:
+        """``add``, ``relu``, ``add_relu`` or empty (:meth:`parse` reads it back)."""
+        return "_".join(["add"] * self.residual + ["relu"] * self.relu)
+
+    @staticmethod
+    def parse(name: str) -> Epilogue:
+        """The epilogue called ``name`` (see :attr:`name`)."""
+        parts = set(name.split("_")) - {""}
+        if not parts <= {"add", "relu"}:
+            raise ValueError(f"unknown epilogue {name!r}")
+        return Epilogue(residual="add" in parts, relu="relu" in parts)
+
+    def reference(self, y: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """NumPy reference: the same float32 operations on the layer's output ``y``."""
+        if self.residual:
+            y = y + residual
+        return np.maximum(y, np.float32(0)) if self.relu else y
+
+
+NO_EPILOGUE = Epilogue()
+
+
+def output_stage(shape: Conv2dShape, value, epilogue: Epilogue) -> list[te.Tensor]:
+    """``y[b, k, oh, ow]`` from ``value(b, k, oh, ow)`` and the epilogue; returns
+    ``[residual, y]`` or ``[y]``."""
+    dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    residual = te.placeholder(dims, name="residual") if epilogue.residual else None
+
+    def output(b, k, oh, ow):
+        y = value(b, k, oh, ow)
+        if residual is not None:
+            y = y + residual[b, k, oh, ow]
+        return tirx.max(y, tirx.const(0.0, "float32")) if epilogue.relu else y
+
+    y = te.compute(dims, output, name="y")
+    return [residual, y] if residual is not None else [y]
 
 
 def conv2d_compute(
-    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, knobs: ConvSchedule
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    knobs: ConvSchedule,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> list[te.Tensor]:
     """TE compute of one quantized layer; returns its arguments, output last.
 
@@ -328,7 +379,9 @@ def conv2d_compute(
     * ``ternary_group_scales``: ``x, plus, minus, alpha (f32 [R,S,G,K]), bias``;
     * ``ternary_int8_scales``: ``x, plus, minus, alpha_q (i8 [R,S,G,K]), out_scale (f32 [K]),
       bias``;
-    * ``int8``: ``x, weight (i8 [R,S,C,K]), out_scale, bias``.
+    * ``int8``: ``x, weight (i8 [R,S,C,K]), out_scale, bias``;
+
+    then ``residual`` (float32, the output's shape) if the epilogue adds one.
     """
     args = layer_arguments(shape, encoding)
     x, inputs = args.x, [args.x, *args.weights]
@@ -337,12 +390,12 @@ def conv2d_compute(
     out_w = knobs.padded_out_width(shape)
     if encoding == "ternary_group_scales":
         xq = _quantized_input(x, shape, act, "float32", out_w)
-        y = _group_scaled_output(xq, wdec, args.group_scale, bias, shape, act, out_w)
-        return [*inputs, bias, y]
+        value = _group_scaled_output(xq, wdec, args.group_scale, bias, shape, act, out_w)
+        return [*inputs, bias, *output_stage(shape, value, epilogue)]
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
     xq = _quantized_input(x, shape, act, "int32", out_w)
-    y = _integer_output(xq, wdec, out_scale, bias, shape, out_w)
-    return [*inputs, out_scale, bias, y]
+    value = _integer_output(xq, wdec, out_scale, bias, shape, out_w)
+    return [*inputs, out_scale, bias, *output_stage(shape, value, epilogue)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,10 +522,11 @@ def conv2d_prim_func(
     act: ActQuant,
     encoding: WeightEncoding,
     knobs: ConvSchedule | None = None,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one quantized layer (default knobs unless given)."""
     knobs = knobs or ConvSchedule.default_for(shape)
-    func = te.create_prim_func(conv2d_compute(shape, act, encoding, knobs))
+    func = te.create_prim_func(conv2d_compute(shape, act, encoding, knobs, epilogue))
     sch = schedule_conv2d(func, knobs)
     return sch.mod["main"]
 

@@ -19,11 +19,13 @@ numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). 
   2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
      ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
      adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
-  3. ``y``: the float output in NCHW.
+  3. ``y``: the float output in NCHW, after the layer's
+     :class:`~fgq_tvm.schedules.conv2d.Epilogue` (residual add, ReLU).
 
 Schedule (:class:`VnniSchedule`): the (batch, channel block, row) loop in parallel; inside,
-``columns`` output columns of 16 channels each stay in registers while the reduction over
-(r, s, C/4) runs; each 64-byte weight tile is loaded once for all of them.
+``columns`` output columns x ``channel_blocks`` blocks of 16 channels stay in registers while
+the reduction over (r, s, C/4) runs; each 64-byte weight tile is loaded once for all columns,
+each broadcast activation word once for all channel blocks. Tuning samples both knobs.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
 from .conv2d import (
+    NO_EPILOGUE,
     Conv2dShape,
+    Epilogue,
     WeightEncoding,
+    dequantize,
     has_block,
     layer_arguments,
     loop_extent,
+    output_stage,
     padded_extent,
 )
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
@@ -55,16 +61,31 @@ PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 3, "ternary_group_scales":
 
 @dataclass(frozen=True)
 class VnniSchedule:
-    """Tuning knobs: ``columns`` output columns per register tile (each one 16-lane vector)."""
+    """Tuning knobs of the register tile.
+
+    Attributes
+    ----------
+    columns
+        Output columns per tile (each one 16-lane int32 vector per channel block); divides the
+        output width.
+    channel_blocks
+        Blocks of 16 output channels per tile (integer forms; group scales use 1): each
+        broadcast activation word then feeds that many dot products.
+    """
 
     columns: int
+    channel_blocks: int = 1
 
     @staticmethod
     def default_for(shape: Conv2dShape, encoding: WeightEncoding) -> VnniSchedule:
-        """The widest tile that divides the output width and fits the registers."""
+        """The widest tile that divides the output width and fits the registers; two channel
+        blocks where the tile is narrow enough."""
         limit = MAX_COLUMNS if encoding in INTEGER_ENCODINGS else MAX_GROUP_COLUMNS
         width = shape.out_width
-        return VnniSchedule(max(d for d in range(1, limit + 1) if width % d == 0))
+        columns = max(d for d in range(1, limit + 1) if width % d == 0)
+        out_blocks, _ = _blocks(shape)
+        pair = encoding in INTEGER_ENCODINGS and out_blocks % 2 == 0 and 2 * columns <= limit
+        return VnniSchedule(columns, 2 if pair else 1)
 
 
 def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
@@ -128,13 +149,13 @@ def vnni_pack_compute(
 
 
 def vnni_conv2d_compute(
-    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, epilogue: Epilogue = NO_EPILOGUE
 ) -> list[te.Tensor]:
     """TE compute of the layer; returns its arguments, output last.
 
     Arguments: ``x``, the pack's outputs (``wpack``, and ``offset_sums`` for signed
     activations), then the stored arguments the pack does not consume (``alpha`` for group
-    scales, ``out_scale`` for the integer forms) and ``bias``.
+    scales, ``out_scale`` for the integer forms), ``bias`` and the epilogue's ``residual``.
     """
     k_h, k_w = shape.kernel
     out_blocks, channel_blocks = _blocks(shape)
@@ -143,7 +164,6 @@ def vnni_conv2d_compute(
     wpack = te.placeholder(wpack_dims, "int8", name="wpack")
     xq = _blocked_input(x, shape, act, channel_blocks)
     bias = te.placeholder((shape.out_channels,), name="bias")
-    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     if encoding == "ternary_group_scales":
         alpha_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
         alpha = te.placeholder(alpha_dims, name="alpha")
@@ -153,21 +173,19 @@ def vnni_conv2d_compute(
         def rescale(b, k, oh, ow):
             return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
 
-        return [x, wpack, alpha, bias, te.compute(out_dims, rescale, name="y")]
+        return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue)]
     acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
 
-    def dequantize(b, k, oh, ow):
+    def integer_value(b, k, oh, ow):
         exact = acc[b, k // LANES, oh, ow, k % LANES]
         if act.signed:
             exact = exact - offset_sums[k]
-        value = exact.astype("float64") * out_scale[k].astype("float64")
-        return value.astype("float32") + bias[k]
+        return dequantize(exact, out_scale[k]) + bias[k]
 
-    y = te.compute(out_dims, dequantize, name="y")
     packed = [wpack, offset_sums] if act.signed else [wpack]
-    return [x, *packed, out_scale, bias, y]
+    return [x, *packed, out_scale, bias, *output_stage(shape, integer_value, epilogue)]
 
 
 def _blocked_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int) -> te.Tensor:
@@ -238,32 +256,52 @@ def _group_scaled_accumulate(xq, wpack, alpha, shape: Conv2dShape, out_blocks: i
     return te.compute((*dims, LANES), scaled_sum, name="acc")
 
 
-def schedule_vnni_conv2d(func: tvm.tirx.PrimFunc, knobs: VnniSchedule) -> Schedule:
-    """Tensorize the accumulation with the VNNI intrinsic (see the module docstring)."""
-    sch = Schedule(func)
+def schedule_vnni_conv2d(sch: Schedule, knobs: VnniSchedule | None = None) -> None:
+    """Tensorize the accumulation with the VNNI intrinsic (see the module docstring), in place.
+
+    ``knobs=None`` samples them instead (``sample_categorical``): the design space that
+    MetaSchedule searches (:mod:`fgq_tvm.tuning`).
+    """
     xq_loops = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(sch.fuse(*xq_loops[:2]))
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     b, kb, oh, ow, ki, *reduction = sch.get_loops(acc)
-    ow_outer, ow_inner = sch.split(ow, [None, knobs.columns])
-    if len(reduction) == 4:  # integer form: r, s, cb, ci, the dot core directly on acc
+    integer = len(reduction) == 4  # r, s, cb, ci: the dot core directly on acc
+    limit = MAX_COLUMNS if integer else MAX_GROUP_COLUMNS
+    ow_outer, ow_inner = _split(sch, ow, knobs and knobs.columns, limit)
+    if integer:
+        kb_outer, kb_inner = _split(sch, kb, knobs and knobs.channel_blocks, 2)
         r, s, cb, ci = reduction
-        sch.reorder(b, kb, oh, ow_outer, r, s, cb, ow_inner, ki, ci)
+        sch.reorder(b, kb_outer, oh, ow_outer, r, s, cb, kb_inner, ow_inner, ki, ci)
     else:  # group scales: g, r, s over scaled group sums
+        kb_outer = kb
         sch.reorder(b, kb, oh, ow_outer, *reduction, ow_inner, ki)
-    sch.parallel(sch.fuse(b, kb, oh))
+    sch.parallel(sch.fuse(b, kb_outer, oh))
     sch.reverse_compute_at(sch.get_sblock("y"), ow_outer)
-    if len(reduction) == 4:
+    if integer:
         init = sch.decompose_reduction(acc, reduction[0])
         sch.tensorize(ki, VNNI_DOT_16X4)
+        sch.unroll(kb_inner)
     else:
         _schedule_group_sums(sch, reduction[-1])
         sch.vectorize(ki)
         init = sch.decompose_reduction(acc, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(ow_inner)
-    return sch
+
+
+def _split(sch: Schedule, loop, factor: int | None, limit: int) -> list:
+    """``loop`` split into ``[outer, inner]``: inner extent ``factor``, or sampled among the
+    divisors of the extent up to ``limit`` (no bound checks), 1 only when nothing else
+    divides: a tile of extent 1 vanishes from the loop nests that ``compute_at`` creates, and
+    every sample must replay the same schedule steps."""
+    if factor is not None:
+        return sch.split(loop, [None, factor])
+    extent = loop_extent(sch, loop)
+    candidates = [d for d in range(2, min(limit, extent) + 1) if extent % d == 0] or [1]
+    sampled = sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
+    return sch.split(loop, [None, sampled])
 
 
 def _schedule_group_sums(sch: Schedule, innermost_reduction) -> None:
@@ -313,8 +351,16 @@ def vnni_conv2d_prim_func(
     act: ActQuant,
     encoding: WeightEncoding,
     knobs: VnniSchedule | None = None,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one layer on the int8 dot core (weights packed)."""
-    func = te.create_prim_func(vnni_conv2d_compute(shape, act, encoding))
-    sch = schedule_vnni_conv2d(func, knobs or VnniSchedule.default_for(shape, encoding))
+    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue))
+    schedule_vnni_conv2d(sch, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]
+
+
+def vnni_conv2d_workload(
+    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, epilogue: Epilogue = NO_EPILOGUE
+) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of the layer: what tuning records are keyed by."""
+    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue))

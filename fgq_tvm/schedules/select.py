@@ -25,7 +25,7 @@ import tvm
 
 from ..quant.layers import ActQuant
 from . import conv2d_vnni
-from .conv2d import Conv2dShape, WeightEncoding, conv2d_prim_func
+from .conv2d import NO_EPILOGUE, Conv2dShape, Epilogue, WeightEncoding, conv2d_prim_func
 from .intrinsics_x86 import has_vnni
 
 Core = Literal["bitplane", "int8-dot-vnni"]
@@ -71,40 +71,45 @@ def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, tar
 
 
 def layer_kernels(
-    core: Core, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding
+    core: Core,
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> LayerKernels:
     """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule."""
     output = (shape.batch, shape.out_channels, shape.out_height, shape.out_width), "float32"
     if core == "int8-dot-vnni":
         return LayerKernels(
             core,
-            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding),
+            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, epilogue=epilogue),
             output,
             conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
             conv2d_vnni.prepared_types(shape, act),
             conv2d_vnni.PACKED_ARGUMENTS[encoding],
         )
-    return LayerKernels(core, conv2d_prim_func(shape, act, encoding), output)
+    return LayerKernels(core, conv2d_prim_func(shape, act, encoding, epilogue=epilogue), output)
 
 
 @dataclass(frozen=True)
 class BuiltLayer:
     """One layer's kernel built for a target, with its weights packed (see :func:`build_layer`).
 
-    Call it with a float32 NCHW input to get the output; :meth:`arguments` gives the kernel's
-    full argument list for timing ``module["main"]``.
+    Call it with a float32 NCHW input (and the epilogue's residual, if any) to get the output;
+    :meth:`arguments` gives the kernel's full argument list for timing ``module["main"]``.
     """
 
     module: tvm.runtime.Module
     constants: tuple
     output: TensorSpec
 
-    def arguments(self, x: np.ndarray) -> list:
-        """``x``, the prepared and stored arguments, and a fresh output tensor."""
-        return [tvm.runtime.tensor(np.ascontiguousarray(x)), *self.constants, _empty(*self.output)]
+    def arguments(self, x: np.ndarray, *residual: np.ndarray) -> list:
+        """``x``, the prepared and stored arguments, ``residual`` and a fresh output tensor."""
+        inputs = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (x, *residual)]
+        return [inputs[0], *self.constants, *inputs[1:], _empty(*self.output)]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        arguments = self.arguments(x)
+    def __call__(self, x: np.ndarray, *residual: np.ndarray) -> np.ndarray:
+        arguments = self.arguments(x, *residual)
         self.module["main"](*arguments)
         return arguments[-1].numpy()
 

@@ -1,0 +1,285 @@
+"""MetaSchedule tuning of the int8 dot core, and the tuned schedules ``compile`` takes.
+
+Tasks
+    One per distinct kernel of a model on the int8 dot core: the layer's unscheduled PrimFunc
+    (:func:`~fgq_tvm.schedules.conv2d_vnni.vnni_conv2d_workload`) with its epilogue, built with
+    a canonical activation scale of 1.0, so that one record serves every calibration of the
+    same geometry (the trace only names blocks and loops).
+Space
+    :func:`~fgq_tvm.schedules.conv2d_vnni.schedule_vnni_conv2d` with its knobs sampled (output
+    columns and channel blocks per register tile), as a ``ScheduleFn``: no generic rules or
+    postprocessors, since the VNNI tensorization is the project's own (MetaSchedule's x86 int8
+    tensorization is broken in this TVM, DESIGN.md).
+Search
+    Evolutionary, with the XGBoost cost model; candidates built and timed on this machine.
+Records
+    A MetaSchedule JSON database in ``tuning_logs/<target key>/``; lines are appended, never
+    rewritten.
+Verification
+    MetaSchedule never checks results. A measured candidate that would become its task's best
+    is first run against the reference (the layer's weights, random inputs,
+    :func:`~fgq_tvm.quant.layers.reference_forward` and the epilogue) and is not recorded if it
+    differs in any bit. ``compile`` verifies again every schedule it takes from a database and
+    keeps the default schedule for a kernel that fails (:class:`TunedSchedules`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+from .quant.layers import ActQuant, QuantizedLayer, reference_forward
+from .relax_passes.legalize_quantized_layers import kernel_arguments, layer_encoding, layer_shape
+from .schedules.conv2d import Conv2dShape, Epilogue
+from .schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
+from .schedules.select import build_layer, layer_kernels
+
+TUNED_CORE = "int8-dot-vnni"
+SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class KernelTask:
+    """One kernel to tune: a layer on the int8 dot core, for one input shape and epilogue."""
+
+    layer: QuantizedLayer
+    shape: Conv2dShape
+    epilogue: Epilogue
+
+    @property
+    def name(self) -> str:
+        return self.layer.name + (f" +{self.epilogue.name}" if self.epilogue.name else "")
+
+    def workload(self) -> tvm.IRModule:
+        """The canonical unscheduled kernel: what the database's records are keyed by."""
+        canonical = ActQuant(1.0, self.layer.act.bits, self.layer.act.signed)
+        encoding = layer_encoding(self.layer)
+        return tvm.IRModule(
+            {"main": vnni_conv2d_workload(self.shape, canonical, encoding, self.epilogue)}
+        )
+
+    def apply(self, trace: tvm.s_tir.Trace) -> tvm.tirx.PrimFunc:
+        """The layer's own kernel scheduled by ``trace`` (a record of :meth:`workload`)."""
+        encoding = layer_encoding(self.layer)
+        func = vnni_conv2d_workload(self.shape, self.layer.act, encoding, self.epilogue)
+        sch = tvm.s_tir.Schedule(func)
+        trace.apply_to_schedule(sch, remove_postproc=False)
+        return sch.mod["main"]
+
+    def verify(self, func: tvm.tirx.PrimFunc, target, seed: int = 0) -> bool:
+        """Whether ``func`` computes the layer and its epilogue bit for bit like the reference,
+        on a random input spanning the quantizer's range (and a random residual)."""
+        import torch
+
+        layer, shape = self.layer, self.shape
+        kernels = layer_kernels(TUNED_CORE, shape, layer.act, layer_encoding(layer), self.epilogue)
+        built = build_layer(replace(kernels, layer=func), kernel_arguments(layer), target)
+        rng = np.random.default_rng(seed)
+        bound = layer.act.scale * layer.act.qmax * 1.1
+        low = -bound if layer.act.signed else -0.1 * bound
+        x = rng.uniform(low, bound, (shape.batch, shape.in_channels, shape.height, shape.width))
+        x = x.astype(np.float32)
+        out_dims = kernels.output[0]
+        residual = [rng.normal(size=out_dims).astype(np.float32)] if self.epilogue.residual else []
+        reference_input = x[:, :, 0, 0] if layer.op == "linear" else x
+        expected = reference_forward(layer, torch.from_numpy(reference_input)).numpy()
+        expected = self.epilogue.reference(expected.reshape(out_dims), *residual)
+        return bool(np.array_equal(built(x, *residual), expected))
+
+
+def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):
+    """The task of a kernel PrimFunc of a lowered model (its ``fgq.*`` attributes), or
+    ``None`` if it is not on the tuned core."""
+    attrs = func.attrs if func.attrs is not None else {}
+    if attrs.get("fgq.core") != TUNED_CORE:
+        return None
+    layer = layers[str(attrs["fgq.layer"])]
+    input_shape = tuple(int(d) for d in attrs["fgq.input_shape"])
+    epilogue = Epilogue.parse(str(attrs["fgq.epilogue"]))
+    return KernelTask(layer, layer_shape(layer, input_shape), epilogue)
+
+
+def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> list[KernelTask]:
+    """The int8 dot core kernels of a lowered model, one task per distinct workload, in model
+    order (layers of the same geometry share a task)."""
+    tasks, seen = [], set()
+    for _, func in mod.functions_items():
+        task = kernel_task(func, layers) if isinstance(func, tvm.tirx.PrimFunc) else None
+        key = tvm_ffi.structural_hash(task.workload()) if task is not None else None
+        if task is not None and key not in seen:
+            seen.add(key)
+            tasks.append(task)
+    return tasks
+
+
+def open_database(folder: Path):
+    """The JSON database in ``folder`` (created if missing); records are appended."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What tuning one task found."""
+
+    task: KernelTask
+    trials: int
+    best_ms: float | None
+    rejected: int
+
+
+def tune(
+    tasks: list[KernelTask],
+    target,
+    trials: int,
+    folder: Path,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> list[TaskResult]:
+    """Tune each task for up to ``trials`` candidates, appending verified records to the
+    database in ``folder``.
+
+    Parameters
+    ----------
+    tasks
+        From :func:`kernel_tasks`.
+    target
+        The :class:`tvm.target.Target` to tune for (this machine must run its code).
+    trials
+        Measured candidates per task (small spaces end sooner: each schedule is measured once).
+    folder
+        The database folder (:func:`fgq_tvm.target.database_folder`).
+    progress
+        Called with one line per finished task.
+    seed
+        Seed of the search.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    report = progress or (lambda line: None)
+    database = open_database(folder)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    results = []
+    for index, task in enumerate(tasks, start=1):
+        recorder = _VerifiedRecords(task, database, target)
+        with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
+            ms.tune_tir(
+                task.workload(),
+                target,
+                work_dir,
+                max_trials_global=trials,
+                num_trials_per_iter=min(trials, 16),
+                space=ms.space_generator.ScheduleFn(
+                    schedule_vnni_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
+                ),
+                database=database,
+                cost_model="xgb",
+                strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
+                ),
+                measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
+                num_tuning_cores="physical",
+                seed=seed,
+            )
+        best = recorder.best_seconds
+        result = TaskResult(
+            task, recorder.measured, best * 1e3 if best else None, recorder.rejected
+        )
+        results.append(result)
+        report(_progress_line(index, len(tasks), result))
+    return results
+
+
+def _progress_line(index: int, total: int, result: TaskResult) -> str:
+    done = round(20 * index / total)
+    best = f"best {result.best_ms:.3f} ms" if result.best_ms is not None else "no valid schedule"
+    rejected = f", {result.rejected} wrong candidates rejected" if result.rejected else ""
+    bar = "#" * done + "-" * (20 - done)
+    return f"[{bar}] {index}/{total} {result.task.name}: {result.trials} trials, {best}{rejected}"
+
+
+@derived_object
+class _VerifiedRecords(PyMeasureCallback):
+    """Commit measured candidates to the database; a would-be best only once it verifies."""
+
+    def __init__(self, task: KernelTask, database, target) -> None:
+        self.task = task
+        self.database = database
+        self.target = target
+        self.workload = database.commit_workload(task.workload())
+        top = database.get_top_k(self.workload, 1)
+        self.best_seconds = mean(float(t) for t in top[0].run_secs) if top else None
+        self.measured = 0
+        self.rejected = 0
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        from tvm.s_tir import meta_schedule as ms
+
+        for candidate, built, ran in zip(
+            measure_candidates, builder_results, runner_results, strict=True
+        ):
+            if built.error_msg or ran.error_msg or not ran.run_secs:
+                continue
+            self.measured += 1
+            seconds = mean(float(t) for t in ran.run_secs)
+            trace = candidate.sch.trace
+            if self.best_seconds is None or seconds < self.best_seconds:
+                if not self.task.verify(self.task.apply(trace), self.target):
+                    self.rejected += 1
+                    continue
+                self.best_seconds = seconds
+            record = ms.database.TuningRecord(
+                trace, self.workload, [float(t) for t in ran.run_secs], self.target,
+                candidate.args_info,
+            )  # fmt: skip
+            self.database.commit_tuning_record(record)
+
+
+class TunedSchedules:
+    """The verified tuned kernels of a database, for
+    :class:`~fgq_tvm.relax_passes.ApplyTunedSchedules`.
+
+    Parameters
+    ----------
+    folder
+        A database folder (:func:`fgq_tvm.target.database_folder`).
+    target
+        The target the kernels are built for.
+    layers
+        The model's quantized layers by name.
+    """
+
+    def __init__(self, folder: Path, target, layers: Mapping[str, QuantizedLayer]) -> None:
+        self.folder = Path(folder)
+        self.target = target
+        self.layers = layers
+        self.database = open_database(self.folder)
+        self.failed: list[str] = []
+
+    def __call__(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
+        """The tuned, verified version of a kernel, or ``None`` (another core, no record, or
+        the record fails the check: then the task's name is added to :attr:`failed`)."""
+        task = kernel_task(func, self.layers)
+        if task is None:
+            return None
+        record = self.database.query_tuning_record(task.workload(), self.target, "main")
+        if record is None:
+            return None
+        func = task.apply(record.trace)
+        if not task.verify(func, self.target):
+            self.failed.append(task.name)
+            return None
+        return func
