@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="as for fgq-tvm compile (default: the host CPU)")
     parser.add_argument("--group-size", default="4")
     parser.add_argument("--act-bits", default="8")
+    parser.add_argument("--scales", default="float", choices=("float", "int8"))
     parser.add_argument("--repeats", default="20")
     parser.add_argument("--warmup", default="3")
     parser.add_argument("--threads", default="2")
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         words = [
             "bench", model, "--target", target, "--group-size", args.group_size,
-            "--act-bits", args.act_bits, "--repeats", args.repeats, "--warmup", args.warmup,
+            "--act-bits", args.act_bits, "--scales", args.scales,
+            "--repeats", args.repeats, "--warmup", args.warmup,
             "--threads", args.threads, "--peers", args.peers, "--out", str(folder),
         ]  # fmt: skip
         status = cli.main([*words, *(["--ghz", args.ghz] if args.ghz else [])])

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import FGQError, UsageError
+from .target import TUNING_LOGS
 
 if TYPE_CHECKING:
     import torch
@@ -379,8 +380,11 @@ def _quiet() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_fgq(setup: BenchSetup) -> tuple[Runner, CompileResult, float]:
-    """Compile the model with fgq-tvm's default schedules and load the ``.so``.
+def prepare_fgq(
+    setup: BenchSetup, tuning_logs: Path | None = None
+) -> tuple[Runner, CompileResult, float]:
+    """Compile the model with fgq-tvm and load the ``.so``: default schedules, or the tuned
+    ones of ``tuning_logs`` where it has them.
 
     Returns
     -------
@@ -391,36 +395,29 @@ def prepare_fgq(setup: BenchSetup) -> tuple[Runner, CompileResult, float]:
     from .runtime import load
 
     start = time.perf_counter()
-    output = setup.workdir / f"{setup.spec.name}.so"
+    variant = "tuned" if tuning_logs is not None else "default"
+    output = setup.workdir / f"{setup.spec.name}.{variant}.so"
     result = compile_model(
-        setup.model, setup.spec, setup.quant, setup.calibration, setup.target, output
-    )
+        setup.model, setup.spec, setup.quant, setup.calibration, setup.target, output,
+        tuning_logs=tuning_logs,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     module = load(result.output)
     return Runner(lambda: module(setup.x), f"compiled in {seconds:.1f} s"), result, seconds
 
 
-def tuning_database(tuning_logs: Path, key: str) -> Path | None:
-    """The tuning database folder ``tuning_logs/<target key>`` when it exists."""
-    folder = tuning_logs / key
-    return folder if folder.is_dir() else None
-
-
 def prepare_fgq_tuned(setup: BenchSetup, tuning_logs: Path) -> Runner:
-    """The hook for tuned schedules: compile with the target's tuning database.
+    """fgq-tvm with the tuned schedules of the target's database (verified at compile)."""
+    from .target import database_folder
 
-    Tuning is not implemented yet, so this always raises :class:`PeerUnavailable` ("n/a"). When
-    ``compile_model`` takes a database, build with it here like :func:`prepare_fgq`.
-    """
-    from .target import target_key
-
-    key = target_key(setup.target)
-    database = tuning_database(tuning_logs, key)
-    if database is None:
-        raise PeerUnavailable(NOT_AVAILABLE, f"no tuning database in {tuning_logs / key}")
-    raise PeerUnavailable(
-        NOT_AVAILABLE, f"{database} exists, but compile_model cannot use a database yet"
-    )
+    folder = database_folder(setup.target, tuning_logs)
+    if not folder.is_dir():
+        raise PeerUnavailable(NOT_AVAILABLE, f"no tuning database in {folder}")
+    runner, result, _ = prepare_fgq(setup, tuning_logs)
+    layers = result.sidecar["layers"]
+    tuned = sum(layer["schedule"] == "tuned" for layer in layers)
+    note = f"{tuned} of {len(layers)} kernels tuned ({folder}); {runner.note}"
+    return Runner(runner.run, note)
 
 
 def prepare_torch(setup: BenchSetup) -> Runner:
@@ -691,14 +688,14 @@ def time_layers(
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """How to bench: peers, timing, threads, the clock of the peak."""
+    """How to bench: peers, timing, threads, the clock of the peak, the tuning databases."""
 
     peers: tuple[str, ...] = PEERS
     repeats: int = DEFAULT_REPEATS
     warmup: int = DEFAULT_WARMUP
     threads: int = DEFAULT_THREADS
     ghz: float | None = None
-    tuning_logs: Path = Path("tuning_logs")
+    tuning_logs: Path = TUNING_LOGS
 
 
 def describe_calibration(spec: ModelSpec, path: str | os.PathLike | None, count: int) -> str:
@@ -950,7 +947,8 @@ def format_markdown(result: BenchResult) -> str:
         "",
         f"Batch 1, {result.threads} threads per runtime, target `{result.target}`, "
         f"{env['cpu']} ({env['cpu_count']} CPUs). fgq-tvm: N={quant['group_size']}, "
-        f"{quant['act_bits']}-bit activations, first/last layer {quant['first_last']}. "
+        f"{quant['act_bits']}-bit activations, {quant['scales']} group scales, "
+        f"first/last layer {quant['first_last']}. "
         f"Calibration: {result.calibration}. Median of {result.repeats} runs after "
         f"{result.warmup} warm-up runs, each runtime timed back to back on the same input; "
         f"{env['date']}; load average {loads} (start, end); {versions}.",

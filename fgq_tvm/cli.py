@@ -276,6 +276,7 @@ def _add_bench(commands) -> None:
     sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
     sub.add_argument("--group-size", default="4", metavar="N|channel", help="(default: 4)")
     sub.add_argument("--act-bits", default="8", metavar="8|4", help="(default: 8)")
+    sub.add_argument("--scales", choices=("float", "int8"), default="float", help="as for compile")
     sub.add_argument(
         "--peers",
         type=_peers,
@@ -311,6 +312,13 @@ def _add_bench(commands) -> None:
     )
     sub.add_argument(
         "--out", metavar="DIR", help="output folder (default: benchmarks/results/<target key>)"
+    )
+    sub.add_argument(
+        "--tuning-logs",
+        default=str(TUNING_LOGS),
+        metavar="DIR",
+        help="tuning databases for the 'fgq-tvm tuned' row: DIR/<target key> "
+        f"(default: {TUNING_LOGS})",
     )
 
 
@@ -587,7 +595,9 @@ def _bench(args: argparse.Namespace) -> int:
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise FGQError(f"output {str(out_dir)!r} is a file; give a folder")
     quant = QuantConfig(
-        group_size=parse_group_size(args.group_size), act_bits=parse_act_bits(args.act_bits)
+        group_size=parse_group_size(args.group_size),
+        act_bits=parse_act_bits(args.act_bits),
+        scales=args.scales,
     )
     target = parse_target(args.target if args.target else default_target())
     model, spec = _load_model(args.model, args.weights, None)
@@ -598,7 +608,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     from . import bench
 
-    options = bench.BenchOptions(args.peers, args.repeats, args.warmup, args.threads, args.ghz)
+    options = bench.BenchOptions(
+        args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs)
+    )
     note = bench.describe_calibration(spec, args.calib, len(calibration))
     result = bench.run_bench(model, spec, quant, calibration, target, options, note, progress)
     paths = bench.write_results(result, out_dir or bench.default_out_dir(target))

@@ -46,6 +46,7 @@ from .schedules.select import build_layer, layer_kernels
 
 TUNED_CORE = "int8-dot-vnni"
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
+BUILD_TIMEOUT_S = 300  # a busy 2-core machine builds a candidate in seconds to minutes
 Progress = Callable[[str], None]
 
 
@@ -185,13 +186,14 @@ def tune(
                 space=ms.space_generator.ScheduleFn(
                     schedule_vnni_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
                 ),
+                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
                 database=database,
                 cost_model="xgb",
                 strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
                 ),
                 measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
-                num_tuning_cores="physical",
                 seed=seed,
             )
         best = recorder.best_seconds

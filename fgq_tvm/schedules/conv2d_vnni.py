@@ -269,7 +269,7 @@ def schedule_vnni_conv2d(sch: Schedule, knobs: VnniSchedule | None = None) -> No
     b, kb, oh, ow, ki, *reduction = sch.get_loops(acc)
     integer = len(reduction) == 4  # r, s, cb, ci: the dot core directly on acc
     limit = MAX_COLUMNS if integer else MAX_GROUP_COLUMNS
-    ow_outer, ow_inner = _split(sch, ow, knobs and knobs.columns, limit)
+    ow_outer, ow_inner = _split(sch, ow, knobs and knobs.columns, limit, unit=integer)
     if integer:
         kb_outer, kb_inner = _split(sch, kb, knobs and knobs.channel_blocks, 2)
         r, s, cb, ci = reduction
@@ -291,15 +291,16 @@ def schedule_vnni_conv2d(sch: Schedule, knobs: VnniSchedule | None = None) -> No
     sch.unroll(ow_inner)
 
 
-def _split(sch: Schedule, loop, factor: int | None, limit: int) -> list:
+def _split(sch: Schedule, loop, factor: int | None, limit: int, unit: bool = True) -> list:
     """``loop`` split into ``[outer, inner]``: inner extent ``factor``, or sampled among the
-    divisors of the extent up to ``limit`` (no bound checks), 1 only when nothing else
-    divides: a tile of extent 1 vanishes from the loop nests that ``compute_at`` creates, and
-    every sample must replay the same schedule steps."""
+    divisors of the extent up to ``limit`` (no bound checks). ``unit=False`` samples 1 only
+    when nothing else divides: a tile of extent 1 vanishes from the loop nests that
+    ``compute_at`` creates, and every sample must replay the same schedule steps."""
     if factor is not None:
         return sch.split(loop, [None, factor])
     extent = loop_extent(sch, loop)
-    candidates = [d for d in range(2, min(limit, extent) + 1) if extent % d == 0] or [1]
+    divisors = [d for d in range(1, min(limit, extent) + 1) if extent % d == 0]
+    candidates = divisors if unit else [d for d in divisors if d > 1] or [1]
     sampled = sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
     return sch.split(loop, [None, sampled])
 

@@ -1,0 +1,58 @@
+"""ApplyTunedSchedules: Before/Expected modules compared structurally."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from helpers import kernel_call
+from tvm import relax
+
+from fgq_tvm.config import LayerConfig
+from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
+from fgq_tvm.relax_passes import ApplyTunedSchedules
+from fgq_tvm.schedules.conv2d import Conv2dShape
+from fgq_tvm.schedules.conv2d_vnni import VnniSchedule, vnni_conv2d_prim_func
+
+RNG = np.random.default_rng(0)
+CONV = QuantizedLayer(
+    name="conv",
+    op="conv2d",
+    config=LayerConfig("ternary", 4),
+    act=ActQuant(0.0625, 8, signed=False),
+    weight=RNG.integers(-1, 2, (16, 8, 3, 3)).astype(np.int8),
+    group_size=4,
+    bias=RNG.normal(size=16).astype(np.float32),
+    group_scale=RNG.uniform(0.1, 1.0, (16, 2, 3, 3)).astype(np.float32),
+    padding=(1, 1),
+)
+SHAPE = Conv2dShape(1, 8, 6, 6, 16, (3, 3), padding=(1, 1), group_size=4)
+TUNED = vnni_conv2d_prim_func(SHAPE, CONV.act, "ternary_group_scales", VnniSchedule(2))
+
+
+def module() -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(kernel_call(bb, CONV, x, core="int8-dot-vnni"))
+        bb.emit_func_output(out)
+    return bb.finalize()
+
+
+def expected(kernel: tvm.tirx.PrimFunc, schedule: str) -> tvm.IRModule:
+    """The module with ``kernel`` in place of the layer's, tagged with ``schedule``."""
+    mod = module()
+    attrs = {**mod["fgq_conv"].attrs, "fgq.schedule": schedule}
+    mod["fgq_conv"] = kernel.with_attrs(attrs)
+    return mod
+
+
+def test_tuned_kernel_replaces_the_default():
+    after = ApplyTunedSchedules(lambda func: TUNED)(module())
+    tvm.ir.assert_structural_equal(after, expected(TUNED, "tuned"))
+
+
+def test_kernel_without_tuned_schedule_keeps_the_default():
+    before = module()
+    after = ApplyTunedSchedules(lambda func: None)(before)
+    tvm.ir.assert_structural_equal(after, expected(before["fgq_conv"], "default"))

@@ -1,0 +1,98 @@
+"""fgq_tvm.tuning: a smoke test of MetaSchedule tuning, record verification, database use.
+
+Tuning here is a few trials of one small kernel (CI never tunes more than a smoke test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fgq_tvm.config import LayerConfig
+from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
+from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
+from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.select import layer_kernels
+from fgq_tvm.target import host_target, parse_target
+from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
+
+HOST = parse_target(host_target())
+pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
+
+RNG = np.random.default_rng(0)
+LAYER = QuantizedLayer(
+    name="conv",
+    op="conv2d",
+    config=LayerConfig("ternary", 4),
+    act=ActQuant(0.05, 8, signed=False),
+    weight=RNG.integers(-1, 2, (32, 16, 3, 3)).astype(np.int8),
+    group_size=4,
+    bias=RNG.normal(size=32).astype(np.float32),
+    group_scale=RNG.uniform(0.1, 1.0, (32, 4, 3, 3)).astype(np.float32),
+    padding=(1, 1),
+)
+SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
+TASK = KernelTask(LAYER, SHAPE, Epilogue(residual=True, relu=True))
+
+
+def records(folder) -> list[dict]:
+    path = folder / "database_tuning_record.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tuning_logs") / "llvm-host"
+    return folder, tune([TASK], HOST, trials=3, folder=folder)
+
+
+def test_tuning_records_verified_schedules(tuned):
+    folder, (result,) = tuned
+    assert result.trials >= 1 and result.best_ms is not None and result.rejected == 0
+    assert len(records(folder)) >= 1
+
+
+def test_compile_takes_the_best_record_after_checking_it(tuned):
+    folder, _ = tuned
+    schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
+    default = layer_kernels(
+        "int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales", TASK.epilogue
+    )
+    func = schedules(default.layer.with_attrs(_attributes(TASK)))
+    assert func is not None and TASK.verify(func, HOST) and not schedules.failed
+
+
+def test_a_record_that_fails_the_check_is_not_used(tuned, monkeypatch):
+    folder, _ = tuned
+    monkeypatch.setattr(KernelTask, "verify", lambda self, func, target, seed=0: False)
+    schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
+    default = layer_kernels(
+        "int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales", TASK.epilogue
+    )
+    assert schedules(default.layer.with_attrs(_attributes(TASK))) is None
+    assert schedules.failed == [TASK.name]
+
+
+def test_wrong_candidates_are_never_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(KernelTask, "verify", lambda self, func, target, seed=0: False)
+    (result,) = tune([TASK], HOST, trials=2, folder=tmp_path)
+    assert result.best_ms is None and result.rejected == result.trials >= 1
+    assert records(tmp_path) == []
+
+
+def test_verification_catches_a_kernel_of_other_arithmetic():
+    plain = layer_kernels("int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales").layer
+    with_relu = KernelTask(LAYER, SHAPE, Epilogue(relu=True))
+    assert not with_relu.verify(plain, HOST)
+
+
+def _attributes(task: KernelTask) -> dict:
+    shape = task.shape
+    return {
+        "fgq.layer": task.layer.name,
+        "fgq.core": "int8-dot-vnni",
+        "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],
+        "fgq.epilogue": task.epilogue.name,
+    }
