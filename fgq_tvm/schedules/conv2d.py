@@ -284,7 +284,7 @@ def _group_scaled_output(xq, wdec, alpha, bias, shape: Conv2dShape, act: ActQuan
 
     acc_dims = (shape.batch, shape.out_channels, shape.out_height, out_w)
     acc = te.compute(acc_dims, scaled_sum, name="acc")
-    scale = tirx.const(act.scale, "float64")
+    scale = tirx.const(float(np.float32(act.scale)), "float64")
     return lambda b, k, oh, ow: (acc[b, k, oh, ow] * scale).astype("float32") + bias[k]
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
@@ -168,7 +169,7 @@ def vnni_conv2d_compute(
         alpha_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
         alpha = te.placeholder(alpha_dims, name="alpha")
         acc = _group_scaled_accumulate(xq, wpack, alpha, shape, out_blocks)
-        scale = tirx.const(act.scale, "float64")
+        scale = tirx.const(float(np.float32(act.scale)), "float64")
 
         def rescale(b, k, oh, ow):
             return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
