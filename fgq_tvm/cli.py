@@ -151,6 +151,14 @@ def _add_tune(commands) -> None:
         metavar="DIR",
         help=f"where the databases live (default: {TUNING_LOGS})",
     )
+    sub.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="threads the candidates run with: those the module will run with (default: 2, "
+        "as bench)",
+    )
     _add_model_arguments(sub)
 
 
@@ -405,7 +413,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")
     folder = database_folder(target, Path(args.tuning_logs))
     progress(f"tune {len(tasks)} kernels, up to {args.trials} trials each, into {folder}")
-    results = tune(tasks, target, args.trials, folder, progress)
+    results = tune(tasks, target, args.trials, folder, progress, threads=args.threads)
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
     return 0

@@ -38,6 +38,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
+from .bench import thread_settings
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .relax_passes.legalize_quantized_layers import kernel_arguments, layer_encoding, layer_shape
 from .schedules.conv2d import Conv2dShape, Epilogue
@@ -149,6 +150,7 @@ def tune(
     folder: Path,
     progress: Progress | None = None,
     seed: int = 0,
+    threads: int = 2,
 ) -> list[TaskResult]:
     """Tune each task for up to ``trials`` candidates, appending verified records to the
     database in ``folder``.
@@ -167,6 +169,9 @@ def tune(
         Called with one line per finished task.
     seed
         Seed of the search.
+    threads
+        Threads the candidates run with (``TVM_NUM_THREADS``, inherited by MetaSchedule's
+        runner): tune with the thread count the module will run with.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -176,7 +181,7 @@ def tune(
     results = []
     for index, task in enumerate(tasks, start=1):
         recorder = _VerifiedRecords(task, database, target)
-        with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
+        with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir, thread_settings(threads):
             ms.tune_tir(
                 task.workload(),
                 target,
