@@ -40,7 +40,7 @@ def synthetic_result(ghz: float | None = 2.0) -> BenchResult:
         model="toy",
         target="llvm -mcpu=znver4",
         target_key="llvm-znver4",
-        quantization={"group_size": 4, "act_bits": 8, "first_last": "int8"},
+        quantization={"group_size": 4, "act_bits": 8, "scales": "float", "first_last": "int8"},
         threads=2,
         repeats=3,
         warmup=1,
