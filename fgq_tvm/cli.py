@@ -402,12 +402,10 @@ def _tune(args: argparse.Namespace) -> int:
     """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
     progress = _progress_printer()
     model, spec, quant, target, calibration = _model_inputs(args)
-    from .compiler import calibration_batches, lower_to_relax
-    from .quant.quantize import quantize_model
+    from .compiler import lower_to_relax, quantize
     from .tuning import kernel_tasks, tune
 
-    batches = calibration_batches(calibration, spec)
-    quantized = quantize_model(model, quant, batches, progress=lambda s: progress(f"quantize: {s}"))
+    quantized = quantize(model, spec, quant, calibration, progress)
     tasks = kernel_tasks(lower_to_relax(quantized, spec.input_shape, target), quantized.layers)
     if not tasks:
         raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")

@@ -97,8 +97,7 @@ def compile_model(
     output = Path(output)
     if not output.parent.is_dir():
         raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
-    batches = calibration_batches(calibration, spec, calib_batch_size)
-    quantized = quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
+    quantized = quantize(model, spec, quant, calibration, report, calib_batch_size)
     tuned = _tuned_schedules(tuning_logs, target, quantized.layers)
     report("export to Relax" + (f", tuned schedules from {tuned.folder}" if tuned else ""))
     mod = lower_to_relax(quantized, spec.input_shape, target, tuned)
@@ -109,6 +108,21 @@ def compile_model(
     sidecar = describe(quantized, spec, target, kernel_info(mod), tuned.folder if tuned else None)
     _write_outputs(output, executable, sidecar)
     return CompileResult(output, sidecar, quantized)
+
+
+def quantize(
+    model: nn.Module,
+    spec: ModelSpec,
+    quant: QuantConfig,
+    calibration: torch.Tensor,
+    progress: Progress | None = None,
+    calib_batch_size: int = CALIB_BATCH_SIZE,
+) -> QuantizedModel:
+    """The first stage of :func:`compile_model` (and of tuning): ``model`` quantized with
+    ``quant``, calibrated on ``calibration`` in batches of :func:`calibration_batches`."""
+    report = progress or (lambda stage: None)
+    batches = calibration_batches(calibration, spec, calib_batch_size)
+    return quantize_model(model, quant, batches, progress=lambda s: report(f"quantize: {s}"))
 
 
 def calibration_batches(

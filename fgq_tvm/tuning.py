@@ -39,6 +39,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
 from .bench import thread_settings
+from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .relax_passes.legalize_quantized_layers import kernel_arguments, layer_encoding, layer_shape
 from .schedules.conv2d import Conv2dShape, Epilogue
@@ -126,11 +127,24 @@ def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> lis
 
 
 def open_database(folder: Path):
-    """The JSON database in ``folder`` (created if missing); records are appended."""
+    """The JSON database in ``folder`` (created if missing); records are appended.
+
+    Raises
+    ------
+    FGQError
+        ``folder`` cannot be created or its files are not a MetaSchedule JSON database.
+    """
     from tvm.s_tir import meta_schedule as ms
 
-    folder.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+    except Exception as error:  # OSError, or TVM's errors on unreadable JSON lines
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise FGQError(
+            f"cannot open the tuning database in {folder} ({type(error).__name__}: "
+            f"{first_line[:200]}); fix or move it, or compile with --default-schedules"
+        ) from None
 
 
 @dataclass(frozen=True)

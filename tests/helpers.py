@@ -86,3 +86,26 @@ def kernel_call(bb, layer, x, core: str = "bitplane", epilogue=None, residual=No
     ]
     call = relax.call_tir(kernel, args, relax.TensorType(*kernels.output))
     return bb.emit(call) if emit else call
+
+
+def ternary_conv_layer(out_channels: int, in_channels: int, act_scale: float = 0.0625):
+    """A 3x3 (padding 1) ternary conv named ``conv``: groups of 4 channels with float scales,
+    unsigned 8-bit activations, random weights (seed 0)."""
+    import numpy as np
+
+    from fgq_tvm.config import LayerConfig
+    from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
+
+    rng = np.random.default_rng(0)
+    groups = -(-in_channels // 4)
+    return QuantizedLayer(
+        name="conv",
+        op="conv2d",
+        config=LayerConfig("ternary", 4),
+        act=ActQuant(act_scale, 8, signed=False),
+        weight=rng.integers(-1, 2, (out_channels, in_channels, 3, 3)).astype(np.int8),
+        group_size=4,
+        bias=rng.normal(size=out_channels).astype(np.float32),
+        group_scale=rng.uniform(0.1, 1.0, (out_channels, groups, 3, 3)).astype(np.float32),
+        padding=(1, 1),
+    )

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
-from helpers import kernel_call
+from helpers import kernel_call, ternary_conv_layer
 from tvm import relax
 
-from fgq_tvm.config import LayerConfig
-from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
 from fgq_tvm.relax_passes import ApplyTunedSchedules
 from fgq_tvm.schedules.conv2d import Conv2dShape
 from fgq_tvm.schedules.conv2d_vnni import VnniSchedule, vnni_conv2d_prim_func
 
-RNG = np.random.default_rng(0)
-CONV = QuantizedLayer(
-    name="conv",
-    op="conv2d",
-    config=LayerConfig("ternary", 4),
-    act=ActQuant(0.0625, 8, signed=False),
-    weight=RNG.integers(-1, 2, (16, 8, 3, 3)).astype(np.int8),
-    group_size=4,
-    bias=RNG.normal(size=16).astype(np.float32),
-    group_scale=RNG.uniform(0.1, 1.0, (16, 2, 3, 3)).astype(np.float32),
-    padding=(1, 1),
-)
+CONV = ternary_conv_layer(16, 8)
 SHAPE = Conv2dShape(1, 8, 6, 6, 16, (3, 3), padding=(1, 1), group_size=4)
 TUNED = vnni_conv2d_prim_func(SHAPE, CONV.act, "ternary_group_scales", VnniSchedule(2))
 

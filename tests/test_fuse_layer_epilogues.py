@@ -6,29 +6,15 @@ The modules are built with the BlockBuilder: the kernels are the real scheduled 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import tvm
-from helpers import kernel_call
+from helpers import kernel_call, ternary_conv_layer
 from tvm import relax
 
-from fgq_tvm.config import LayerConfig
-from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
 from fgq_tvm.relax_passes import FuseLayerEpilogues
 from fgq_tvm.schedules.conv2d import Epilogue
 
-RNG = np.random.default_rng(0)
-CONV = QuantizedLayer(
-    name="conv",
-    op="conv2d",
-    config=LayerConfig("ternary", 4),
-    act=ActQuant(0.0625, 8, signed=False),
-    weight=RNG.integers(-1, 2, (8, 8, 3, 3)).astype(np.int8),
-    group_size=4,
-    bias=RNG.normal(size=8).astype(np.float32),
-    group_scale=RNG.uniform(0.1, 1.0, (8, 2, 3, 3)).astype(np.float32),
-    padding=(1, 1),
-)
+CONV = ternary_conv_layer(8, 8)
 IMAGE = relax.TensorType((1, 8, 6, 6), "float32")
 
 

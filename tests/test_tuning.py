@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from helpers import ternary_conv_layer
 
-from fgq_tvm.config import LayerConfig
-from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
+from fgq_tvm.errors import FGQError
 from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.schedules.select import layer_kernels
@@ -21,18 +20,7 @@ from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
 HOST = parse_target(host_target())
 pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
 
-RNG = np.random.default_rng(0)
-LAYER = QuantizedLayer(
-    name="conv",
-    op="conv2d",
-    config=LayerConfig("ternary", 4),
-    act=ActQuant(0.05, 8, signed=False),
-    weight=RNG.integers(-1, 2, (32, 16, 3, 3)).astype(np.int8),
-    group_size=4,
-    bias=RNG.normal(size=32).astype(np.float32),
-    group_scale=RNG.uniform(0.1, 1.0, (32, 4, 3, 3)).astype(np.float32),
-    padding=(1, 1),
-)
+LAYER = ternary_conv_layer(32, 16, act_scale=0.05)
 SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
 TASK = KernelTask(LAYER, SHAPE, Epilogue(residual=True, relu=True))
 
@@ -80,6 +68,13 @@ def test_wrong_candidates_are_never_recorded(tmp_path, monkeypatch):
     (result,) = tune([TASK], HOST, trials=2, folder=tmp_path)
     assert result.best_ms is None and result.rejected == result.trials >= 1
     assert records(tmp_path) == []
+
+
+def test_unreadable_database_is_a_one_line_error(tmp_path):
+    (tmp_path / "database_workload.json").write_text("not json\n")
+    (tmp_path / "database_tuning_record.json").write_text("")
+    with pytest.raises(FGQError, match="cannot open the tuning database in .*--default-schedules"):
+        TunedSchedules(tmp_path, HOST, {"conv": LAYER})
 
 
 def test_verification_catches_a_kernel_of_other_arithmetic():
