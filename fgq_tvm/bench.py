@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from .compiler import CompileResult
     from .config import QuantConfig
     from .models import ModelSpec
-    from .quant.layers import QuantizedLayer
     from .quant.quantize import QuantizedModel
+    from .relax_passes.legalize_quantized_layers import KernelSpec
 
 Progress = Callable[[str], None]
 
@@ -633,37 +633,35 @@ def layer_input_shapes(quantized: QuantizedModel, x: np.ndarray) -> dict[str, tu
     return shapes
 
 
-def time_layer(
-    layer: QuantizedLayer, input_shape: tuple[int, ...], target, repeats: int, core: str
-) -> LayerResult:
-    """Build ``layer``'s kernels on ``core`` as LegalizeQuantizedLayers does and time the
-    per-inference kernel standalone (its weights packed beforehand, as at load time).
+def time_layer(spec: KernelSpec, target, repeats: int) -> LayerResult:
+    """Build a layer's kernels as the compiled module has them (core, fused epilogue, layout;
+    default schedule) and time the per-inference kernel standalone, its weights packed
+    beforehand as at load time.
 
-    The input is random, uniform over the layer's quantization range; the time is the median
-    of ``repeats`` repeats of at least :data:`MIN_KERNEL_REPEAT_MS` each.
+    The input is random, uniform over the layer's quantization range (the residual, if any,
+    standard normal); the time is the median of ``repeats`` repeats of at least
+    :data:`MIN_KERNEL_REPEAT_MS` each.
     """
     import tvm
 
-    from .relax_passes.legalize_quantized_layers import (
-        kernel_arguments,
-        layer_encoding,
-        layer_shape,
-    )
-    from .schedules.select import build_layer, layer_kernels
+    from .relax_passes.legalize_quantized_layers import kernel_arguments
+    from .schedules.select import build_layer
 
-    shape = layer_shape(layer, input_shape)
-    kernels = layer_kernels(core, shape, layer.act, layer_encoding(layer))
-    built = build_layer(kernels, kernel_arguments(layer), target)
+    layer, shape = spec.layer, spec.shape
+    built = build_layer(spec.kernels(), kernel_arguments(layer), target)
     rng = np.random.default_rng(0)
-    low = layer.act.qmin * layer.act.scale
-    x = rng.uniform(low, layer.act.qmax * layer.act.scale, input_shape).astype(np.float32)
+    input_shape = (shape.batch, shape.in_channels, shape.height, shape.width)
+    low, high = layer.act.qmin * layer.act.scale, layer.act.qmax * layer.act.scale
+    x = rng.uniform(low, high, input_shape).astype(np.float32)
+    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    residual = [rng.normal(size=out_dims).astype(np.float32)] if spec.epilogue.residual else []
     timer = built.module.time_evaluator(
         "main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=MIN_KERNEL_REPEAT_MS
     )
-    seconds = median(list(timer(*built.arguments(x)).results))
+    seconds = median(list(timer(*built.arguments(x, *residual)).results))
     weights = f"ternary N={layer.group_size}" if layer.is_ternary else layer.config.weights
     return LayerResult(
-        layer.name, layer.op, weights, core, tuple(input_shape), shape.macs, seconds * 1e3
+        layer.name, layer.op, weights, spec.core, input_shape, shape.macs, seconds * 1e3
     )
 
 
@@ -671,13 +669,20 @@ def time_layers(
     compiled: CompileResult, x: np.ndarray, target, repeats: int, progress: Progress
 ) -> list[LayerResult]:
     """:func:`time_layer` for every quantized layer of a compiled model, in model order."""
+    from .relax_passes.legalize_quantized_layers import KernelSpec, layer_shape
+    from .schedules.conv2d import Epilogue
+
     quantized = compiled.quantized
     shapes = layer_input_shapes(quantized, x)
-    cores = {row["name"]: row.get("core", "bitplane") for row in compiled.sidecar["layers"]}
+    rows = {row["name"]: row for row in compiled.sidecar["layers"]}
     results = []
     for index, (name, layer) in enumerate(quantized.layers.items(), 1):
         progress(f"time kernel {index}/{len(quantized.layers)}: {name}")
-        results.append(time_layer(layer, shapes[name], target, repeats, cores[name]))
+        row = rows[name]
+        shape = layer_shape(layer, shapes[name])
+        epilogue = Epilogue.parse(row["epilogue"])
+        spec = KernelSpec(layer, shape, row["core"], epilogue, row["layout"])
+        results.append(time_layer(spec, target, repeats))
     return results
 
 

@@ -534,12 +534,13 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
             "",
             "",
             "",
+            "",
         )
         for entry in sidecar["float_layers"]
     ]
     order = {name: index for index, name in enumerate(ops)}
     rows.sort(key=lambda row: order.get(row[0], len(order)))
-    header = ("layer", "op", "weights", "act", "kernel", "core", "epilogue", "schedule")
+    header = ("layer", "op", "weights", "act", "kernel", "core", "layout", "epilogue", "schedule")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -567,6 +568,7 @@ def _layer_row(layer: dict) -> tuple[str, ...]:
         act,
         layer["kernel"],
         layer["core"],
+        layer["layout"],
         epilogue,
         schedule,
     )

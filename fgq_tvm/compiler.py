@@ -39,6 +39,8 @@ from .relax_passes import (
     layer_encoding,
 )
 from .runtime import SIDECAR_FORMAT, sidecar_path
+from .schedules.intrinsics_x86 import has_vnni
+from .schedules.layout import NCHW16C
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
@@ -155,6 +157,10 @@ def lower_to_relax(
     """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
     ``main(x, prepare())`` runs the network.
 
+    On a target with the int8 dot core, activations between conv layers stay in its blocked
+    layout (NCHW16c, :mod:`~fgq_tvm.schedules.layout`) from the first layer with whole
+    channel blocks to the last; Relax's ConvertLayout places the transforms at the edges.
+
     ``target`` picks each layer's core (``None``: the portable bitplane core everywhere);
     ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels.
     """
@@ -164,6 +170,9 @@ def lower_to_relax(
     exported = _export(quantized, input_shape)
     by_parameter = _layers_by_parameter(exported, quantized.layers)
     mod = from_exported_program(exported, keep_params_as_input=True)
+    if target is not None and has_vnni(target):
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [NCHW16C, "OIHW"]})(mod)
+        mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
     mod = FuseLayerEpilogues(quantized.layers)(mod)
     if tuned is not None:
@@ -172,6 +181,7 @@ def lower_to_relax(
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
+    mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return LiftConstantComputations()(mod)
 
@@ -246,8 +256,8 @@ def _stage(path: Path, staged: list[Path], mode: int) -> Path:
 
 
 def kernel_info(mod) -> dict[str, dict[str, str]]:
-    """``layer -> {"core", "epilogue", "schedule"}`` as the passes recorded them on the
-    kernels."""
+    """``layer -> {"core", "epilogue", "layout", "schedule"}`` as the passes recorded them on
+    the kernels."""
     info = {}
     for _, func in mod.functions_items():
         attrs = func.attrs if func.attrs is not None else {}
@@ -255,6 +265,7 @@ def kernel_info(mod) -> dict[str, dict[str, str]]:
             info[str(attrs["fgq.layer"])] = {
                 "core": str(attrs["fgq.core"]),
                 "epilogue": str(attrs.get("fgq.epilogue", "")),
+                "layout": str(attrs["fgq.layout"]),
                 "schedule": str(attrs.get("fgq.schedule", "default")),
             }
     return info

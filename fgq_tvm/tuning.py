@@ -41,10 +41,9 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from .bench import thread_settings
 from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
-from .relax_passes.legalize_quantized_layers import kernel_arguments, layer_encoding, layer_shape
-from .schedules.conv2d import Conv2dShape, Epilogue
+from .relax_passes.legalize_quantized_layers import KernelSpec, kernel_arguments, layer_encoding
 from .schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
-from .schedules.select import build_layer, layer_kernels
+from .schedules.select import build_layer
 
 TUNED_CORE = "int8-dot-vnni"
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
@@ -54,63 +53,58 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class KernelTask:
-    """One kernel to tune: a layer on the int8 dot core, for one input shape and epilogue."""
+    """One kernel to tune: a layer on the int8 dot core, for one input shape, epilogue and
+    layout (``spec.core`` is :data:`TUNED_CORE`)."""
 
-    layer: QuantizedLayer
-    shape: Conv2dShape
-    epilogue: Epilogue
+    spec: KernelSpec
 
     @property
     def name(self) -> str:
-        return self.layer.name + (f" +{self.epilogue.name}" if self.epilogue.name else "")
+        epilogue = self.spec.epilogue.name
+        return self.spec.layer.name + (f" +{epilogue}" if epilogue else "")
 
     def workload(self) -> tvm.IRModule:
         """The canonical unscheduled kernel: what the database's records are keyed by."""
-        canonical = ActQuant(1.0, self.layer.act.bits, self.layer.act.signed)
-        encoding = layer_encoding(self.layer)
-        return tvm.IRModule(
-            {"main": vnni_conv2d_workload(self.shape, canonical, encoding, self.epilogue)}
-        )
+        act = self.spec.layer.act
+        return tvm.IRModule({"main": self._workload(ActQuant(1.0, act.bits, act.signed))})
 
     def apply(self, trace: tvm.s_tir.Trace) -> tvm.tirx.PrimFunc:
         """The layer's own kernel scheduled by ``trace`` (a record of :meth:`workload`)."""
-        encoding = layer_encoding(self.layer)
-        func = vnni_conv2d_workload(self.shape, self.layer.act, encoding, self.epilogue)
-        sch = tvm.s_tir.Schedule(func)
+        sch = tvm.s_tir.Schedule(self._workload(self.spec.layer.act))
         trace.apply_to_schedule(sch, remove_postproc=False)
         return sch.mod["main"]
+
+    def _workload(self, act: ActQuant) -> tvm.tirx.PrimFunc:
+        spec = self.spec
+        encoding = layer_encoding(spec.layer)
+        return vnni_conv2d_workload(spec.shape, act, encoding, spec.epilogue, spec.layout)
 
     def verify(self, func: tvm.tirx.PrimFunc, target, seed: int = 0) -> bool:
         """Whether ``func`` computes the layer and its epilogue bit for bit like the reference,
         on a random input spanning the quantizer's range (and a random residual)."""
         import torch
 
-        layer, shape = self.layer, self.shape
-        kernels = layer_kernels(TUNED_CORE, shape, layer.act, layer_encoding(layer), self.epilogue)
+        layer, shape, epilogue = self.spec.layer, self.spec.shape, self.spec.epilogue
+        kernels = self.spec.kernels()
         built = build_layer(replace(kernels, layer=func), kernel_arguments(layer), target)
         rng = np.random.default_rng(seed)
         bound = layer.act.scale * layer.act.qmax * 1.1
         low = -bound if layer.act.signed else -0.1 * bound
         x = rng.uniform(low, bound, (shape.batch, shape.in_channels, shape.height, shape.width))
         x = x.astype(np.float32)
-        out_dims = kernels.output[0]
-        residual = [rng.normal(size=out_dims).astype(np.float32)] if self.epilogue.residual else []
+        out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        residual = [rng.normal(size=out_dims).astype(np.float32)] if epilogue.residual else []
         reference_input = x[:, :, 0, 0] if layer.op == "linear" else x
         expected = reference_forward(layer, torch.from_numpy(reference_input)).numpy()
-        expected = self.epilogue.reference(expected.reshape(out_dims), *residual)
+        expected = epilogue.reference(expected.reshape(out_dims), *residual)
         return bool(np.array_equal(built(x, *residual), expected))
 
 
 def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):
     """The task of a kernel PrimFunc of a lowered model (its ``fgq.*`` attributes), or
     ``None`` if it is not on the tuned core."""
-    attrs = func.attrs if func.attrs is not None else {}
-    if attrs.get("fgq.core") != TUNED_CORE:
-        return None
-    layer = layers[str(attrs["fgq.layer"])]
-    input_shape = tuple(int(d) for d in attrs["fgq.input_shape"])
-    epilogue = Epilogue.parse(str(attrs["fgq.epilogue"]))
-    return KernelTask(layer, layer_shape(layer, input_shape), epilogue)
+    spec = KernelSpec.of(func, layers)
+    return KernelTask(spec) if spec is not None and spec.core == TUNED_CORE else None
 
 
 def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> list[KernelTask]:

@@ -37,24 +37,26 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
     )
 
 
-def kernel_call(bb, layer, x, core: str = "bitplane", epilogue=None, residual=None, emit=True):
+def kernel_call(
+    bb, layer, x, core="bitplane", epilogue=None, residual=None, emit=True, layout="NCHW"
+):
     """Emit the calls LegalizeQuantizedLayers (and FuseLayerEpilogues, given an epilogue) make
-    for ``layer`` on ``x``: the load-time pack if the core has one, then the kernel (returned
-    unbound unless ``emit``)."""
+    for ``layer`` on ``x`` (in ``layout``): the load-time pack if the core has one, then the
+    kernel (returned unbound unless ``emit``)."""
     from tvm import relax
 
     from fgq_tvm.relax_passes.legalize_quantized_layers import (
+        KernelSpec,
         kernel_arguments,
-        kernel_attributes,
-        layer_encoding,
         layer_shape,
     )
     from fgq_tvm.schedules.conv2d import NO_EPILOGUE
-    from fgq_tvm.schedules.select import layer_kernels
+    from fgq_tvm.schedules.layout import nchw_shape
 
     epilogue = epilogue or NO_EPILOGUE
-    shape = layer_shape(layer, tuple(int(d) for d in x.ty.shape))
-    kernels = layer_kernels(core, shape, layer.act, layer_encoding(layer), epilogue)
+    shape = layer_shape(layer, nchw_shape(tuple(int(d) for d in x.ty.shape), layout))
+    spec = KernelSpec(layer, shape, core, epilogue, layout)
+    kernels = spec.kernels()
     name = "fgq_" + layer.name
     stored = [relax.const(a) for a in kernel_arguments(layer)]
     prepared = []
@@ -73,11 +75,9 @@ def kernel_call(bb, layer, x, core: str = "bitplane", epilogue=None, residual=No
             if len(types) == 1
             else [bb.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
         )
-    attrs = kernel_attributes(name, layer, shape, core)
     if epilogue != NO_EPILOGUE:
         name += "_" + epilogue.name
-        attrs.update({"global_symbol": name, "fgq.epilogue": epilogue.name})
-    kernel = bb.add_func(kernels.layer.with_attrs(attrs), name)
+    kernel = bb.add_func(kernels.layer.with_attrs(spec.attributes(name)), name)
     args = [
         x,
         *prepared,

@@ -180,6 +180,7 @@ def test_format_summary_lists_float_layers():
         "act_signed": False,
         "kernel": "ternary_group_scales",
         "core": "bitplane",
+        "layout": "NCHW",
     }
     sidecar = {"layers": [layer], "float_layers": [{"name": "fc", "reason": "config: float"}]}
     lines = cli.format_summary(sidecar, {"fc": "linear", "conv": "conv2d"}).splitlines()
@@ -192,6 +193,7 @@ def test_format_summary_lists_float_layers():
         "u4",
         "ternary_group_scales",
         "bitplane",
+        "NCHW",
         "-",
         "default",
     ]
@@ -249,15 +251,17 @@ def test_compile_writes_module_and_summary(compiled):
     assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
     lines = result.stdout.splitlines()
-    header = ["layer", "op", "weights", "act", "kernel", "core", "epilogue", "schedule"]
+    header = ["layer", "op", "weights", "act", "kernel", "core", "layout", "epilogue", "schedule"]
     assert lines[0].split() == header
-    core = "int8-dot-vnni" if has_vnni(parse_target(host_target())) else "bitplane"
-    assert lines[1].split() == ["conv1", "conv2d", "int8", "s8", "int8", core, "relu", "default"]
+    vnni = has_vnni(parse_target(host_target()))
+    core, blocked = ("int8-dot-vnni", "NCHW16c") if vnni else ("bitplane", "NCHW")
+    stem = ["conv1", "conv2d", "int8", "s8", "int8", core, "NCHW", "relu", "default"]
+    assert lines[1].split() == stem  # 3 input channels: no whole block of 16
     conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_group_scales"]
     conv2 = ["layer1.0.conv2", *conv1[1:]]
     rows = [line.split() for line in lines]
-    assert [*conv1, core, "relu", "default"] in rows
-    assert [*conv2, core, "add_relu", "default"] in rows
+    assert [*conv1, core, blocked, "relu", "default"] in rows
+    assert [*conv2, core, blocked, "add_relu", "default"] in rows
     assert (
         "18 of 20 conv/linear layers became ternary-group operators, 2 int8, 0 stayed float"
         in lines

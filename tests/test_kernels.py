@@ -8,8 +8,8 @@ both schedule families):
   exact integer sums;
 * the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
   bitplane core (every encoding and schedule family) and for the int8 dot core with its
-  load-time weight pack (every encoding; signed activations for the integer encodings; built
-  for the host CPU).
+  load-time weight pack (every encoding; signed activations for the integer encodings; NCHW
+  and NCHW16c activations; built for the host CPU).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from fgq_tvm.schedules.conv2d import (
     reference_group_sums,
 )
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.layout import CHANNEL_BLOCK, NCHW, NCHW16C
 from fgq_tvm.schedules.select import LayerKernels, build_layer, layer_kernels, select_core
 from fgq_tvm.target import host_target, parse_target
 
@@ -48,10 +49,15 @@ ENCODINGS = ("ternary_group_scales", "ternary_int8_scales", "int8")
 SHAPES_PER_ENCODING = 70
 
 
-def random_layer(rng: np.random.Generator, encoding: str, dense: bool = False) -> QuantizedLayer:
-    """A random quantized layer with a random geometry."""
+def random_layer(
+    rng: np.random.Generator, encoding: str, dense: bool = False, blocks: bool = False
+) -> QuantizedLayer:
+    """A random quantized layer with a random geometry (``blocks``: whole blocks of 16 input
+    and output channels, as the NCHW16c layout wants)."""
     channels = int(rng.integers(1, 80))
     out_channels = int(rng.choice([int(rng.integers(1, 40)), 16, 32]))
+    if blocks:
+        channels, out_channels = (CHANNEL_BLOCK * int(rng.integers(1, 5)) for _ in range(2))
     kernel = 1 if dense else int(rng.choice([1, 3]))
     group_size = int(rng.choice(GROUP_SIZES))
     if encoding == "int8":
@@ -233,7 +239,8 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
     rng = np.random.default_rng(100 + ENCODINGS.index(encoding))
     mismatches = []
     for case in range(40):
-        layer = random_layer(rng, encoding, dense=case % 9 == 0)
+        layout = NCHW16C if case % 3 == 1 else NCHW
+        layer = random_layer(rng, encoding, dense=case % 9 == 0, blocks=layout == NCHW16C)
         if encoding == "ternary_group_scales":
             layer = replace(layer, act=replace(layer.act, signed=False))
             layer = replace(layer, group_size=int(rng.choice([4, 16, 64])))
@@ -242,10 +249,10 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
         shape = layer_shape(layer, as_image(x).shape)
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
         epilogue, residual, expected = with_epilogue(rng, expected)
-        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue)
+        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue, layout)
         actual = run_layer(kernels, layer, x, HOST, *residual)
         if not np.array_equal(actual, expected):
-            mismatches.append((case, shape))
+            mismatches.append((case, shape, layout))
     assert not mismatches
 
 

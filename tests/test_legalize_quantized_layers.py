@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import tvm
-from helpers import kernel_call
+from helpers import kernel_call, ternary_conv_layer
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -12,6 +14,7 @@ from tvm.script import relax as R
 from fgq_tvm.config import LayerConfig
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
 from fgq_tvm.relax_passes import LegalizeQuantizedLayers
+from fgq_tvm.schedules.layout import NCHW, NCHW16C, index_map
 from fgq_tvm.target import parse_target
 
 RNG = np.random.default_rng(0)
@@ -100,3 +103,48 @@ def test_vnni_target_packs_weights_for_the_dot_core():
 def test_module_without_quantized_parameters_is_unchanged():
     after = LegalizeQuantizedLayers({})(Before)
     tvm.ir.assert_structural_equal(after, Before)
+
+
+UNSIGNED = replace(ternary_conv_layer(16, 16), name="unsigned")
+SIGNED = replace(UNSIGNED, name="signed", act=ActQuant(0.0625, 8, signed=True))
+
+
+@I.ir_module
+class Blocked:
+    @R.function
+    def main(
+        x: R.Tensor((1, 1, 6, 6, 16), "float32"),
+        p_unsigned_weight: R.Tensor((16, 16, 3, 3), "float32"),
+        p_signed_weight: R.Tensor((16, 16, 3, 3), "float32"),
+    ):
+        with R.dataflow():
+            lv = R.nn.conv2d(
+                x, p_unsigned_weight, padding=[1, 1, 1, 1],
+                data_layout="NCHW16c", out_layout="NCHW16c",
+            )  # fmt: skip
+            lv1 = R.nn.conv2d(
+                lv, p_signed_weight, padding=[1, 1, 1, 1],
+                data_layout="NCHW16c", out_layout="NCHW16c",
+            )  # fmt: skip
+            R.output(lv1)
+        return lv1
+
+
+def test_blocked_layout_stays_blocked_where_the_core_computes_in_it():
+    """On the dot core the kernel reads and writes NCHW16c; the bitplane core (float group
+    scales on signed activations) computes in NCHW between two layout transforms."""
+    bb = relax.BlockBuilder()
+    blocked = relax.TensorType((1, 1, 6, 6, 16), "float32")
+    x = relax.Var("x", blocked)
+    weights = [relax.Var(f"p_{name}_weight", relax.TensorType((16, 16, 3, 3), "float32"))
+               for name in ("unsigned", "signed")]  # fmt: skip
+    with bb.function("main", [x, *weights]):
+        with bb.dataflow():
+            dot = kernel_call(bb, UNSIGNED, x, "int8-dot-vnni", layout=NCHW16C)
+            nchw = bb.emit(relax.op.layout_transform(dot, index_map(NCHW16C, NCHW)))
+            plain = kernel_call(bb, SIGNED, nchw, "bitplane")
+            out = bb.emit_output(relax.op.layout_transform(plain, index_map(NCHW, NCHW16C)))
+        bb.emit_func_output(out)
+    layers = {"p_unsigned_weight": UNSIGNED, "p_signed_weight": SIGNED}
+    after = LegalizeQuantizedLayers(layers, parse_target("llvm -mcpu=cascadelake"))(Blocked)
+    tvm.ir.assert_structural_equal(after, bb.finalize())

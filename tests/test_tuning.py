@@ -6,14 +6,16 @@ Tuning here is a few trials of one small kernel (CI never tunes more than a smok
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from helpers import ternary_conv_layer
 
 from fgq_tvm.errors import FGQError
+from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec
 from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.select import layer_kernels
+from fgq_tvm.schedules.layout import NCHW16C
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
 
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no 
 
 LAYER = ternary_conv_layer(32, 16, act_scale=0.05)
 SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
-TASK = KernelTask(LAYER, SHAPE, Epilogue(residual=True, relu=True))
+SPEC = KernelSpec(LAYER, SHAPE, "int8-dot-vnni", Epilogue(residual=True, relu=True), NCHW16C)
+TASK = KernelTask(SPEC)
 
 
 def records(folder) -> list[dict]:
@@ -45,10 +48,7 @@ def test_tuning_records_verified_schedules(tuned):
 def test_compile_takes_the_best_record_after_checking_it(tuned):
     folder, _ = tuned
     schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
-    default = layer_kernels(
-        "int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales", TASK.epilogue
-    )
-    func = schedules(default.layer.with_attrs(_attributes(TASK)))
+    func = schedules(SPEC.kernels().layer.with_attrs(SPEC.attributes("fgq_conv")))
     assert func is not None and TASK.verify(func, HOST) and not schedules.failed
 
 
@@ -56,10 +56,7 @@ def test_a_record_that_fails_the_check_is_not_used(tuned, monkeypatch):
     folder, _ = tuned
     monkeypatch.setattr(KernelTask, "verify", lambda self, func, target, seed=0: False)
     schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
-    default = layer_kernels(
-        "int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales", TASK.epilogue
-    )
-    assert schedules(default.layer.with_attrs(_attributes(TASK))) is None
+    assert schedules(SPEC.kernels().layer.with_attrs(SPEC.attributes("fgq_conv"))) is None
     assert schedules.failed == [TASK.name]
 
 
@@ -78,16 +75,6 @@ def test_unreadable_database_is_a_one_line_error(tmp_path):
 
 
 def test_verification_catches_a_kernel_of_other_arithmetic():
-    plain = layer_kernels("int8-dot-vnni", SHAPE, LAYER.act, "ternary_group_scales").layer
-    with_relu = KernelTask(LAYER, SHAPE, Epilogue(relu=True))
+    plain = replace(SPEC, epilogue=Epilogue()).kernels().layer
+    with_relu = KernelTask(replace(SPEC, epilogue=Epilogue(relu=True)))
     assert not with_relu.verify(plain, HOST)
-
-
-def _attributes(task: KernelTask) -> dict:
-    shape = task.shape
-    return {
-        "fgq.layer": task.layer.name,
-        "fgq.core": "int8-dot-vnni",
-        "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],
-        "fgq.epilogue": task.epilogue.name,
-    }

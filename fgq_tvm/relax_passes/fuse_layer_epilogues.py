@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 
 import tvm
 from tvm import relax
@@ -28,8 +29,7 @@ from tvm.relax.analysis import all_global_vars, free_vars
 
 from ..quant.layers import QuantizedLayer
 from ..schedules.conv2d import Epilogue
-from ..schedules.select import layer_kernels
-from .legalize_quantized_layers import layer_encoding, layer_shape
+from .legalize_quantized_layers import KernelSpec
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLayerEpilogues")
@@ -139,14 +139,10 @@ class _Fuser:
     def _fused_call(self, call: relax.Call, epilogue: Epilogue, residual) -> relax.Call:
         kernel_var, arguments = call.args[0], list(call.args[1].fields)
         kernel = self.builder.get()[kernel_var]
-        layer = self.layers[str(kernel.attrs["fgq.layer"])]
-        shape = layer_shape(layer, tuple(int(d) for d in arguments[0].ty.shape))
-        kernels = layer_kernels(
-            str(kernel.attrs["fgq.core"]), shape, layer.act, layer_encoding(layer), epilogue
-        )
+        spec = replace(KernelSpec.of(kernel, self.layers), epilogue=epilogue)
         name = f"{kernel_var.name_hint}_{epilogue.name}"
-        attrs = {**kernel.attrs, "global_symbol": name, "fgq.epilogue": epilogue.name}
-        new_var = self.builder.add_func(kernels.layer.with_attrs(attrs), name)
+        attrs = {**kernel.attrs, **spec.attributes(name)}
+        new_var = self.builder.add_func(spec.kernels().layer.with_attrs(attrs), name)
         if residual is not None:
             arguments.append(residual)
         return relax.call_tir(new_var, arguments, call.ty)

@@ -17,6 +17,10 @@ weights in another layout, the leading ones first go through
 ``R.call_tir(fgq_<layer>_pack, (...))``, a computation on constants only that
 :class:`~fgq_tvm.relax_passes.LiftConstantComputations` moves to load time.
 
+A conv2d in the blocked layout ``NCHW16c`` (as ``R.transform.ConvertLayout`` leaves it, see
+:mod:`~fgq_tvm.schedules.layout`) keeps it: its kernel reads and writes NCHW16c where the core
+computes in it, and otherwise sits between two ``R.layout_transform`` to and from NCHW.
+
 The weight parameters the pass rewrote are no longer used; binding the remaining parameters and
 running dead code elimination removes them.
 """
@@ -24,6 +28,7 @@ running dead code elimination removes them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -31,8 +36,16 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
-from ..schedules.conv2d import Conv2dShape, WeightEncoding, pack_bitplanes, to_kernel_layout
-from ..schedules.select import LayerKernels, layer_kernels, select_core
+from ..schedules.conv2d import (
+    NO_EPILOGUE,
+    Conv2dShape,
+    Epilogue,
+    WeightEncoding,
+    pack_bitplanes,
+    to_kernel_layout,
+)
+from ..schedules.layout import NCHW, NCHW16C, ActivationLayout, index_map, nchw_shape
+from ..schedules.select import Core, LayerKernels, kernel_layout, layer_kernels, select_core
 from ._mutation import mutate_relax_functions
 
 
@@ -56,18 +69,64 @@ def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
     return [plus, minus, alpha_q, layer.out_scale(), bias]
 
 
-def kernel_attributes(name: str, layer: QuantizedLayer, shape: Conv2dShape, core: str) -> dict:
-    """What a kernel PrimFunc records about itself: the layer it computes (``fgq.layer``), on
-    which core, for which NCHW input shape, and its epilogue (none yet: ``fgq.epilogue`` is
-    empty until :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues`)."""
-    input_shape = [shape.batch, shape.in_channels, shape.height, shape.width]
-    return {
-        "global_symbol": name,
-        "fgq.layer": layer.name,
-        "fgq.core": core,
-        "fgq.input_shape": input_shape,
-        "fgq.epilogue": "",
-    }
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a quantized kernel PrimFunc computes, as its ``fgq.*`` attributes record it.
+
+    Attributes
+    ----------
+    layer
+        The layer (``fgq.layer``: its name).
+    shape
+        Its geometry (``fgq.input_shape``: the NCHW input shape).
+    core
+        ``fgq.core``.
+    epilogue
+        ``fgq.epilogue``: empty until :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues`.
+    layout
+        ``fgq.layout``: the layout of the kernel's input, residual and output.
+    """
+
+    layer: QuantizedLayer
+    shape: Conv2dShape
+    core: Core
+    epilogue: Epilogue = NO_EPILOGUE
+    layout: ActivationLayout = NCHW
+
+    def kernels(self) -> LayerKernels:
+        """The PrimFuncs with their default schedules."""
+        encoding = layer_encoding(self.layer)
+        return layer_kernels(
+            self.core, self.shape, self.layer.act, encoding, self.epilogue, self.layout
+        )
+
+    def attributes(self, name: str) -> dict:
+        """The kernel PrimFunc's attributes, ``name`` its ``global_symbol``."""
+        shape = self.shape
+        return {
+            "global_symbol": name,
+            "fgq.layer": self.layer.name,
+            "fgq.core": self.core,
+            "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],
+            "fgq.epilogue": self.epilogue.name,
+            "fgq.layout": self.layout,
+        }
+
+    @staticmethod
+    def of(func, layers: Mapping[str, QuantizedLayer]) -> KernelSpec | None:
+        """The spec ``func``'s attributes record, or ``None`` if it is no quantized kernel."""
+        attrs = func.attrs if func.attrs is not None else {}
+        if "fgq.layer" not in attrs:
+            return None
+        layer = layers[str(attrs["fgq.layer"])]
+        input_shape = tuple(int(d) for d in attrs["fgq.input_shape"])
+        return KernelSpec(
+            layer,
+            layer_shape(layer, input_shape),
+            str(attrs["fgq.core"]),
+            Epilogue.parse(str(attrs["fgq.epilogue"])),
+            str(attrs["fgq.layout"]),
+        )
 
 
 def layer_shape(layer: QuantizedLayer, input_shape: tuple[int, int, int, int]) -> Conv2dShape:
@@ -93,7 +152,7 @@ class LegalizeQuantizedLayers:
         The :class:`tvm.target.Target` whose features pick each layer's core
         (:func:`~fgq_tvm.schedules.select.select_core`); ``None`` for the portable core.
 
-    Each kernel PrimFunc carries the attributes of :func:`kernel_attributes`.
+    Each kernel PrimFunc carries the attributes of :class:`KernelSpec`.
     """
 
     def __init__(self, layers: Mapping[str, QuantizedLayer], target=None):
@@ -119,7 +178,7 @@ class _Rewriter(PyExprMutator):
         if call.op.same_as(self.conv2d_op):
             layer = self._layer_of(call.args[1])
             if layer is not None:
-                return self._conv2d(call.args[0], layer)
+                return self._conv2d(call.args[0], layer, _activation_layout(call))
         elif call.op.same_as(self.matmul_op):
             weight = self._transposed_weight(call.args[1])
             layer = self._layer_of(weight) if weight is not None else None
@@ -138,18 +197,23 @@ class _Rewriter(PyExprMutator):
             return bound.args[0]
         return None
 
-    def _conv2d(self, x: relax.Expr, layer: QuantizedLayer) -> relax.Expr:
-        shape = layer_shape(layer, _static_shape(x))
-        encoding = layer_encoding(layer)
-        core = select_core(shape, layer.act, encoding, self.target)
-        kernels = layer_kernels(core, shape, layer.act, encoding)
+    def _conv2d(self, x: relax.Expr, layer: QuantizedLayer, layout: ActivationLayout = NCHW):
+        shape = layer_shape(layer, nchw_shape(_static_shape(x), layout))
+        core = select_core(shape, layer.act, layer_encoding(layer), self.target)
+        spec = KernelSpec(layer, shape, core, layout=kernel_layout(core, layout))
+        kernels = spec.kernels()
         name = "fgq_" + layer.name.replace(".", "_")
         stored = [relax.const(array) for array in kernel_arguments(layer)]
         prepared = self._pack(kernels, stored[: kernels.packed_arguments], name + "_pack")
-        attrs = kernel_attributes(name, layer, shape, core)
-        kernel = self.builder_.add_func(kernels.layer.with_attrs(attrs), name)
+        kernel = self.builder_.add_func(kernels.layer.with_attrs(spec.attributes(name)), name)
+        if spec.layout != layout:
+            x = self.builder_.emit(relax.op.layout_transform(x, index_map(layout, spec.layout)))
         args = [x, *prepared, *stored[kernels.packed_arguments :]]
-        return relax.call_tir(kernel, args, _tensor_type(kernels.output))
+        call = relax.call_tir(kernel, args, _tensor_type(kernels.output))
+        if spec.layout != layout:
+            y = self.builder_.emit(call)
+            return relax.op.layout_transform(y, index_map(spec.layout, layout))
+        return call
 
     def _pack(self, kernels: LayerKernels, stored: list[relax.Expr], name: str) -> list:
         """The pack's outputs (bound to variables), or nothing for cores without one."""
@@ -169,6 +233,14 @@ class _Rewriter(PyExprMutator):
         as_image = self.builder_.emit(relax.op.reshape(x, (batch, features, 1, 1)))
         out = self.builder_.emit(self._conv2d(as_image, layer))
         return relax.op.reshape(out, (batch, layer.weight.shape[0]))
+
+
+def _activation_layout(conv2d: relax.Call) -> ActivationLayout:
+    """The activation layout of a conv2d call: NCHW, or NCHW16c as ConvertLayout writes it."""
+    data, out = str(conv2d.attrs.data_layout), str(conv2d.attrs.out_layout)
+    if data != out or data not in (NCHW, NCHW16C):
+        raise ValueError(f"quantized conv2d in layout {data} -> {out}: only NCHW or NCHW16c")
+    return data
 
 
 def _tensor_type(spec: tuple[tuple[int, ...], str]) -> relax.TensorType:

@@ -40,6 +40,14 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
+from .layout import (
+    CHANNEL_BLOCK,
+    NCHW,
+    ActivationLayout,
+    activation_dims,
+    activation_placeholder,
+    element,
+)
 
 WeightEncoding = Literal["ternary_group_scales", "ternary_int8_scales", "int8"]
 WORD_BITS = 32
@@ -346,19 +354,25 @@ class Epilogue:
 NO_EPILOGUE = Epilogue()
 
 
-def output_stage(shape: Conv2dShape, value, epilogue: Epilogue) -> list[te.Tensor]:
-    """``y[b, k, oh, ow]`` from ``value(b, k, oh, ow)`` and the epilogue; returns
-    ``[residual, y]`` or ``[y]``."""
-    dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    residual = te.placeholder(dims, name="residual") if epilogue.residual else None
+def output_stage(
+    shape: Conv2dShape, value, epilogue: Epilogue, layout: ActivationLayout = NCHW
+) -> list[te.Tensor]:
+    """``y`` (in ``layout``) from ``value(b, k, oh, ow)`` and the epilogue; returns
+    ``[residual, y]`` or ``[y]`` (the residual in ``layout`` too)."""
+    nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    residual = activation_placeholder(layout, nchw, "residual") if epilogue.residual else None
 
     def output(b, k, oh, ow):
         y = value(b, k, oh, ow)
         if residual is not None:
-            y = y + residual[b, k, oh, ow]
+            y = y + element(residual, layout, b, k, oh, ow)
         return tirx.max(y, tirx.const(0.0, "float32")) if epilogue.relu else y
 
-    y = te.compute(dims, output, name="y")
+    def blocked_output(b, kb, oh, ow, ki):
+        return output(b, kb * CHANNEL_BLOCK + ki, oh, ow)
+
+    body = output if layout == NCHW else blocked_output
+    y = te.compute(activation_dims(layout, *nchw), body, name="y")
     return [residual, y] if residual is not None else [y]
 
 

@@ -13,13 +13,15 @@ numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). 
   signed activations also ``offset_sums[k] = 128 * sum w[k]``;
 * the **layer** (:func:`vnni_conv2d_compute`), run per inference:
 
-  1. ``xq``: the input quantized to uint8 in blocks of 4 channels, ``[B, C/4, H, W, 4]``.
-     ``vpdpbusd`` multiplies unsigned by signed bytes, so signed activations are stored plus
-     128 (padding included) and ``offset_sums`` is subtracted from the exact int32 sum;
-  2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and block of 4 channels, one
+  1. ``xq``: the input quantized to uint8 (:class:`QuantizedInput`), 4 consecutive channels
+     per 32-bit word: ``[B, C/4, H, W, 4]`` from an NCHW input, ``[B, C/16, H, W, 16]`` from
+     an NCHW16c one (:mod:`~fgq_tvm.schedules.layout`). ``vpdpbusd`` multiplies unsigned by
+     signed bytes, so signed activations are stored plus 128 (padding included) and
+     ``offset_sums`` is subtracted from the exact int32 sum;
+  2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and word of 4 channels, one
      ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
      adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
-  3. ``y``: the float output in NCHW, after the layer's
+  3. ``y``: the float output in the input's layout, after the layer's
      :class:`~fgq_tvm.schedules.conv2d.Epilogue` (residual add, ReLU).
 
 Schedule (:class:`VnniSchedule`): the (batch, channel block, row) loop in parallel; inside,
@@ -51,6 +53,7 @@ from .conv2d import (
     padded_extent,
 )
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
+from .layout import CHANNEL_BLOCK, NCHW, ActivationLayout, activation_placeholder, element
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
@@ -150,20 +153,26 @@ def vnni_pack_compute(
 
 
 def vnni_conv2d_compute(
-    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, epilogue: Epilogue = NO_EPILOGUE
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    epilogue: Epilogue = NO_EPILOGUE,
+    layout: ActivationLayout = NCHW,
 ) -> list[te.Tensor]:
     """TE compute of the layer; returns its arguments, output last.
 
     Arguments: ``x``, the pack's outputs (``wpack``, and ``offset_sums`` for signed
     activations), then the stored arguments the pack does not consume (``alpha`` for group
     scales, ``out_scale`` for the integer forms), ``bias`` and the epilogue's ``residual``.
+    ``x``, ``residual`` and ``y`` are in ``layout``.
     """
     k_h, k_w = shape.kernel
     out_blocks, channel_blocks = _blocks(shape)
-    x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
+    nchw = (shape.batch, shape.in_channels, shape.height, shape.width)
+    x = activation_placeholder(layout, nchw, "x")
     wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
     wpack = te.placeholder(wpack_dims, "int8", name="wpack")
-    xq = _blocked_input(x, shape, act, channel_blocks)
+    xq = QuantizedInput(x, shape, act, channel_blocks, layout)
     bias = te.placeholder((shape.out_channels,), name="bias")
     if encoding == "ternary_group_scales":
         alpha_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
@@ -174,7 +183,7 @@ def vnni_conv2d_compute(
         def rescale(b, k, oh, ow):
             return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
 
-        return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue)]
+        return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue, layout)]
     acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
@@ -186,31 +195,48 @@ def vnni_conv2d_compute(
         return dequantize(exact, out_scale[k]) + bias[k]
 
     packed = [wpack, offset_sums] if act.signed else [wpack]
-    return [x, *packed, out_scale, bias, *output_stage(shape, integer_value, epilogue)]
+    return [x, *packed, out_scale, bias, *output_stage(shape, integer_value, epilogue, layout)]
 
 
-def _blocked_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int) -> te.Tensor:
-    """``xq[b, cb, h, w, ci]``: uint8 (signed values plus :data:`ACT_OFFSET`), zero-padded
-    spatially and up to whole blocks of 4."""
-    pad_h, pad_w = shape.padding
-    height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
-    width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
-    scale = tirx.const(act.scale, "float32")
-    offset = ACT_OFFSET if act.signed else 0
+class QuantizedInput:
+    """The quantized input ``xq`` and how the dot core reads it: word ``(b, cb, h, w)``, byte
+    ``ci`` holds channel ``4 cb + ci``.
 
-    def quantize(b, cb, h, w, ci):
-        c = cb * DOT_DEPTH + ci
-        inside = tirx.all(
-            c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
-            w >= pad_w, w < shape.width + pad_w,
-        )  # fmt: skip
-        value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w] / scale
-        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
-        stored = (clamped + float(offset)).astype("uint8")
-        return tirx.if_then_else(inside, stored, tirx.const(offset, "uint8"))
+    ``xq`` is uint8 (signed values plus :data:`ACT_OFFSET`), zero-padded spatially and up to
+    whole blocks: ``[B, C/4, H, W, 4]`` from an NCHW input (words are the innermost axis),
+    ``[B, C/16, H, W, 16]`` from an NCHW16c one (elementwise: whole vectors in and out).
+    """
 
-    dims = (shape.batch, blocks, height, width, DOT_DEPTH)
-    return te.compute(dims, quantize, name="xq")
+    def __init__(self, x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int, layout):
+        pad_h, pad_w = shape.padding
+        height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
+        width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
+        scale = tirx.const(act.scale, "float32")
+        offset = ACT_OFFSET if act.signed else 0
+        self.lanes = DOT_DEPTH if layout == NCHW else CHANNEL_BLOCK
+
+        def quantize(b, cb, h, w, ci):
+            c = cb * self.lanes + ci
+            inside = tirx.all(
+                c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
+                w >= pad_w, w < shape.width + pad_w,
+            )  # fmt: skip
+            channel = tirx.min(c, shape.in_channels - 1)
+            value = element(x, layout, b, channel, h - pad_h, w - pad_w) / scale
+            clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
+            stored = (clamped + float(offset)).astype("uint8")
+            return tirx.if_then_else(inside, stored, tirx.const(offset, "uint8"))
+
+        lane_blocks = -(-blocks * DOT_DEPTH // self.lanes)
+        dims = (shape.batch, lane_blocks, height, width, self.lanes)
+        self.tensor = te.compute(dims, quantize, name="xq")
+
+    def __getitem__(self, index):
+        b, cb, h, w, ci = index
+        if self.lanes == DOT_DEPTH:
+            return self.tensor[b, cb, h, w, ci]
+        words = self.lanes // DOT_DEPTH
+        return self.tensor[b, cb // words, h, w, cb % words * DOT_DEPTH + ci]
 
 
 def _dot_accumulate(xq, wpack, shape: Conv2dShape, out_blocks: int, blocks: int) -> te.Tensor:
@@ -263,8 +289,7 @@ def schedule_vnni_conv2d(sch: Schedule, knobs: VnniSchedule | None = None) -> No
     ``knobs=None`` samples them instead (``sample_categorical``): the design space that
     MetaSchedule searches (:mod:`fgq_tvm.tuning`).
     """
-    xq_loops = sch.get_loops(sch.get_sblock("xq"))
-    sch.parallel(sch.fuse(*xq_loops[:2]))
+    _schedule_input(sch)
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     b, kb, oh, ow, ki, *reduction = sch.get_loops(acc)
@@ -290,6 +315,25 @@ def schedule_vnni_conv2d(sch: Schedule, knobs: VnniSchedule | None = None) -> No
         init = sch.decompose_reduction(acc, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(ow_inner)
+    _vectorize_blocked_output(sch)
+
+
+def _schedule_input(sch: Schedule) -> None:
+    """The quantize stage in parallel; from an NCHW16c input, whole rows per task and one
+    vector per pixel."""
+    b, blocks, h, _, lanes = sch.get_loops(sch.get_sblock("xq"))
+    if loop_extent(sch, lanes) == CHANNEL_BLOCK:
+        sch.parallel(sch.fuse(b, blocks, h))
+        sch.vectorize(lanes)
+    else:
+        sch.parallel(sch.fuse(b, blocks))
+
+
+def _vectorize_blocked_output(sch: Schedule) -> None:
+    """An NCHW16c output tile is stored one vector of 16 channels per column."""
+    y = sch.get_sblock("y")
+    if len(sch.get(y).iter_vars) == 5:
+        sch.vectorize(sch.get_loops(y)[-1])
 
 
 def _split(sch: Schedule, loop, factor: int | None, limit: int, unit: bool = True) -> list:
@@ -354,15 +398,20 @@ def vnni_conv2d_prim_func(
     encoding: WeightEncoding,
     knobs: VnniSchedule | None = None,
     epilogue: Epilogue = NO_EPILOGUE,
+    layout: ActivationLayout = NCHW,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one layer on the int8 dot core (weights packed)."""
-    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue))
+    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue, layout))
     schedule_vnni_conv2d(sch, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]
 
 
 def vnni_conv2d_workload(
-    shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, epilogue: Epilogue = NO_EPILOGUE
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    epilogue: Epilogue = NO_EPILOGUE,
+    layout: ActivationLayout = NCHW,
 ) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of the layer: what tuning records are keyed by."""
-    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue))
+    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue, layout))

@@ -11,7 +11,9 @@ Cores:
   weights directly.
 
 Both compute the same numbers (``reference_forward``) from the same stored arguments
-(:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`).
+(:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`). The int8 dot core
+reads and writes its activations in either layout of :mod:`~fgq_tvm.schedules.layout`, the
+bitplane core in NCHW only (:func:`kernel_layout`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..quant.layers import ActQuant
 from . import conv2d_vnni
 from .conv2d import NO_EPILOGUE, Conv2dShape, Epilogue, WeightEncoding, conv2d_prim_func
 from .intrinsics_x86 import has_vnni
+from .layout import NCHW, ActivationLayout, activation_dims, from_layout, to_layout
 
 Core = Literal["bitplane", "int8-dot-vnni"]
 
@@ -53,6 +56,8 @@ class LayerKernels:
         Shape and dtype of each array ``pack`` writes.
     packed_arguments
         How many leading stored arguments ``pack`` consumes.
+    layout
+        The layout of ``x``, the residual and ``y``.
     """
 
     core: Core
@@ -61,6 +66,7 @@ class LayerKernels:
     pack: tvm.tirx.PrimFunc | None = None
     prepared: tuple[TensorSpec, ...] = ()
     packed_arguments: int = 0
+    layout: ActivationLayout = NCHW
 
 
 def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, target) -> Core:
@@ -70,23 +76,39 @@ def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, tar
     return "bitplane"
 
 
+def kernel_layout(core: Core, layout: ActivationLayout) -> ActivationLayout:
+    """The layout ``core`` computes in when the network around it is in ``layout``."""
+    return layout if core == "int8-dot-vnni" else NCHW
+
+
 def layer_kernels(
     core: Core,
     shape: Conv2dShape,
     act: ActQuant,
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
+    layout: ActivationLayout = NCHW,
 ) -> LayerKernels:
-    """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule."""
-    output = (shape.batch, shape.out_channels, shape.out_height, shape.out_width), "float32"
+    """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule.
+
+    Raises
+    ------
+    ValueError
+        ``core`` does not compute in ``layout`` (see :func:`kernel_layout`).
+    """
+    if kernel_layout(core, layout) != layout:
+        raise ValueError(f"the {core} core computes in NCHW only, not {layout}")
+    nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    output = activation_dims(layout, *nchw), "float32"
     if core == "int8-dot-vnni":
         return LayerKernels(
             core,
-            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, epilogue=epilogue),
+            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, None, epilogue, layout),
             output,
             conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
             conv2d_vnni.prepared_types(shape, act),
             conv2d_vnni.PACKED_ARGUMENTS[encoding],
+            layout,
         )
     return LayerKernels(core, conv2d_prim_func(shape, act, encoding, epilogue=epilogue), output)
 
@@ -95,23 +117,26 @@ def layer_kernels(
 class BuiltLayer:
     """One layer's kernel built for a target, with its weights packed (see :func:`build_layer`).
 
-    Call it with a float32 NCHW input (and the epilogue's residual, if any) to get the output;
-    :meth:`arguments` gives the kernel's full argument list for timing ``module["main"]``.
+    Call it with a float32 NCHW input (and the epilogue's NCHW residual, if any) to get the
+    NCHW output, whatever the kernel's layout; :meth:`arguments` gives the kernel's full
+    argument list for timing ``module["main"]``.
     """
 
     module: tvm.runtime.Module
     constants: tuple
     output: TensorSpec
+    layout: ActivationLayout = NCHW
 
     def arguments(self, x: np.ndarray, *residual: np.ndarray) -> list:
-        """``x``, the prepared and stored arguments, ``residual`` and a fresh output tensor."""
-        inputs = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (x, *residual)]
+        """``x``, the prepared and stored arguments, ``residual`` (all three NCHW, passed in the
+        kernel's layout) and a fresh output tensor."""
+        inputs = [_tensor(to_layout(a, self.layout)) for a in (x, *residual)]
         return [inputs[0], *self.constants, *inputs[1:], _empty(*self.output)]
 
     def __call__(self, x: np.ndarray, *residual: np.ndarray) -> np.ndarray:
         arguments = self.arguments(x, *residual)
         self.module["main"](*arguments)
-        return arguments[-1].numpy()
+        return from_layout(arguments[-1].numpy(), self.layout)
 
 
 def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> BuiltLayer:
@@ -120,7 +145,7 @@ def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> 
     For tests and per-layer benchmarks; whole networks run the same PrimFuncs through the
     Relax VM (the packs in the module's ``prepare`` function).
     """
-    stored = [tvm.runtime.tensor(np.ascontiguousarray(array)) for array in stored]
+    stored = [_tensor(array) for array in stored]
     prepared = []
     with target:
         if kernels.pack is not None:
@@ -129,7 +154,11 @@ def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> 
             pack(*stored[: kernels.packed_arguments], *prepared)
         layer = tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target).jit()
     constants = (*prepared, *stored[kernels.packed_arguments :])
-    return BuiltLayer(layer, constants, kernels.output)
+    return BuiltLayer(layer, constants, kernels.output, kernels.layout)
+
+
+def _tensor(array: np.ndarray):
+    return tvm.runtime.tensor(np.ascontiguousarray(array))
 
 
 def _empty(shape: tuple[int, ...], dtype: str):

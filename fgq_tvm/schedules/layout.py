@@ -1,0 +1,88 @@
+"""Activation layouts between layers: plain ``NCHW``, or channels in blocks of 16 (``NCHW16c``).
+
+``NCHW16c`` stores element ``[b, c, h, w]`` at ``[b, c // 16, h, w, c % 16]``: one 64-byte float
+vector per pixel and channel block. It is the layout of the int8 dot core's register tile (16
+output channels per vector), so a kernel writes its output tile with whole vector stores and the
+next kernel quantizes its input with whole vector loads; in ``NCHW`` both are transposes
+(measured on ResNet-18's 56x56 layers: a third of the kernel's time). The network keeps one
+layout from its first blocked layer to its last (Relax's ``ConvertLayout``, see
+:func:`fgq_tvm.compiler.lower_to_relax`); channel counts that are not whole blocks stay ``NCHW``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from tvm import te
+
+ActivationLayout = Literal["NCHW", "NCHW16c"]
+NCHW: ActivationLayout = "NCHW"
+NCHW16C: ActivationLayout = "NCHW16c"
+CHANNEL_BLOCK = 16
+
+
+def activation_dims(
+    layout: ActivationLayout, batch: int, channels: int, height: int, width: int
+) -> tuple[int, ...]:
+    """The tensor shape of an NCHW activation of these dimensions in ``layout``."""
+    if layout == NCHW:
+        return batch, channels, height, width
+    _check_whole_blocks(channels)
+    return batch, channels // CHANNEL_BLOCK, height, width, CHANNEL_BLOCK
+
+
+def activation_placeholder(
+    layout: ActivationLayout, nchw: tuple[int, int, int, int], name: str
+) -> te.Tensor:
+    """A float32 placeholder holding an activation of NCHW shape ``nchw`` in ``layout``."""
+    return te.placeholder(activation_dims(layout, *nchw), name=name)
+
+
+def element(tensor: te.Tensor, layout: ActivationLayout, b, c, h, w):
+    """``tensor``'s element at NCHW position ``(b, c, h, w)``."""
+    if layout == NCHW:
+        return tensor[b, c, h, w]
+    return tensor[b, c // CHANNEL_BLOCK, h, w, c % CHANNEL_BLOCK]
+
+
+def to_layout(x: np.ndarray, layout: ActivationLayout) -> np.ndarray:
+    """An NCHW array in ``layout`` (NumPy reference of ``R.layout_transform``)."""
+    if layout == NCHW:
+        return x
+    batch, channels, height, width = x.shape
+    _check_whole_blocks(channels)
+    blocked = x.reshape(batch, channels // CHANNEL_BLOCK, CHANNEL_BLOCK, height, width)
+    return np.ascontiguousarray(blocked.transpose(0, 1, 3, 4, 2))
+
+
+def from_layout(y: np.ndarray, layout: ActivationLayout) -> np.ndarray:
+    """A ``layout`` array back in NCHW."""
+    if layout == NCHW:
+        return y
+    batch, blocks, height, width, lanes = y.shape
+    return np.ascontiguousarray(y.transpose(0, 1, 4, 2, 3)).reshape(
+        batch, blocks * lanes, height, width
+    )
+
+
+def index_map(source: ActivationLayout, target: ActivationLayout):
+    """The index map of ``R.layout_transform`` from ``source`` to ``target`` (different)."""
+    if (source, target) == (NCHW, NCHW16C):
+        return lambda b, c, h, w: (b, c // CHANNEL_BLOCK, h, w, c % CHANNEL_BLOCK)
+    if (source, target) == (NCHW16C, NCHW):
+        return lambda b, cb, h, w, ci: (b, cb * CHANNEL_BLOCK + ci, h, w)
+    raise ValueError(f"no layout transform from {source} to {target}")
+
+
+def nchw_shape(dims: tuple[int, ...], layout: ActivationLayout) -> tuple[int, int, int, int]:
+    """The NCHW shape of an activation whose ``layout`` tensor has shape ``dims``."""
+    if layout == NCHW:
+        return dims
+    batch, blocks, height, width, _ = dims
+    return batch, blocks * CHANNEL_BLOCK, height, width
+
+
+def _check_whole_blocks(channels: int) -> None:
+    if channels % CHANNEL_BLOCK:
+        raise ValueError(f"{NCHW16C} wants whole blocks of {CHANNEL_BLOCK} channels: {channels}")
