@@ -671,6 +671,7 @@ def time_layers(
     """:func:`time_layer` for every quantized layer of a compiled model, in model order."""
     from .relax_passes.legalize_quantized_layers import KernelSpec, layer_shape
     from .schedules.conv2d import Epilogue
+    from .schedules.layout import Layouts
 
     quantized = compiled.quantized
     shapes = layer_input_shapes(quantized, x)
@@ -681,7 +682,7 @@ def time_layers(
         row = rows[name]
         shape = layer_shape(layer, shapes[name])
         epilogue = Epilogue.parse(row["epilogue"])
-        spec = KernelSpec(layer, shape, row["core"], epilogue, row["layout"])
+        spec = KernelSpec(layer, shape, row["core"], epilogue, Layouts.parse(row["layout"]))
         results.append(time_layer(spec, target, repeats))
     return results
 

@@ -32,10 +32,12 @@ from .quant.layers import QuantizedLayer
 from .quant.quantize import QuantizedModel, quantize_model
 from .relax_passes import (
     ApplyTunedSchedules,
+    BlockKernelOutputs,
     FuseLayerEpilogues,
     LegalizeQuantizedLayers,
     LiftConstantComputations,
     PromoteAveragesToFloat64,
+    ScheduleGraphOperators,
     layer_encoding,
 )
 from .runtime import SIDECAR_FORMAT, sidecar_path
@@ -170,20 +172,23 @@ def lower_to_relax(
     exported = _export(quantized, input_shape)
     by_parameter = _layers_by_parameter(exported, quantized.layers)
     mod = from_exported_program(exported, keep_params_as_input=True)
+    mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
     if target is not None and has_vnni(target):
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [NCHW16C, "OIHW"]})(mod)
         mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
     mod = FuseLayerEpilogues(quantized.layers)(mod)
+    mod = BlockKernelOutputs(quantized.layers)(mod)
     if tuned is not None:
         mod = ApplyTunedSchedules(tuned)(mod)
     mod = PromoteAveragesToFloat64()(mod)
     mod, params = relax.frontend.detach_params(mod)
     names = [var.name for var in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
-    mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    return LiftConstantComputations()(mod)
+    mod = LiftConstantComputations()(mod)
+    return ScheduleGraphOperators()(relax.transform.LegalizeOps()(mod))
 
 
 def _export(quantized: QuantizedModel, input_shape: tuple[int, ...]):

@@ -77,7 +77,7 @@ class KernelTask:
     def _workload(self, act: ActQuant) -> tvm.tirx.PrimFunc:
         spec = self.spec
         encoding = layer_encoding(spec.layer)
-        return vnni_conv2d_workload(spec.shape, act, encoding, spec.epilogue, spec.layout)
+        return vnni_conv2d_workload(spec.shape, act, encoding, spec.epilogue, spec.layouts)
 
     def verify(self, func: tvm.tirx.PrimFunc, target, seed: int = 0) -> bool:
         """Whether ``func`` computes the layer and its epilogue bit for bit like the reference,

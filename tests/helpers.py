@@ -38,11 +38,12 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
 
 
 def kernel_call(
-    bb, layer, x, core="bitplane", epilogue=None, residual=None, emit=True, layout="NCHW"
+    bb, layer, x, core="bitplane", epilogue=None, residual=None, emit=True, layouts=None, name=None
 ):
     """Emit the calls LegalizeQuantizedLayers (and FuseLayerEpilogues, given an epilogue) make
-    for ``layer`` on ``x`` (in ``layout``): the load-time pack if the core has one, then the
-    kernel (returned unbound unless ``emit``)."""
+    for ``layer`` on ``x``: the load-time pack if the core has one, then the kernel (returned
+    unbound unless ``emit``); ``layouts`` (a ``Layouts``) default to NCHW, ``name`` to the
+    kernel's name in the passes."""
     from tvm import relax
 
     from fgq_tvm.relax_passes.legalize_quantized_layers import (
@@ -51,18 +52,20 @@ def kernel_call(
         layer_shape,
     )
     from fgq_tvm.schedules.conv2d import NO_EPILOGUE
-    from fgq_tvm.schedules.layout import nchw_shape
+    from fgq_tvm.schedules.layout import PLAIN, nchw_shape
 
     epilogue = epilogue or NO_EPILOGUE
-    shape = layer_shape(layer, nchw_shape(tuple(int(d) for d in x.ty.shape), layout))
-    spec = KernelSpec(layer, shape, core, epilogue, layout)
+    layouts = layouts or PLAIN
+    shape = layer_shape(layer, nchw_shape(tuple(int(d) for d in x.ty.shape), layouts.input))
+    spec = KernelSpec(layer, shape, core, epilogue, layouts)
     kernels = spec.kernels()
-    name = "fgq_" + layer.name
+    pack_name = "fgq_" + layer.name + "_pack"
     stored = [relax.const(a) for a in kernel_arguments(layer)]
     prepared = []
     if kernels.pack is not None:
         pack = bb.add_func(
-            kernels.pack.with_attrs({"global_symbol": name + "_pack"}), name + "_pack"
+            kernels.pack.with_attrs({"global_symbol": pack_name, "tirx.is_scheduled": True}),
+            pack_name,
         )
         types = [relax.TensorType(*spec) for spec in kernels.prepared]
         packed = bb.emit(
@@ -75,8 +78,8 @@ def kernel_call(
             if len(types) == 1
             else [bb.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
         )
-    if epilogue != NO_EPILOGUE:
-        name += "_" + epilogue.name
+    if name is None:
+        name = "fgq_" + layer.name + ("_" + epilogue.name if epilogue != NO_EPILOGUE else "")
     kernel = bb.add_func(kernels.layer.with_attrs(spec.attributes(name)), name)
     args = [
         x,

@@ -255,8 +255,9 @@ def test_compile_writes_module_and_summary(compiled):
     assert lines[0].split() == header
     vnni = has_vnni(parse_target(host_target()))
     core, blocked = ("int8-dot-vnni", "NCHW16c") if vnni else ("bitplane", "NCHW")
-    stem = ["conv1", "conv2d", "int8", "s8", "int8", core, "NCHW", "relu", "default"]
-    assert lines[1].split() == stem  # 3 input channels: no whole block of 16
+    stem_layouts = "NCHW->NCHW16c" if vnni else "NCHW"  # RGB input: no whole block of 16
+    stem = ["conv1", "conv2d", "int8", "s8", "int8", core, stem_layouts, "relu", "default"]
+    assert lines[1].split() == stem
     conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_group_scales"]
     conv2 = ["layer1.0.conv2", *conv1[1:]]
     rows = [line.split() for line in lines]

@@ -8,8 +8,8 @@ both schedule families):
   exact integer sums;
 * the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
   bitplane core (every encoding and schedule family) and for the int8 dot core with its
-  load-time weight pack (every encoding; signed activations for the integer encodings; NCHW
-  and NCHW16c activations; built for the host CPU).
+  load-time weight pack (every encoding; signed activations for the integer encodings; NCHW,
+  NCHW16c and NCHW in, NCHW16c out; built for the host CPU).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from fgq_tvm.schedules.conv2d import (
     reference_group_sums,
 )
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.layout import CHANNEL_BLOCK, NCHW, NCHW16C
+from fgq_tvm.schedules.layout import BLOCKED, CHANNEL_BLOCK, NCHW, NCHW16C, PLAIN, Layouts
 from fgq_tvm.schedules.select import LayerKernels, build_layer, layer_kernels, select_core
 from fgq_tvm.target import host_target, parse_target
 
@@ -47,17 +47,20 @@ TARGET = tvm.target.Target({"kind": "llvm"})
 GROUP_SIZES = (1, 3, 4, 16, 64)
 ENCODINGS = ("ternary_group_scales", "ternary_int8_scales", "int8")
 SHAPES_PER_ENCODING = 70
+LAYOUTS = (PLAIN, BLOCKED, Layouts(NCHW, NCHW16C))
 
 
 def random_layer(
-    rng: np.random.Generator, encoding: str, dense: bool = False, blocks: bool = False
+    rng: np.random.Generator, encoding: str, dense: bool = False, layouts: Layouts = PLAIN
 ) -> QuantizedLayer:
-    """A random quantized layer with a random geometry (``blocks``: whole blocks of 16 input
-    and output channels, as the NCHW16c layout wants)."""
+    """A random quantized layer with a random geometry (whole blocks of 16 channels where
+    ``layouts`` has NCHW16c)."""
     channels = int(rng.integers(1, 80))
     out_channels = int(rng.choice([int(rng.integers(1, 40)), 16, 32]))
-    if blocks:
-        channels, out_channels = (CHANNEL_BLOCK * int(rng.integers(1, 5)) for _ in range(2))
+    if layouts.input == NCHW16C:
+        channels = CHANNEL_BLOCK * int(rng.integers(1, 5))
+    if layouts.output == NCHW16C:
+        out_channels = CHANNEL_BLOCK * int(rng.integers(1, 5))
     kernel = 1 if dense else int(rng.choice([1, 3]))
     group_size = int(rng.choice(GROUP_SIZES))
     if encoding == "int8":
@@ -239,8 +242,8 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
     rng = np.random.default_rng(100 + ENCODINGS.index(encoding))
     mismatches = []
     for case in range(40):
-        layout = NCHW16C if case % 3 == 1 else NCHW
-        layer = random_layer(rng, encoding, dense=case % 9 == 0, blocks=layout == NCHW16C)
+        layouts = LAYOUTS[case % len(LAYOUTS)]
+        layer = random_layer(rng, encoding, dense=case % 9 == 0, layouts=layouts)
         if encoding == "ternary_group_scales":
             layer = replace(layer, act=replace(layer.act, signed=False))
             layer = replace(layer, group_size=int(rng.choice([4, 16, 64])))
@@ -249,10 +252,10 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
         shape = layer_shape(layer, as_image(x).shape)
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
         epilogue, residual, expected = with_epilogue(rng, expected)
-        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue, layout)
+        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue, layouts)
         actual = run_layer(kernels, layer, x, HOST, *residual)
         if not np.array_equal(actual, expected):
-            mismatches.append((case, shape, layout))
+            mismatches.append((case, shape, layouts.name))
     assert not mismatches
 
 

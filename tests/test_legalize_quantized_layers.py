@@ -14,7 +14,7 @@ from tvm.script import relax as R
 from fgq_tvm.config import LayerConfig
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer
 from fgq_tvm.relax_passes import LegalizeQuantizedLayers
-from fgq_tvm.schedules.layout import NCHW, NCHW16C, index_map
+from fgq_tvm.schedules.layout import BLOCKED, NCHW, NCHW16C, index_map
 from fgq_tvm.target import parse_target
 
 RNG = np.random.default_rng(0)
@@ -140,7 +140,7 @@ def test_blocked_layout_stays_blocked_where_the_core_computes_in_it():
                for name in ("unsigned", "signed")]  # fmt: skip
     with bb.function("main", [x, *weights]):
         with bb.dataflow():
-            dot = kernel_call(bb, UNSIGNED, x, "int8-dot-vnni", layout=NCHW16C)
+            dot = kernel_call(bb, UNSIGNED, x, "int8-dot-vnni", layouts=BLOCKED)
             nchw = bb.emit(relax.op.layout_transform(dot, index_map(NCHW16C, NCHW)))
             plain = kernel_call(bb, SIGNED, nchw, "bitplane")
             out = bb.emit_output(relax.op.layout_transform(plain, index_map(NCHW, NCHW16C)))

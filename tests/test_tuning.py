@@ -15,7 +15,7 @@ from fgq_tvm.errors import FGQError
 from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec
 from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.layout import NCHW16C
+from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no 
 
 LAYER = ternary_conv_layer(32, 16, act_scale=0.05)
 SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
-SPEC = KernelSpec(LAYER, SHAPE, "int8-dot-vnni", Epilogue(residual=True, relu=True), NCHW16C)
+SPEC = KernelSpec(LAYER, SHAPE, "int8-dot-vnni", Epilogue(residual=True, relu=True), BLOCKED)
 TASK = KernelTask(SPEC)
 
 

@@ -19,16 +19,15 @@ result is bit-identical, and the activations make one trip through memory instea
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 
 import tvm
 from tvm import relax
-from tvm.relax.analysis import all_global_vars, free_vars
 
 from ..quant.layers import QuantizedLayer
 from ..schedules.conv2d import Epilogue
+from ._mutation import variable_uses, without_unused_kernels
 from .legalize_quantized_layers import KernelSpec
 
 
@@ -51,22 +50,7 @@ class FuseLayerEpilogues:
         for global_var, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 builder.update_func(global_var, _Fuser(builder, self.layers).rewrite(func))
-        return _without_unused_kernels(builder.finalize())
-
-
-def _without_unused_kernels(mod: tvm.IRModule) -> tvm.IRModule:
-    """``mod`` without the layer kernels that no Relax function calls any more (they carry a
-    ``global_symbol``, so dead code elimination would keep them)."""
-    used = set()
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            used.update(var.name_hint for var in all_global_vars(func))
-    kept = {
-        var: func
-        for var, func in mod.functions_items()
-        if var.name_hint in used or "fgq.layer" not in (func.attrs or {})
-    }
-    return tvm.IRModule(kept, mod.attrs, mod.global_infos)
+        return without_unused_kernels(builder.finalize())
 
 
 class _Fuser:
@@ -82,9 +66,7 @@ class _Fuser:
     def rewrite(self, func: relax.Function) -> relax.Function:
         bindings = [b for block in func.body.blocks for b in block.bindings]
         self.values = {b.var: b.value for b in bindings if isinstance(b, relax.VarBinding)}
-        self.uses = Counter(free_vars(func.body.body))
-        for value in self.values.values():
-            self.uses.update(free_vars(value))
+        self.uses = variable_uses(func)
         replaced: dict = {}
         dropped: set = set()
         for binding in reversed(bindings):  # outermost operation first: the longest chain

@@ -44,8 +44,16 @@ from ..schedules.conv2d import (
     pack_bitplanes,
     to_kernel_layout,
 )
-from ..schedules.layout import NCHW, NCHW16C, ActivationLayout, index_map, nchw_shape
-from ..schedules.select import Core, LayerKernels, kernel_layout, layer_kernels, select_core
+from ..schedules.layout import (
+    NCHW,
+    NCHW16C,
+    PLAIN,
+    ActivationLayout,
+    Layouts,
+    index_map,
+    nchw_shape,
+)
+from ..schedules.select import Core, LayerKernels, kernel_layouts, layer_kernels, select_core
 from ._mutation import mutate_relax_functions
 
 
@@ -69,6 +77,9 @@ def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
     return [plus, minus, alpha_q, layer.out_scale(), bias]
 
 
+SCHEDULED = "tirx.is_scheduled"  # kernels and packs come scheduled
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """What a quantized kernel PrimFunc computes, as its ``fgq.*`` attributes record it.
@@ -83,21 +94,21 @@ class KernelSpec:
         ``fgq.core``.
     epilogue
         ``fgq.epilogue``: empty until :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues`.
-    layout
-        ``fgq.layout``: the layout of the kernel's input, residual and output.
+    layouts
+        ``fgq.layout``: the layouts of the kernel's input and output (and residual).
     """
 
     layer: QuantizedLayer
     shape: Conv2dShape
     core: Core
     epilogue: Epilogue = NO_EPILOGUE
-    layout: ActivationLayout = NCHW
+    layouts: Layouts = PLAIN
 
     def kernels(self) -> LayerKernels:
         """The PrimFuncs with their default schedules."""
         encoding = layer_encoding(self.layer)
         return layer_kernels(
-            self.core, self.shape, self.layer.act, encoding, self.epilogue, self.layout
+            self.core, self.shape, self.layer.act, encoding, self.epilogue, self.layouts
         )
 
     def attributes(self, name: str) -> dict:
@@ -105,11 +116,12 @@ class KernelSpec:
         shape = self.shape
         return {
             "global_symbol": name,
+            SCHEDULED: True,
             "fgq.layer": self.layer.name,
             "fgq.core": self.core,
             "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],
             "fgq.epilogue": self.epilogue.name,
-            "fgq.layout": self.layout,
+            "fgq.layout": self.layouts.name,
         }
 
     @staticmethod
@@ -125,7 +137,7 @@ class KernelSpec:
             layer_shape(layer, input_shape),
             str(attrs["fgq.core"]),
             Epilogue.parse(str(attrs["fgq.epilogue"])),
-            str(attrs["fgq.layout"]),
+            Layouts.parse(str(attrs["fgq.layout"])),
         )
 
 
@@ -200,26 +212,28 @@ class _Rewriter(PyExprMutator):
     def _conv2d(self, x: relax.Expr, layer: QuantizedLayer, layout: ActivationLayout = NCHW):
         shape = layer_shape(layer, nchw_shape(_static_shape(x), layout))
         core = select_core(shape, layer.act, layer_encoding(layer), self.target)
-        spec = KernelSpec(layer, shape, core, layout=kernel_layout(core, layout))
+        spec = KernelSpec(layer, shape, core, layouts=kernel_layouts(core, Layouts(layout, layout)))
         kernels = spec.kernels()
         name = "fgq_" + layer.name.replace(".", "_")
         stored = [relax.const(array) for array in kernel_arguments(layer)]
         prepared = self._pack(kernels, stored[: kernels.packed_arguments], name + "_pack")
         kernel = self.builder_.add_func(kernels.layer.with_attrs(spec.attributes(name)), name)
-        if spec.layout != layout:
-            x = self.builder_.emit(relax.op.layout_transform(x, index_map(layout, spec.layout)))
+        computed = spec.layouts.input
+        if computed != layout:
+            x = self.builder_.emit(relax.op.layout_transform(x, index_map(layout, computed)))
         args = [x, *prepared, *stored[kernels.packed_arguments :]]
         call = relax.call_tir(kernel, args, _tensor_type(kernels.output))
-        if spec.layout != layout:
+        if computed != layout:
             y = self.builder_.emit(call)
-            return relax.op.layout_transform(y, index_map(spec.layout, layout))
+            return relax.op.layout_transform(y, index_map(computed, layout))
         return call
 
     def _pack(self, kernels: LayerKernels, stored: list[relax.Expr], name: str) -> list:
         """The pack's outputs (bound to variables), or nothing for cores without one."""
         if kernels.pack is None:
             return []
-        pack = self.builder_.add_func(kernels.pack.with_attrs({"global_symbol": name}), name)
+        attrs = {"global_symbol": name, SCHEDULED: True}
+        pack = self.builder_.add_func(kernels.pack.with_attrs(attrs), name)
         types = [_tensor_type(spec) for spec in kernels.prepared]
         packed = self.builder_.emit(
             relax.call_tir(pack, stored, types[0] if len(types) == 1 else types)

@@ -21,7 +21,7 @@ numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). 
   2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and word of 4 channels, one
      ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
      adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
-  3. ``y``: the float output in the input's layout, after the layer's
+  3. ``y``: the float output (NCHW or NCHW16c, whatever the input's), after the layer's
      :class:`~fgq_tvm.schedules.conv2d.Epilogue` (residual add, ReLU).
 
 Schedule (:class:`VnniSchedule`): the (batch, channel block, row) loop in parallel; inside,
@@ -53,7 +53,7 @@ from .conv2d import (
     padded_extent,
 )
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
-from .layout import CHANNEL_BLOCK, NCHW, ActivationLayout, activation_placeholder, element
+from .layout import CHANNEL_BLOCK, NCHW, PLAIN, Layouts, activation_placeholder, element
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
@@ -157,22 +157,22 @@ def vnni_conv2d_compute(
     act: ActQuant,
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
-    layout: ActivationLayout = NCHW,
+    layouts: Layouts = PLAIN,
 ) -> list[te.Tensor]:
     """TE compute of the layer; returns its arguments, output last.
 
     Arguments: ``x``, the pack's outputs (``wpack``, and ``offset_sums`` for signed
     activations), then the stored arguments the pack does not consume (``alpha`` for group
     scales, ``out_scale`` for the integer forms), ``bias`` and the epilogue's ``residual``.
-    ``x``, ``residual`` and ``y`` are in ``layout``.
+    ``x`` is in ``layouts.input``, ``residual`` and ``y`` in ``layouts.output``.
     """
     k_h, k_w = shape.kernel
     out_blocks, channel_blocks = _blocks(shape)
     nchw = (shape.batch, shape.in_channels, shape.height, shape.width)
-    x = activation_placeholder(layout, nchw, "x")
+    x = activation_placeholder(layouts.input, nchw, "x")
     wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
     wpack = te.placeholder(wpack_dims, "int8", name="wpack")
-    xq = QuantizedInput(x, shape, act, channel_blocks, layout)
+    xq = QuantizedInput(x, shape, act, channel_blocks, layouts.input)
     bias = te.placeholder((shape.out_channels,), name="bias")
     if encoding == "ternary_group_scales":
         alpha_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
@@ -183,7 +183,7 @@ def vnni_conv2d_compute(
         def rescale(b, k, oh, ow):
             return (acc[b, k // LANES, oh, ow, k % LANES] * scale).astype("float32") + bias[k]
 
-        return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue, layout)]
+        return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue, layouts.output)]
     acc = _dot_accumulate(xq, wpack, shape, out_blocks, channel_blocks)
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
@@ -195,7 +195,8 @@ def vnni_conv2d_compute(
         return dequantize(exact, out_scale[k]) + bias[k]
 
     packed = [wpack, offset_sums] if act.signed else [wpack]
-    return [x, *packed, out_scale, bias, *output_stage(shape, integer_value, epilogue, layout)]
+    y = output_stage(shape, integer_value, epilogue, layouts.output)
+    return [x, *packed, out_scale, bias, *y]
 
 
 class QuantizedInput:
@@ -398,10 +399,10 @@ def vnni_conv2d_prim_func(
     encoding: WeightEncoding,
     knobs: VnniSchedule | None = None,
     epilogue: Epilogue = NO_EPILOGUE,
-    layout: ActivationLayout = NCHW,
+    layouts: Layouts = PLAIN,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one layer on the int8 dot core (weights packed)."""
-    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue, layout))
+    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue, layouts))
     schedule_vnni_conv2d(sch, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]
 
@@ -411,7 +412,7 @@ def vnni_conv2d_workload(
     act: ActQuant,
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
-    layout: ActivationLayout = NCHW,
+    layouts: Layouts = PLAIN,
 ) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of the layer: what tuning records are keyed by."""
-    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue, layout))
+    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue, layouts))

@@ -11,6 +11,7 @@ layout from its first blocked layer to its last (Relax's ``ConvertLayout``, see
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -20,6 +21,35 @@ ActivationLayout = Literal["NCHW", "NCHW16c"]
 NCHW: ActivationLayout = "NCHW"
 NCHW16C: ActivationLayout = "NCHW16c"
 CHANNEL_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """The layouts of a kernel's input and of its output (and residual).
+
+    A stem conv whose input channels are no whole block (an RGB image) reads NCHW and may
+    write NCHW16c, so that the network is blocked from its first layer on.
+    """
+
+    input: ActivationLayout = "NCHW"
+    output: ActivationLayout = "NCHW"
+
+    @property
+    def name(self) -> str:
+        """``NCHW``, ``NCHW16c`` or ``NCHW->NCHW16c`` (:meth:`parse` reads it back)."""
+        return self.input if self.input == self.output else f"{self.input}->{self.output}"
+
+    @staticmethod
+    def parse(name: str) -> Layouts:
+        """The layouts called ``name`` (see :attr:`name`)."""
+        source, _, target = name.partition("->")
+        if not {source, target or source} <= {NCHW, NCHW16C}:
+            raise ValueError(f"unknown layouts {name!r}")
+        return Layouts(source, target or source)
+
+
+PLAIN = Layouts()
+BLOCKED = Layouts(NCHW16C, NCHW16C)
 
 
 def activation_dims(

@@ -13,7 +13,7 @@ Cores:
 Both compute the same numbers (``reference_forward``) from the same stored arguments
 (:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`). The int8 dot core
 reads and writes its activations in either layout of :mod:`~fgq_tvm.schedules.layout`, the
-bitplane core in NCHW only (:func:`kernel_layout`).
+bitplane core in NCHW only (:func:`kernel_layouts`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..quant.layers import ActQuant
 from . import conv2d_vnni
 from .conv2d import NO_EPILOGUE, Conv2dShape, Epilogue, WeightEncoding, conv2d_prim_func
 from .intrinsics_x86 import has_vnni
-from .layout import NCHW, ActivationLayout, activation_dims, from_layout, to_layout
+from .layout import PLAIN, Layouts, activation_dims, from_layout, to_layout
 
 Core = Literal["bitplane", "int8-dot-vnni"]
 
@@ -56,8 +56,8 @@ class LayerKernels:
         Shape and dtype of each array ``pack`` writes.
     packed_arguments
         How many leading stored arguments ``pack`` consumes.
-    layout
-        The layout of ``x``, the residual and ``y``.
+    layouts
+        The layout of ``x``, and that of the residual and ``y``.
     """
 
     core: Core
@@ -66,7 +66,7 @@ class LayerKernels:
     pack: tvm.tirx.PrimFunc | None = None
     prepared: tuple[TensorSpec, ...] = ()
     packed_arguments: int = 0
-    layout: ActivationLayout = NCHW
+    layouts: Layouts = PLAIN
 
 
 def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, target) -> Core:
@@ -76,9 +76,9 @@ def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, tar
     return "bitplane"
 
 
-def kernel_layout(core: Core, layout: ActivationLayout) -> ActivationLayout:
-    """The layout ``core`` computes in when the network around it is in ``layout``."""
-    return layout if core == "int8-dot-vnni" else NCHW
+def kernel_layouts(core: Core, layouts: Layouts) -> Layouts:
+    """The layouts ``core`` computes in where the network around it wants ``layouts``."""
+    return layouts if core == "int8-dot-vnni" else PLAIN
 
 
 def layer_kernels(
@@ -87,28 +87,28 @@ def layer_kernels(
     act: ActQuant,
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
-    layout: ActivationLayout = NCHW,
+    layouts: Layouts = PLAIN,
 ) -> LayerKernels:
     """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule.
 
     Raises
     ------
     ValueError
-        ``core`` does not compute in ``layout`` (see :func:`kernel_layout`).
+        ``core`` does not compute in ``layouts`` (see :func:`kernel_layouts`).
     """
-    if kernel_layout(core, layout) != layout:
-        raise ValueError(f"the {core} core computes in NCHW only, not {layout}")
+    if kernel_layouts(core, layouts) != layouts:
+        raise ValueError(f"the {core} core computes in NCHW only, not {layouts.name}")
     nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    output = activation_dims(layout, *nchw), "float32"
+    output = activation_dims(layouts.output, *nchw), "float32"
     if core == "int8-dot-vnni":
         return LayerKernels(
             core,
-            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, None, epilogue, layout),
+            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, None, epilogue, layouts),
             output,
             conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
             conv2d_vnni.prepared_types(shape, act),
             conv2d_vnni.PACKED_ARGUMENTS[encoding],
-            layout,
+            layouts,
         )
     return LayerKernels(core, conv2d_prim_func(shape, act, encoding, epilogue=epilogue), output)
 
@@ -125,18 +125,19 @@ class BuiltLayer:
     module: tvm.runtime.Module
     constants: tuple
     output: TensorSpec
-    layout: ActivationLayout = NCHW
+    layouts: Layouts = PLAIN
 
     def arguments(self, x: np.ndarray, *residual: np.ndarray) -> list:
-        """``x``, the prepared and stored arguments, ``residual`` (all three NCHW, passed in the
-        kernel's layout) and a fresh output tensor."""
-        inputs = [_tensor(to_layout(a, self.layout)) for a in (x, *residual)]
-        return [inputs[0], *self.constants, *inputs[1:], _empty(*self.output)]
+        """``x``, the prepared and stored arguments, ``residual`` (both NCHW, passed in the
+        kernel's layouts) and a fresh output tensor."""
+        image = _tensor(to_layout(x, self.layouts.input))
+        residual = [_tensor(to_layout(r, self.layouts.output)) for r in residual]
+        return [image, *self.constants, *residual, _empty(*self.output)]
 
     def __call__(self, x: np.ndarray, *residual: np.ndarray) -> np.ndarray:
         arguments = self.arguments(x, *residual)
         self.module["main"](*arguments)
-        return from_layout(arguments[-1].numpy(), self.layout)
+        return from_layout(arguments[-1].numpy(), self.layouts.output)
 
 
 def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> BuiltLayer:
@@ -154,7 +155,7 @@ def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> 
             pack(*stored[: kernels.packed_arguments], *prepared)
         layer = tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target).jit()
     constants = (*prepared, *stored[kernels.packed_arguments :])
-    return BuiltLayer(layer, constants, kernels.output, kernels.layout)
+    return BuiltLayer(layer, constants, kernels.output, kernels.layouts)
 
 
 def _tensor(array: np.ndarray):
