@@ -5,15 +5,18 @@ Tuning here is a few trials of one small kernel (CI never tunes more than a smok
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
 import pytest
 from helpers import ternary_conv_layer
+from tvm.s_tir import Schedule
 
 from fgq_tvm.errors import FGQError
 from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec
 from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
+from fgq_tvm.schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
@@ -78,3 +81,19 @@ def test_verification_catches_a_kernel_of_other_arithmetic():
     plain = replace(SPEC, epilogue=Epilogue()).kernels().layer
     with_relu = KernelTask(replace(SPEC, epilogue=Epilogue(relu=True)))
     assert not with_relu.verify(plain, HOST)
+
+
+@pytest.mark.parametrize("encoding", ["ternary_int8_scales", "ternary_group_scales"])
+def test_every_point_of_the_space_replays(encoding):
+    """MetaSchedule mutates a trace's sampled decisions and replays it: every combination of
+    knobs must replay the same schedule steps (a loop that vanishes for one tile size would
+    change the outputs of a later step)."""
+    workload = vnni_conv2d_workload(SHAPE, LAYER.act, encoding, SPEC.epilogue, BLOCKED)
+    sampled = Schedule(workload)
+    schedule_vnni_conv2d(sampled)
+    samples = [i for i in sampled.trace.insts if i.kind.name == "SampleCategorical"]
+    for picks in itertools.product(*(range(len(i.attrs[0])) for i in samples)):
+        trace = sampled.trace
+        for instruction, pick in zip(samples, picks, strict=True):
+            trace = trace.with_decision(instruction, pick, remove_postproc=True)
+        trace.apply_to_schedule(Schedule(workload), remove_postproc=False)
