@@ -46,6 +46,7 @@ import numpy as np
 
 from .errors import FGQError, UsageError
 from .target import TUNING_LOGS
+from .threads import thread_settings
 
 if TYPE_CHECKING:
     import torch
@@ -346,25 +347,6 @@ def time_runs(run: Callable[[], object], repeats: int, warmup: int) -> list[floa
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return times
-
-
-@contextlib.contextmanager
-def thread_settings(threads: int) -> Iterator[None]:
-    """Run PyTorch and TVM with ``threads`` threads (TVM reads ``TVM_NUM_THREADS``)."""
-    import torch
-
-    previous_torch = torch.get_num_threads()
-    previous_env = os.environ.get("TVM_NUM_THREADS")
-    torch.set_num_threads(threads)
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous_torch)
-        if previous_env is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = previous_env
 
 
 @contextlib.contextmanager

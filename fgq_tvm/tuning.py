@@ -38,12 +38,12 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
-from .bench import thread_settings
 from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .relax_passes.legalize_quantized_layers import KernelSpec, kernel_arguments, layer_encoding
 from .schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
 from .schedules.select import build_layer
+from .threads import thread_settings
 
 TUNED_CORE = "int8-dot-vnni"
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
