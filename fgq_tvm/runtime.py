@@ -136,14 +136,16 @@ def load(path: str | os.PathLike) -> CompiledModel:
     Raises
     ------
     FGQError
-        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format, or the
-        file is not a loadable shared library (truncated, foreign, built for another machine).
+        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format, the
+        file is not a loadable shared library (truncated, foreign, built for another machine),
+        or it was compiled for a CPU with instructions this one lacks (:func:`missing_extensions`).
     """
     path = Path(path)
     if not path.is_file():
         raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
     info = read_sidecar(path)
     _check_elf(path)
+    _check_cpu(path, info)
     vm = _virtual_machine(path)
     return CompiledModel(path, info, vm, _prepare(path, vm))
 
@@ -229,6 +231,82 @@ def _elf_extents(path: Path, handle: BinaryIO) -> list[int]:
         if kind == _PT_LOAD:
             extents.append(offset + file_size)
     return extents
+
+
+# LLVM's names of the x86 extensions compiled code may use, with their /proc/cpuinfo flags
+# (AMX is left out: LLVM emits it only for its intrinsics, which fgq-tvm never calls).
+X86_EXTENSIONS = {
+    "sse4.1": "sse4_1",
+    "sse4.2": "sse4_2",
+    "sse4a": "sse4a",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "bmi2": "bmi2",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd",
+    "avx512vnni": "avx512_vnni",
+    "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512bitalg": "avx512_bitalg",
+    "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2",
+    "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni",
+    "gfni": "gfni",
+}  # fmt: skip
+
+
+def missing_extensions(target: str, host_flags: set[str]) -> list[str]:
+    """The x86 extensions code compiled for ``target`` (the sidecar's ``target``: a TVM target
+    as JSON) may use and a CPU with ``host_flags`` (``/proc/cpuinfo`` flags) lacks.
+
+    Empty when ``target`` is no x86 LLVM target or this TVM has no LLVM to ask (a runtime-only
+    installation): the check is then left to the loader.
+    """
+    try:
+        from tvm.target import Target, codegen
+
+        compiled_for = Target(json.loads(target))
+        if str(compiled_for.kind.name) != "llvm" or not compiled_for.attrs.get("mcpu"):
+            return []
+        return [
+            name
+            for name, flag in X86_EXTENSIONS.items()
+            if flag not in host_flags and codegen.llvm_cpu_has_features([name], compiled_for)
+        ]
+    except (ImportError, AttributeError, ValueError):
+        return []
+
+
+def _host_flags() -> set[str] | None:
+    """The CPU flags of ``/proc/cpuinfo`` (``None`` where there is none to read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else None
+
+
+def _check_cpu(path: Path, info: dict) -> None:
+    """Refuse a module whose code this CPU cannot run (it would die of an illegal
+    instruction, not raise an error)."""
+    flags = _host_flags()
+    target = info.get("target")
+    if flags is None or not isinstance(target, str):
+        return
+    missing = missing_extensions(target, flags)
+    if missing:
+        raise FGQError(
+            f"{path} was compiled for another CPU ({target}) and may use {', '.join(missing)}, "
+            "which this CPU lacks; recompile it here (fgq-tvm compile targets the host CPU by "
+            "default)"
+        )
 
 
 def _virtual_machine(path: Path):

@@ -154,6 +154,24 @@ def test_foreign_shared_library(copy_of):
         fgq_tvm.load(path)
 
 
+def test_module_for_a_cpu_with_more_extensions_is_refused(tiny, copy_of, monkeypatch):
+    path = copy_of(tiny.read_bytes())
+    cascadelake = json.dumps({"kind": "llvm", "mcpu": "cascadelake"})
+    runtime.sidecar_path(path).write_text(json.dumps({**SIDECAR, "target": cascadelake}))
+    monkeypatch.setattr(runtime, "_host_flags", lambda: {"sse4_1", "sse4_2", "avx", "avx2"})
+    with pytest.raises(FGQError, match="compiled for another CPU .* avx512vnni.* recompile it"):
+        fgq_tvm.load(path)
+
+
+def test_module_for_this_cpu_loads(tiny, copy_of):
+    from fgq_tvm.target import host_target, parse_target
+
+    path = copy_of(tiny.read_bytes())
+    host = str(parse_target(host_target()))
+    runtime.sidecar_path(path).write_text(json.dumps({**SIDECAR, "target": host}))
+    assert fgq_tvm.load(path)(batch(2)).shape == (2, 3)
+
+
 def test_sidecar_sits_beside_the_module():
     assert runtime.sidecar_path("a/m.so") == Path("a/m.so.json")
 
