@@ -258,7 +258,7 @@ X86_EXTENSIONS = {
     "avx512fp16": "avx512_fp16",
     "avxvnni": "avx_vnni",
     "gfni": "gfni",
-}  # fmt: skip
+}
 
 
 def missing_extensions(target: str, host_flags: set[str]) -> list[str]:

@@ -51,6 +51,7 @@ def kernel_call(
         kernel_arguments,
         layer_shape,
     )
+    from fgq_tvm.relax_passes.schedule_graph_operators import SCHEDULED
     from fgq_tvm.schedules.conv2d import NO_EPILOGUE
     from fgq_tvm.schedules.layout import PLAIN, nchw_shape
 
@@ -64,7 +65,7 @@ def kernel_call(
     prepared = []
     if kernels.pack is not None:
         pack = bb.add_func(
-            kernels.pack.with_attrs({"global_symbol": pack_name, "tirx.is_scheduled": True}),
+            kernels.pack.with_attrs({"global_symbol": pack_name, SCHEDULED: True}),
             pack_name,
         )
         types = [relax.TensorType(*spec) for spec in kernels.prepared]

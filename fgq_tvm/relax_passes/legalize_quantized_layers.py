@@ -55,6 +55,7 @@ from ..schedules.layout import (
 )
 from ..schedules.select import Core, LayerKernels, kernel_layouts, layer_kernels, select_core
 from ._mutation import mutate_relax_functions
+from .schedule_graph_operators import SCHEDULED  # kernels and packs come scheduled
 
 
 def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
@@ -75,9 +76,6 @@ def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
         return [plus, minus, to_kernel_layout(layer.group_scale.astype(np.float32)), bias]
     alpha_q = to_kernel_layout(layer.group_scale_q.astype(np.int8))
     return [plus, minus, alpha_q, layer.out_scale(), bias]
-
-
-SCHEDULED = "tirx.is_scheduled"  # kernels and packs come scheduled
 
 
 @dataclass(frozen=True)

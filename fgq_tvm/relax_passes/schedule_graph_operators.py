@@ -1,9 +1,8 @@
 """ScheduleGraphOperators: parallel loops for the operators between the quantized kernels.
 
 ``tvm.compile``'s CPU pipeline builds the PrimFuncs that ``LegalizeOps`` makes of the remaining
-Relax operators (max pooling, layout transforms, means, pads) as single-threaded loop nests: on
-ResNet-18 the stem's max pooling and the one layout transform took 0.8 ms, a tenth of the
-network. This pass rewrites every PrimFunc that is not yet scheduled (the quantized kernels and
+Relax operators (max pooling, layout transforms, means, pads) as single-threaded loop nests.
+This pass rewrites every PrimFunc that is not yet scheduled (the quantized kernels and
 their packs carry ``tirx.is_scheduled``) with one rule, after DLight's normalisation:
 
 * injective producers are inlined into their consumers (a pad into the pooling window);
@@ -23,6 +22,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline_contiguous_spatial
 
+SCHEDULED = "tirx.is_scheduled"  # the mark this pass (and DLight) reads and sets
 MIN_PARALLEL_ELEMENTS = 4096
 MAX_VECTOR_EXTENT = 64
 
@@ -37,13 +37,13 @@ class ScheduleGraphOperators:
             if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
                 scheduled = schedule_operator(func)
                 if scheduled is not None:
-                    result[global_var] = scheduled.with_attr("tirx.is_scheduled", True)
+                    result[global_var] = scheduled.with_attr(SCHEDULED, True)
         return result
 
 
 def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
     attrs = func.attrs if func.attrs is not None else {}
-    return bool(attrs.get("tirx.is_scheduled", False))
+    return bool(attrs.get(SCHEDULED, False))
 
 
 def schedule_operator(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:

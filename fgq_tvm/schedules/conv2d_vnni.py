@@ -83,8 +83,8 @@ class VnniSchedule:
     @staticmethod
     def default_for(shape: Conv2dShape, encoding: WeightEncoding) -> VnniSchedule:
         """Integer forms with an even number of channel blocks: two blocks of up to 8 columns
-        (each activation word feeds two dot products; on ResNet-18's layers 5-40% faster than
-        one block of up to 16); otherwise one block of the most columns that fit the
+        (each activation word feeds two dot products; faster than one block of up to 16 on
+        every ResNet-18 layer shape tried); otherwise one block of the most columns that fit the
         registers. The columns divide the output width."""
         out_blocks, _ = _blocks(shape)
         pair = encoding in INTEGER_ENCODINGS and out_blocks % 2 == 0

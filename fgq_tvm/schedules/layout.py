@@ -3,8 +3,8 @@
 ``NCHW16c`` stores element ``[b, c, h, w]`` at ``[b, c // 16, h, w, c % 16]``: one 64-byte float
 vector per pixel and channel block. It is the layout of the int8 dot core's register tile (16
 output channels per vector), so a kernel writes its output tile with whole vector stores and the
-next kernel quantizes its input with whole vector loads; in ``NCHW`` both are transposes
-(measured on ResNet-18's 56x56 layers: a third of the kernel's time). The network keeps one
+next kernel quantizes its input with whole vector loads; in ``NCHW`` both are transposes.
+The network keeps one
 layout from its first blocked layer to its last (Relax's ``ConvertLayout``, see
 :func:`fgq_tvm.compiler.lower_to_relax`); channel counts that are not whole blocks stay ``NCHW``.
 """
@@ -31,8 +31,8 @@ class Layouts:
     write NCHW16c, so that the network is blocked from its first layer on.
     """
 
-    input: ActivationLayout = "NCHW"
-    output: ActivationLayout = "NCHW"
+    input: ActivationLayout = NCHW
+    output: ActivationLayout = NCHW
 
     @property
     def name(self) -> str:
