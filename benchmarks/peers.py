@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="as for fgq-tvm compile (default: the host CPU)")
     parser.add_argument("--group-size", default="4")
     parser.add_argument("--act-bits", default="8")
-    parser.add_argument("--scales", default="float", choices=("float", "int8"))
+    parser.add_argument("--scales", default="int8", choices=("float", "int8"))
     parser.add_argument("--repeats", default="20")
     parser.add_argument("--warmup", default="3")
     parser.add_argument("--threads", default="2")

@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from .compiler import CompileResult
     from .config import QuantConfig
     from .models import ModelSpec
-    from .quant.quantize import QuantizedModel
     from .relax_passes.legalize_quantized_layers import KernelSpec
 
 Progress = Callable[[str], None]
@@ -589,32 +588,6 @@ def measure(
 # --------------------------------------------------------------------------------------------
 
 
-def layer_input_shapes(quantized: QuantizedModel, x: np.ndarray) -> dict[str, tuple[int, ...]]:
-    """``layer name -> NCHW input shape`` of every quantized layer, by forward pre-hooks.
-
-    Linear layers' ``[B, F]`` inputs are given as ``[B, F, 1, 1]``, the shape their kernel
-    takes.
-    """
-    import torch
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name in quantized.layers:
-
-        def record(_module, inputs, name=name) -> None:
-            shape = tuple(inputs[0].shape)
-            shapes[name] = shape if len(shape) == 4 else (*shape, 1, 1)
-
-        handles.append(quantized.reference.get_submodule(name).register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            quantized.reference(torch.from_numpy(x))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
-
-
 def time_layer(spec: KernelSpec, target, repeats: int) -> LayerResult:
     """Build a layer's kernels as the compiled module has them (core, fused epilogue, layout;
     default schedule) and time the per-inference kernel standalone, its weights packed
@@ -635,6 +608,7 @@ def time_layer(spec: KernelSpec, target, repeats: int) -> LayerResult:
     input_shape = (shape.batch, shape.in_channels, shape.height, shape.width)
     low, high = layer.act.qmin * layer.act.scale, layer.act.qmax * layer.act.scale
     x = rng.uniform(low, high, input_shape).astype(np.float32)
+    x = layer.act.stored(x) if spec.quantized_input else x
     out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     residual = [rng.normal(size=out_dims).astype(np.float32)] if spec.epilogue.residual else []
     timer = built.module.time_evaluator(
@@ -648,23 +622,12 @@ def time_layer(spec: KernelSpec, target, repeats: int) -> LayerResult:
 
 
 def time_layers(
-    compiled: CompileResult, x: np.ndarray, target, repeats: int, progress: Progress
+    compiled: CompileResult, target, repeats: int, progress: Progress
 ) -> list[LayerResult]:
     """:func:`time_layer` for every quantized layer of a compiled model, in model order."""
-    from .relax_passes.legalize_quantized_layers import KernelSpec, layer_shape
-    from .schedules.conv2d import Epilogue
-    from .schedules.layout import Layouts
-
-    quantized = compiled.quantized
-    shapes = layer_input_shapes(quantized, x)
-    rows = {row["name"]: row for row in compiled.sidecar["layers"]}
     results = []
-    for index, (name, layer) in enumerate(quantized.layers.items(), 1):
-        progress(f"time kernel {index}/{len(quantized.layers)}: {name}")
-        row = rows[name]
-        shape = layer_shape(layer, shapes[name])
-        epilogue = Epilogue.parse(row["epilogue"])
-        spec = KernelSpec(layer, shape, row["core"], epilogue, Layouts.parse(row["layout"]))
+    for index, (name, spec) in enumerate(compiled.kernels.items(), 1):
+        progress(f"time kernel {index}/{len(compiled.kernels)}: {name}")
         results.append(time_layer(spec, target, repeats))
     return results
 
@@ -764,7 +727,7 @@ def run_bench(
                 report(f"time {LABELS[key]}")
                 time.sleep(SETTLE_S)
             peers.append(measure(key, runner, expected, options.repeats, options.warmup))
-        layers = time_layers(compiled, x, target, options.repeats, report)
+        layers = time_layers(compiled, target, options.repeats, report)
         so_bytes = compiled.output.stat().st_size
         environment = describe_environment(load_start)
     ghz, ghz_source = _clock(options.ghz)

@@ -197,8 +197,9 @@ def _add_model_arguments(sub) -> None:
     quant.add_argument(
         "--scales",
         choices=("float", "int8"),
-        default="float",
-        help="group scales in float, or int8 (the full 8-bit pipeline)",
+        default="int8",
+        help="int8 group scales against one float scale per output channel (the full 8-bit "
+        "pipeline; default), or one float scale per group",
     )
     quant.add_argument(
         "--method",
@@ -284,7 +285,7 @@ def _add_bench(commands) -> None:
     sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
     sub.add_argument("--group-size", default="4", metavar="N|channel", help="(default: 4)")
     sub.add_argument("--act-bits", default="8", metavar="8|4", help="(default: 8)")
-    sub.add_argument("--scales", choices=("float", "int8"), default="float", help="as for compile")
+    sub.add_argument("--scales", choices=("float", "int8"), default="int8", help="as for compile")
     sub.add_argument(
         "--peers",
         type=_peers,
@@ -535,12 +536,16 @@ def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
             "",
             "",
             "",
+            "",
         )
         for entry in sidecar["float_layers"]
     ]
     order = {name: index for index, name in enumerate(ops)}
     rows.sort(key=lambda row: order.get(row[0], len(order)))
-    header = ("layer", "op", "weights", "act", "kernel", "core", "layout", "epilogue", "schedule")
+    header = (
+        "layer", "op", "weights", "act", "kernel", "core", "layout", "input", "epilogue",
+        "schedule",
+    )  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -569,6 +574,7 @@ def _layer_row(layer: dict) -> tuple[str, ...]:
         layer["kernel"],
         layer["core"],
         layer["layout"],
+        "bytes" if layer["input"] == "uint8" else "float",
         epilogue,
         schedule,
     )

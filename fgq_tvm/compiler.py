@@ -1,12 +1,16 @@
 """The compile pipeline: PyTorch model -> quantized reference -> Relax -> native ``.so``.
 
 Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
-torch.export -> Relax -> :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
+torch.export -> Relax (ConvertLayout to NCHW16c on the int8 dot core) ->
+:class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
 :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues` (residual adds and ReLUs into the kernels) ->
+:class:`~fgq_tvm.relax_passes.BlockKernelOutputs` (the stem writes NCHW16c) ->
+:class:`~fgq_tvm.relax_passes.QuantizeKernelOutputs` (activation bytes between kernels) ->
 :class:`~fgq_tvm.relax_passes.ApplyTunedSchedules` (when the target has a tuning database) ->
 :class:`~fgq_tvm.relax_passes.PromoteAveragesToFloat64` -> bind the remaining float
 parameters -> :class:`~fgq_tvm.relax_passes.LiftConstantComputations` (weight packing moves to
-the module's ``prepare`` function, run at load time) -> ``tvm.compile`` -> ``export_library``.
+the module's ``prepare`` function, run at load time) -> LegalizeOps ->
+:class:`~fgq_tvm.relax_passes.ScheduleGraphOperators` -> ``tvm.compile`` -> ``export_library``.
 The ``.so`` is written under a temporary name and renamed, and a sidecar JSON beside it records
 what a user of the module needs to know (see :func:`sidecar_path`).
 """
@@ -17,11 +21,12 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import tvm
 from torch import nn
 
 from . import __version__
@@ -37,9 +42,11 @@ from .relax_passes import (
     LegalizeQuantizedLayers,
     LiftConstantComputations,
     PromoteAveragesToFloat64,
+    QuantizeKernelOutputs,
     ScheduleGraphOperators,
     layer_encoding,
 )
+from .relax_passes.legalize_quantized_layers import KernelSpec
 from .runtime import SIDECAR_FORMAT, sidecar_path
 from .schedules.intrinsics_x86 import has_vnni
 from .schedules.layout import NCHW16C
@@ -50,11 +57,13 @@ CALIB_BATCH_SIZE = 32
 
 @dataclass
 class CompileResult:
-    """What :func:`compile_model` produced."""
+    """What :func:`compile_model` produced: the module's path, its sidecar, the quantized
+    model and each layer's kernel as compiled (default schedule)."""
 
     output: Path
     sidecar: dict
     quantized: QuantizedModel
+    kernels: dict[str, KernelSpec]
 
 
 def compile_model(
@@ -109,9 +118,11 @@ def compile_model(
         report(f"tuned schedules failed the check, defaults kept: {', '.join(tuned.failed)}")
     report(f"build for {target}")
     executable = _build(mod, target)
-    sidecar = describe(quantized, spec, target, kernel_info(mod), tuned.folder if tuned else None)
+    kernels = kernel_info(mod, quantized.layers)
+    sidecar = describe(quantized, spec, target, kernels, tuned.folder if tuned else None)
     _write_outputs(output, executable, sidecar)
-    return CompileResult(output, sidecar, quantized)
+    specs = {name: kernel.spec for name, kernel in kernels.items()}
+    return CompileResult(output, sidecar, quantized, specs)
 
 
 def quantize(
@@ -180,6 +191,7 @@ def lower_to_relax(
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
     mod = FuseLayerEpilogues(quantized.layers)(mod)
     mod = BlockKernelOutputs(quantized.layers)(mod)
+    mod = QuantizeKernelOutputs(quantized.layers)(mod)
     if tuned is not None:
         mod = ApplyTunedSchedules(tuned)(mod)
     mod = PromoteAveragesToFloat64()(mod)
@@ -224,8 +236,6 @@ def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
 
 def _build(mod, target):
     """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function."""
-    import tvm
-
     with target:
         return tvm.compile(mod, target=target)
 
@@ -260,19 +270,34 @@ def _stage(path: Path, staged: list[Path], mode: int) -> Path:
     return Path(name)
 
 
-def kernel_info(mod) -> dict[str, dict[str, str]]:
-    """``layer -> {"core", "epilogue", "layout", "schedule"}`` as the passes recorded them on
-    the kernels."""
+@dataclass(frozen=True)
+class CompiledKernel:
+    """A layer's kernel in the lowered module: what it computes and where its schedule came
+    from (``"default"`` or ``"tuned"``)."""
+
+    spec: KernelSpec
+    schedule: str
+
+    def summary(self) -> dict[str, str]:
+        """Its entries in the layer's sidecar row."""
+        spec = self.spec
+        return {
+            "core": spec.core,
+            "epilogue": spec.epilogue.name,
+            "layout": spec.layouts.name,
+            "input": spec.input_dtype,
+            "schedule": self.schedule,
+        }
+
+
+def kernel_info(mod, layers: Mapping[str, QuantizedLayer]) -> dict[str, CompiledKernel]:
+    """``layer -> CompiledKernel`` as the passes recorded them on the kernels' attributes."""
     info = {}
     for _, func in mod.functions_items():
-        attrs = func.attrs if func.attrs is not None else {}
-        if "fgq.layer" in attrs:
-            info[str(attrs["fgq.layer"])] = {
-                "core": str(attrs["fgq.core"]),
-                "epilogue": str(attrs.get("fgq.epilogue", "")),
-                "layout": str(attrs["fgq.layout"]),
-                "schedule": str(attrs.get("fgq.schedule", "default")),
-            }
+        spec = KernelSpec.of(func, layers) if isinstance(func, tvm.tirx.PrimFunc) else None
+        if spec is not None:
+            schedule = str(func.attrs.get("fgq.schedule", "default"))
+            info[spec.layer.name] = CompiledKernel(spec, schedule)
     return info
 
 
@@ -280,11 +305,10 @@ def describe(
     quantized: QuantizedModel,
     spec: ModelSpec,
     target,
-    kernels: dict[str, dict[str, str]],
+    kernels: Mapping[str, CompiledKernel],
     tuning_database: Path | None = None,
 ) -> dict:
     """The sidecar JSON: input contract, quantization and kernel per layer, versions."""
-    import tvm
 
     config = quantized.config
     return {
@@ -310,7 +334,10 @@ def describe(
             "calibration": config.calibration,
             "reestimate_bn": config.reestimate_bn,
         },
-        "layers": [layer_summary(layer, kernels[name]) for name, layer in quantized.layers.items()],
+        "layers": [
+            layer_summary(layer, kernels[name].summary())
+            for name, layer in quantized.layers.items()
+        ],
         "float_layers": [
             {"name": name, "reason": reason} for name, reason in quantized.float_layers.items()
         ],
@@ -318,8 +345,8 @@ def describe(
 
 
 def layer_summary(layer: QuantizedLayer, kernel: dict[str, str]) -> dict:
-    """One layer's row of the sidecar and of the compile summary (``kernel``: its entry of
-    :func:`kernel_info`)."""
+    """One layer's row of the sidecar and of the compile summary (``kernel``: its kernel's
+    :meth:`CompiledKernel.summary`)."""
     return {
         "name": layer.name,
         "op": layer.op,

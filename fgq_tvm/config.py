@@ -34,13 +34,13 @@ class LayerConfig:
         Bits of the layer's input activations (8 or 4).
     scales
         ``"float"``: one float scale per group. ``"int8"``: group scales quantized to int8
-        against one float scale per output channel (the full 8-bit pipeline).
+        against one float scale per output channel (the full 8-bit pipeline; the default).
     """
 
     weights: WeightMode = "ternary"
     group_size: int | None = 4
     act_bits: int = 8
-    scales: ScaleMode = "float"
+    scales: ScaleMode = "int8"
 
     def resolved_group_size(self, in_channels: int) -> int:
         """The group size for a layer with ``in_channels`` input channels."""
@@ -102,7 +102,7 @@ class QuantConfig:
 
     group_size: int | None = 4
     act_bits: int = 8
-    scales: ScaleMode = "float"
+    scales: ScaleMode = "int8"
     method: Literal["exact", "twn"] = "exact"
     first_last: WeightMode = "int8"
     first_last_act_bits: int = 8

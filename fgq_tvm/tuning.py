@@ -64,20 +64,21 @@ class KernelTask:
         return self.spec.layer.name + (f" +{epilogue}" if epilogue else "")
 
     def workload(self) -> tvm.IRModule:
-        """The canonical unscheduled kernel: what the database's records are keyed by."""
-        act = self.spec.layer.act
-        return tvm.IRModule({"main": self._workload(ActQuant(1.0, act.bits, act.signed))})
+        """The canonical unscheduled kernel: what the database's records are keyed by (the
+        quantizers' scales set to 1: schedules do not depend on them)."""
+        quantize = self.spec.epilogue.quantize
+        spec = replace(
+            self.spec,
+            layer=replace(self.spec.layer, act=_unit_scale(self.spec.layer.act)),
+            epilogue=replace(self.spec.epilogue, quantize=quantize and _unit_scale(quantize)),
+        )
+        return tvm.IRModule({"main": _workload(spec)})
 
     def apply(self, trace: tvm.s_tir.Trace) -> tvm.tirx.PrimFunc:
         """The layer's own kernel scheduled by ``trace`` (a record of :meth:`workload`)."""
-        sch = tvm.s_tir.Schedule(self._workload(self.spec.layer.act))
+        sch = tvm.s_tir.Schedule(_workload(self.spec))
         trace.apply_to_schedule(sch, remove_postproc=False)
         return sch.mod["main"]
-
-    def _workload(self, act: ActQuant) -> tvm.tirx.PrimFunc:
-        spec = self.spec
-        encoding = layer_encoding(spec.layer)
-        return vnni_conv2d_workload(spec.shape, act, encoding, spec.epilogue, spec.layouts)
 
     def verify(self, func: tvm.tirx.PrimFunc, target, seed: int = 0) -> bool:
         """Whether ``func`` computes the layer and its epilogue bit for bit like the reference,
@@ -97,7 +98,20 @@ class KernelTask:
         reference_input = x[:, :, 0, 0] if layer.op == "linear" else x
         expected = reference_forward(layer, torch.from_numpy(reference_input)).numpy()
         expected = epilogue.reference(expected.reshape(out_dims), *residual)
-        return bool(np.array_equal(built(x, *residual), expected))
+        given = layer.act.stored(x) if self.spec.quantized_input else x
+        return bool(np.array_equal(built(given, *residual), expected))
+
+
+def _workload(spec: KernelSpec) -> tvm.tirx.PrimFunc:
+    """The unscheduled kernel of ``spec``."""
+    return vnni_conv2d_workload(
+        spec.shape, spec.layer.act, layer_encoding(spec.layer), spec.epilogue, spec.layouts,
+        spec.quantized_input,
+    )  # fmt: skip
+
+
+def _unit_scale(act: ActQuant) -> ActQuant:
+    return replace(act, scale=1.0)
 
 
 def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):

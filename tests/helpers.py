@@ -38,12 +38,13 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
 
 
 def kernel_call(
-    bb, layer, x, core="bitplane", epilogue=None, residual=None, emit=True, layouts=None, name=None
-):
+    bb, layer, x, core="bitplane", epilogue=None, residual=None, emit=True, layouts=None,
+    name=None, quantized_input=False,
+):  # fmt: skip
     """Emit the calls LegalizeQuantizedLayers (and FuseLayerEpilogues, given an epilogue) make
     for ``layer`` on ``x``: the load-time pack if the core has one, then the kernel (returned
     unbound unless ``emit``); ``layouts`` (a ``Layouts``) default to NCHW, ``name`` to the
-    kernel's name in the passes."""
+    kernel's name in the passes; ``quantized_input``: ``x`` holds activation bytes."""
     from tvm import relax
 
     from fgq_tvm.relax_passes.legalize_quantized_layers import (
@@ -58,7 +59,7 @@ def kernel_call(
     epilogue = epilogue or NO_EPILOGUE
     layouts = layouts or PLAIN
     shape = layer_shape(layer, nchw_shape(tuple(int(d) for d in x.ty.shape), layouts.input))
-    spec = KernelSpec(layer, shape, core, epilogue, layouts)
+    spec = KernelSpec(layer, shape, core, epilogue, layouts, quantized_input)
     kernels = spec.kernels()
     pack_name = "fgq_" + layer.name + "_pack"
     stored = [relax.const(a) for a in kernel_arguments(layer)]

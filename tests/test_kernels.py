@@ -143,9 +143,11 @@ def run_layer(kernels: LayerKernels, layer: QuantizedLayer, x: np.ndarray, targe
     return result if x.ndim == 4 else result[:, :, 0, 0]
 
 
-def with_epilogue(rng: np.random.Generator, expected: np.ndarray):
-    """A random epilogue, the residual it adds (if any) and the expected output after it."""
-    epilogue = Epilogue(residual=bool(rng.integers(0, 2)), relu=bool(rng.integers(0, 2)))
+def with_epilogue(rng: np.random.Generator, expected: np.ndarray, quantize=None):
+    """A random epilogue (quantizing its output with ``quantize``, if given), the residual it
+    adds (if any) and the expected output after it."""
+    residual, relu = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+    epilogue = Epilogue(residual, relu, quantize)
     image = as_image(expected)
     residual = rng.normal(size=image.shape).astype(np.float32) if epilogue.residual else None
     after = epilogue.reference(image, residual)
@@ -251,12 +253,21 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
         x = random_input(rng, layer)
         shape = layer_shape(layer, as_image(x).shape)
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
-        epilogue, residual, expected = with_epilogue(rng, expected)
-        kernels = layer_kernels("int8-dot-vnni", shape, layer.act, encoding, epilogue, layouts)
-        actual = run_layer(kernels, layer, x, HOST, *residual)
+        quantized_input, quantize = case % 4 == 1, _next_quantizer(rng) if case % 3 == 1 else None
+        epilogue, residual, expected = with_epilogue(rng, expected, quantize)
+        kernels = layer_kernels(
+            "int8-dot-vnni", shape, layer.act, encoding, epilogue, layouts, quantized_input
+        )
+        given = layer.act.stored(x) if quantized_input else x
+        actual = run_layer(kernels, layer, given, HOST, *residual)
         if not np.array_equal(actual, expected):
-            mismatches.append((case, shape, layouts.name))
+            mismatches.append((case, shape, layouts.name, quantized_input, quantize))
     assert not mismatches
+
+
+def _next_quantizer(rng: np.random.Generator) -> ActQuant:
+    """A random quantizer for the next layer's activation bytes."""
+    return ActQuant(float(rng.uniform(0.01, 0.2)), int(rng.choice([4, 8])), bool(rng.integers(2)))
 
 
 def _group_scales(rng: np.random.Generator, layer: QuantizedLayer) -> np.ndarray:

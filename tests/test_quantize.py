@@ -59,7 +59,8 @@ def resnet18():
 def test_small_net_layers(small):
     model, batches = small
     stages = []
-    result = quantize_model(model, QuantConfig(), batches, progress=stages.append)
+    config = QuantConfig(scales="float")
+    result = quantize_model(model, config, batches, progress=stages.append)
     assert stages == ["ternarize", "reestimate batchnorm", "calibrate", "fold batchnorm",
                       "build layers", "reference"]  # fmt: skip
     assert list(result.layers) == ["stem", "conv", "same", "fc"]
@@ -87,9 +88,9 @@ def test_small_net_layers(small):
     assert isinstance(result.folded_model.bn, nn.Identity)
 
 
-def test_int8_group_scales(small):
+def test_int8_group_scales_are_the_default(small):
     model, batches = small
-    result = quantize_model(model, QuantConfig(scales="int8"), batches)
+    result = quantize_model(model, QuantConfig(), batches)
     conv = result.layers["conv"]
     assert conv.group_scale is None and conv.group_scale_q.dtype == np.int8
     assert conv.group_scale_q.shape == (10, 2, 3, 3)
@@ -100,7 +101,7 @@ def test_int8_group_scales(small):
 
 def test_ternary_records_are_the_folded_ternarization(small):
     model, batches = small
-    result = quantize_model(model, QuantConfig(reestimate_bn=False), batches)
+    result = quantize_model(model, QuantConfig(scales="float", reestimate_bn=False), batches)
     t, alpha = ternarize_groups(model.conv.weight, 4, "exact")
     t_f, alpha_f = fold_ternary(t, alpha, batchnorm_affine(model.bn2)[0])
     np.testing.assert_array_equal(result.layers["conv"].weight, t_f)
@@ -129,7 +130,7 @@ def test_overrides_and_first_last_float(small):
     assert result.float_layers["stem"] == "config: float"
     assert result.float_layers["fc"] == "config: float"
     same = result.layers["same"]
-    assert same.group_size == 10 and same.group_scale.shape == (6, 1, 3, 3)
+    assert same.group_size == 10 and same.group_scale_q.shape == (6, 1, 3, 3)
 
 
 class RunsOnce(nn.Module):
@@ -169,7 +170,7 @@ def test_resnet18_layers(resnet18):
     assert result.layers["fc"].config.weights == "int8"
     assert result.layers["fc"].weight.shape == (1000, 512, 1, 1)
     downsample = result.layers["layer2.0.downsample.0"]
-    assert downsample.is_ternary and downsample.group_scale.shape == (128, 16, 1, 1)
+    assert downsample.is_ternary and downsample.group_scale_q.shape == (128, 16, 1, 1)
     assert downsample.stride == (2, 2)
     assert all(layer.is_ternary for layer in list(result.layers.values())[1:-1])
     assert torch.isfinite(result.reference(batches[0])).all()

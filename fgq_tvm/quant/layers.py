@@ -51,6 +51,32 @@ class ActQuant:
         """The integer dtype that holds the quantized values."""
         return "int8" if self.signed else "uint8"
 
+    @property
+    def offset(self) -> int:
+        """Added to a quantized value to store it as an unsigned byte: 128 when signed (the
+        int8 dot core multiplies unsigned activation bytes)."""
+        return 128 if self.signed else 0
+
+    @property
+    def name(self) -> str:
+        """``u8:0.05``: signedness, bits and the exact scale (:meth:`parse` reads it back)."""
+        return f"{'s' if self.signed else 'u'}{self.bits}:{float(self.scale)!r}"
+
+    @staticmethod
+    def parse(name: str) -> ActQuant:
+        """The quantizer called ``name`` (see :attr:`name`)."""
+        kind, _, scale = name.partition(":")
+        if kind[:1] not in ("s", "u") or not kind[1:].isdigit() or not scale:
+            raise ValueError(f"unknown activation quantizer {name!r}")
+        return ActQuant(float(scale), int(kind[1:]), kind[0] == "s")
+
+    def stored(self, x: np.ndarray) -> np.ndarray:
+        """NumPy reference of the activation bytes between int8 kernels: the quantized
+        float32 ``x`` plus :attr:`offset`, as uint8."""
+        scale = np.float32(self.scale)
+        values = np.clip(np.round(x.astype(np.float32) / scale), self.qmin, self.qmax)
+        return (values + self.offset).astype(np.uint8)
+
     def quantize(self, x):
         """Quantize a float32 torch tensor; returns float32 tensor of integers."""
         import torch

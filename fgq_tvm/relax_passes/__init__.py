@@ -6,6 +6,7 @@ from .fuse_layer_epilogues import FuseLayerEpilogues
 from .legalize_quantized_layers import LegalizeQuantizedLayers, layer_encoding
 from .lift_constant_computations import PREPARE, LiftConstantComputations
 from .promote_averages import PromoteAveragesToFloat64
+from .quantize_kernel_outputs import QuantizeKernelOutputs
 from .schedule_graph_operators import ScheduleGraphOperators
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "LegalizeQuantizedLayers",
     "LiftConstantComputations",
     "PromoteAveragesToFloat64",
+    "QuantizeKernelOutputs",
     "ScheduleGraphOperators",
     "layer_encoding",
 ]

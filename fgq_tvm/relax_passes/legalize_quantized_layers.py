@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..quant.layers import QuantizedLayer
+from ..quant.layers import ActQuant, QuantizedLayer
 from ..schedules.conv2d import (
     NO_EPILOGUE,
     Conv2dShape,
@@ -94,6 +94,10 @@ class KernelSpec:
         ``fgq.epilogue``: empty until :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues`.
     layouts
         ``fgq.layout``: the layouts of the kernel's input and output (and residual).
+    quantized_input
+        ``fgq.input``: the input holds the layer's activation bytes (``uint8``, written by the
+        previous kernel) instead of ``float32`` values; the epilogue's quantizer
+        (``fgq.quantize``) says the same of the output.
     """
 
     layer: QuantizedLayer
@@ -101,17 +105,24 @@ class KernelSpec:
     core: Core
     epilogue: Epilogue = NO_EPILOGUE
     layouts: Layouts = PLAIN
+    quantized_input: bool = False
 
     def kernels(self) -> LayerKernels:
         """The PrimFuncs with their default schedules."""
         encoding = layer_encoding(self.layer)
         return layer_kernels(
-            self.core, self.shape, self.layer.act, encoding, self.epilogue, self.layouts
-        )
+            self.core, self.shape, self.layer.act, encoding, self.epilogue, self.layouts,
+            self.quantized_input,
+        )  # fmt: skip
+
+    @property
+    def input_dtype(self) -> str:
+        return "uint8" if self.quantized_input else "float32"
 
     def attributes(self, name: str) -> dict:
         """The kernel PrimFunc's attributes, ``name`` its ``global_symbol``."""
         shape = self.shape
+        quantize = self.epilogue.quantize
         return {
             "global_symbol": name,
             SCHEDULED: True,
@@ -119,7 +130,9 @@ class KernelSpec:
             "fgq.core": self.core,
             "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],
             "fgq.epilogue": self.epilogue.name,
+            "fgq.quantize": quantize.name if quantize is not None else "",
             "fgq.layout": self.layouts.name,
+            "fgq.input": self.input_dtype,
         }
 
     @staticmethod
@@ -130,12 +143,15 @@ class KernelSpec:
             return None
         layer = layers[str(attrs["fgq.layer"])]
         input_shape = tuple(int(d) for d in attrs["fgq.input_shape"])
+        quantize = str(attrs["fgq.quantize"])
+        quantizer = ActQuant.parse(quantize) if quantize else None
         return KernelSpec(
             layer,
             layer_shape(layer, input_shape),
             str(attrs["fgq.core"]),
-            Epilogue.parse(str(attrs["fgq.epilogue"])),
+            Epilogue.parse(str(attrs["fgq.epilogue"]), quantizer),
             Layouts.parse(str(attrs["fgq.layout"])),
+            str(attrs["fgq.input"]) == "uint8",
         )
 
 

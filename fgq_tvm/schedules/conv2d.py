@@ -182,16 +182,15 @@ def _quantized_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, dtype: str
     pad_h, pad_w = shape.padding
     height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
     width = padded_extent(shape.width, pad_w, out_w, shape, axis=1)
-    scale = tirx.const(act.scale, "float32")
 
     def quantize(b, c, h, w):
         inside = tirx.all(
             c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
             w >= pad_w, w < shape.width + pad_w,
         )  # fmt: skip
-        value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w] / scale
-        clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
-        return tirx.if_then_else(inside, clamped.astype(dtype), tirx.const(0, dtype))
+        value = x[b, tirx.min(c, shape.in_channels - 1), h - pad_h, w - pad_w]
+        quantized = quantized_value(value, act).astype(dtype)
+        return tirx.if_then_else(inside, quantized, tirx.const(0, dtype))
 
     return te.compute((shape.batch, shape.padded_channels, height, width), quantize, name="xq")
 
@@ -325,33 +324,57 @@ class Epilogue:
 
     ``y + residual`` (a float32 tensor of the output's shape) when ``residual``, then
     ``max(y, 0)`` when ``relu``: the float32 operations of ``relu(conv(x) + residual)`` in the
-    reference, in the same order, so the result is bit-identical.
+    reference, in the same order, so the result is bit-identical. With ``quantize`` (the next
+    layer's quantizer) the output is then stored as that layer's activation bytes
+    (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`), the quantize stage that layer would run.
     """
 
     residual: bool = False
     relu: bool = False
+    quantize: ActQuant | None = None
 
     @property
     def name(self) -> str:
-        """``add``, ``relu``, ``add_relu`` or empty (:meth:`parse` reads it back)."""
-        return "_".join(["add"] * self.residual + ["relu"] * self.relu)
+        """``add``, ``relu``, ``quantize`` joined by ``_``, or empty (:meth:`parse` reads it
+        back)."""
+        parts = ["add"] * self.residual + ["relu"] * self.relu
+        return "_".join(parts + ["quantize"] * (self.quantize is not None))
+
+    @property
+    def output_dtype(self) -> str:
+        return "float32" if self.quantize is None else "uint8"
 
     @staticmethod
-    def parse(name: str) -> Epilogue:
-        """The epilogue called ``name`` (see :attr:`name`)."""
+    def parse(name: str, quantize: ActQuant | None = None) -> Epilogue:
+        """The epilogue called ``name`` (see :attr:`name`); ``quantize`` is its quantizer when
+        the name ends in ``quantize``."""
         parts = set(name.split("_")) - {""}
-        if not parts <= {"add", "relu"}:
-            raise ValueError(f"unknown epilogue {name!r}")
-        return Epilogue(residual="add" in parts, relu="relu" in parts)
+        if not parts <= {"add", "relu", "quantize"} or ("quantize" in parts) != bool(quantize):
+            raise ValueError(f"unknown epilogue {name!r} (quantizer: {quantize})")
+        return Epilogue("add" in parts, "relu" in parts, quantize)
 
     def reference(self, y: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """NumPy reference: the same float32 operations on the layer's output ``y``."""
+        """NumPy reference: the same operations on the layer's float32 output ``y``."""
         if self.residual:
             y = y + residual
-        return np.maximum(y, np.float32(0)) if self.relu else y
+        if self.relu:
+            y = np.maximum(y, np.float32(0))
+        return y if self.quantize is None else self.quantize.stored(y)
 
 
 NO_EPILOGUE = Epilogue()
+
+
+def quantized_value(value, act: ActQuant):
+    """``clamp(round(value / s), qmin, qmax)`` of a float32 expression, in float32."""
+    quotient = value / tirx.const(act.scale, "float32")
+    return tirx.max(tirx.min(te.round(quotient), float(act.qmax)), float(act.qmin))
+
+
+def stored_activation(value, act: ActQuant):
+    """``quantized_value + offset`` as uint8: a float32 activation as the int8 dot core stores
+    it (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`)."""
+    return (quantized_value(value, act) + float(act.offset)).astype("uint8")
 
 
 def output_stage(
@@ -366,7 +389,9 @@ def output_stage(
         y = value(b, k, oh, ow)
         if residual is not None:
             y = y + element(residual, layout, b, k, oh, ow)
-        return tirx.max(y, tirx.const(0.0, "float32")) if epilogue.relu else y
+        if epilogue.relu:
+            y = tirx.max(y, tirx.const(0.0, "float32"))
+        return y if epilogue.quantize is None else stored_activation(y, epilogue.quantize)
 
     def blocked_output(b, kb, oh, ow, ki):
         return output(b, kb * CHANNEL_BLOCK + ki, oh, ow)

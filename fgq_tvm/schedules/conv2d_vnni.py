@@ -13,16 +13,18 @@ numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). 
   signed activations also ``offset_sums[k] = 128 * sum w[k]``;
 * the **layer** (:func:`vnni_conv2d_compute`), run per inference:
 
-  1. ``xq``: the input quantized to uint8 (:class:`QuantizedInput`), 4 consecutive channels
-     per 32-bit word: ``[B, C/4, H, W, 4]`` from an NCHW input, ``[B, C/16, H, W, 16]`` from
-     an NCHW16c one (:mod:`~fgq_tvm.schedules.layout`). ``vpdpbusd`` multiplies unsigned by
-     signed bytes, so signed activations are stored plus 128 (padding included) and
-     ``offset_sums`` is subtracted from the exact int32 sum;
+  1. ``xq``: the input quantized to uint8 (:class:`QuantizedInput`; only padded when the
+     previous kernel wrote the bytes), 4 consecutive channels per 32-bit word:
+     ``[B, C/4, H, W, 4]`` from an NCHW input, ``[B, C/16, H, W, 16]`` from an NCHW16c one
+     (:mod:`~fgq_tvm.schedules.layout`). ``vpdpbusd`` multiplies unsigned by signed bytes, so
+     signed activations are stored plus 128 (padding included) and ``offset_sums`` is
+     subtracted from the exact int32 sum;
   2. ``acc[b, kb, oh, ow, 16]``: for each kernel position and word of 4 channels, one
      ``vpdpbusd`` (:data:`~fgq_tvm.schedules.intrinsics_x86.VNNI_DOT_16X4`) per output column
      adds 16 channels x 4 products (group scales: into ``psum`` per group, then scaled);
-  3. ``y``: the float output (NCHW or NCHW16c, whatever the input's), after the layer's
-     :class:`~fgq_tvm.schedules.conv2d.Epilogue` (residual add, ReLU).
+  3. ``y``: the float output (NCHW or NCHW16c), after the layer's
+     :class:`~fgq_tvm.schedules.conv2d.Epilogue` (residual add, ReLU, and quantization to the
+     next layer's activation bytes where that layer is the only reader).
 
 Schedule (:class:`VnniSchedule`): the (batch, channel block, row) loop in parallel; inside,
 ``columns`` output columns x ``channel_blocks`` blocks of 16 channels stay in registers while
@@ -51,6 +53,7 @@ from .conv2d import (
     loop_extent,
     output_stage,
     padded_extent,
+    stored_activation,
 )
 from .intrinsics_x86 import DOT_DEPTH, LANES, VNNI_DOT_16X4
 from .layout import CHANNEL_BLOCK, NCHW, PLAIN, Layouts, activation_placeholder, element
@@ -58,7 +61,6 @@ from .layout import CHANNEL_BLOCK, NCHW, PLAIN, Layouts, activation_placeholder,
 INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
 MAX_GROUP_COLUMNS = 8  # group scales keep 3 vectors per column live: int32 sums + float64 pair
-ACT_OFFSET = 128  # added to signed activations to make them the unsigned bytes vpdpbusd takes
 # Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
 PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 3, "ternary_group_scales": 2}
 
@@ -148,7 +150,7 @@ def vnni_pack_compute(
     c = te.reduce_axis((0, shape.in_channels), name="c")
     offset_sums = te.compute(
         (shape.out_channels,),
-        lambda k: te.sum(weight_value(r, s, c, k) * ACT_OFFSET, axis=[r, s, c]),
+        lambda k: te.sum(weight_value(r, s, c, k) * act.offset, axis=[r, s, c]),
         name="offset_sums",
     )
     return [*stored, wpack, offset_sums]
@@ -160,18 +162,22 @@ def vnni_conv2d_compute(
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
     layouts: Layouts = PLAIN,
+    quantized_input: bool = False,
 ) -> list[te.Tensor]:
     """TE compute of the layer; returns its arguments, output last.
 
     Arguments: ``x``, the pack's outputs (``wpack``, and ``offset_sums`` for signed
     activations), then the stored arguments the pack does not consume (``alpha`` for group
     scales, ``out_scale`` for the integer forms), ``bias`` and the epilogue's ``residual``.
-    ``x`` is in ``layouts.input``, ``residual`` and ``y`` in ``layouts.output``.
+    ``x`` is in ``layouts.input`` (float32, or with ``quantized_input`` the activation bytes),
+    ``residual`` and ``y`` in ``layouts.output`` (``y``: float32, or bytes when the epilogue
+    quantizes).
     """
     k_h, k_w = shape.kernel
     out_blocks, channel_blocks = _blocks(shape)
     nchw = (shape.batch, shape.in_channels, shape.height, shape.width)
-    x = activation_placeholder(layouts.input, nchw, "x")
+    x_dtype = "uint8" if quantized_input else "float32"
+    x = activation_placeholder(layouts.input, nchw, "x", x_dtype)
     wpack_dims = (out_blocks, k_h, k_w, channel_blocks, LANES, DOT_DEPTH)
     wpack = te.placeholder(wpack_dims, "int8", name="wpack")
     xq = QuantizedInput(x, shape, act, channel_blocks, layouts.input)
@@ -205,17 +211,17 @@ class QuantizedInput:
     """The quantized input ``xq`` and how the dot core reads it: word ``(b, cb, h, w)``, byte
     ``ci`` holds channel ``4 cb + ci``.
 
-    ``xq`` is uint8 (signed values plus :data:`ACT_OFFSET`), zero-padded spatially and up to
-    whole blocks: ``[B, C/4, H, W, 4]`` from an NCHW input (words are the innermost axis),
-    ``[B, C/16, H, W, 16]`` from an NCHW16c one (elementwise: whole vectors in and out).
+    ``xq`` holds the activation bytes (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`: signed
+    values plus 128), zero-padded spatially and up to whole blocks: ``[B, C/4, H, W, 4]`` from
+    an NCHW input (words are the innermost axis), ``[B, C/16, H, W, 16]`` from an NCHW16c one
+    (elementwise: whole vectors in and out). A float32 ``x`` is quantized here; a uint8 ``x``
+    holds the bytes already (written by the previous kernel's epilogue) and is only padded.
     """
 
     def __init__(self, x: te.Tensor, shape: Conv2dShape, act: ActQuant, blocks: int, layout):
         pad_h, pad_w = shape.padding
         height = padded_extent(shape.height, pad_h, shape.out_height, shape, axis=0)
         width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
-        scale = tirx.const(act.scale, "float32")
-        offset = ACT_OFFSET if act.signed else 0
         self.lanes = DOT_DEPTH if layout == NCHW else CHANNEL_BLOCK
 
         def quantize(b, cb, h, w, ci):
@@ -225,10 +231,9 @@ class QuantizedInput:
                 w >= pad_w, w < shape.width + pad_w,
             )  # fmt: skip
             channel = tirx.min(c, shape.in_channels - 1)
-            value = element(x, layout, b, channel, h - pad_h, w - pad_w) / scale
-            clamped = tirx.max(tirx.min(te.round(value), float(act.qmax)), float(act.qmin))
-            stored = (clamped + float(offset)).astype("uint8")
-            return tirx.if_then_else(inside, stored, tirx.const(offset, "uint8"))
+            value = element(x, layout, b, channel, h - pad_h, w - pad_w)
+            stored = value if x.dtype == "uint8" else stored_activation(value, act)
+            return tirx.if_then_else(inside, stored, tirx.const(act.offset, "uint8"))
 
         lane_blocks = -(-blocks * DOT_DEPTH // self.lanes)
         dims = (shape.batch, lane_blocks, height, width, self.lanes)
@@ -403,9 +408,11 @@ def vnni_conv2d_prim_func(
     knobs: VnniSchedule | None = None,
     epilogue: Epilogue = NO_EPILOGUE,
     layouts: Layouts = PLAIN,
+    quantized_input: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one layer on the int8 dot core (weights packed)."""
-    sch = Schedule(vnni_conv2d_workload(shape, act, encoding, epilogue, layouts))
+    workload = vnni_conv2d_workload(shape, act, encoding, epilogue, layouts, quantized_input)
+    sch = Schedule(workload)
     schedule_vnni_conv2d(sch, knobs or VnniSchedule.default_for(shape, encoding))
     return sch.mod["main"]
 
@@ -416,6 +423,8 @@ def vnni_conv2d_workload(
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
     layouts: Layouts = PLAIN,
+    quantized_input: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of the layer: what tuning records are keyed by."""
-    return te.create_prim_func(vnni_conv2d_compute(shape, act, encoding, epilogue, layouts))
+    tensors = vnni_conv2d_compute(shape, act, encoding, epilogue, layouts, quantized_input)
+    return te.create_prim_func(tensors)

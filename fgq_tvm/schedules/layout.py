@@ -63,10 +63,10 @@ def activation_dims(
 
 
 def activation_placeholder(
-    layout: ActivationLayout, nchw: tuple[int, int, int, int], name: str
+    layout: ActivationLayout, nchw: tuple[int, int, int, int], name: str, dtype: str = "float32"
 ) -> te.Tensor:
-    """A float32 placeholder holding an activation of NCHW shape ``nchw`` in ``layout``."""
-    return te.placeholder(activation_dims(layout, *nchw), name=name)
+    """A placeholder holding an activation of NCHW shape ``nchw`` in ``layout``."""
+    return te.placeholder(activation_dims(layout, *nchw), dtype, name=name)
 
 
 def element(tensor: te.Tensor, layout: ActivationLayout, b, c, h, w):

@@ -58,6 +58,9 @@ class LayerKernels:
         How many leading stored arguments ``pack`` consumes.
     layouts
         The layout of ``x``, and that of the residual and ``y``.
+
+    ``x`` and ``y`` are float32, or activation bytes where the kernel reads or writes them
+    (:func:`reads_activation_bytes`).
     """
 
     core: Core
@@ -81,6 +84,12 @@ def kernel_layouts(core: Core, layouts: Layouts) -> Layouts:
     return layouts if core == "int8-dot-vnni" else PLAIN
 
 
+def reads_activation_bytes(core: Core) -> bool:
+    """Whether ``core`` can read its input as activation bytes and write its output as the
+    next layer's (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`) instead of float32."""
+    return core == "int8-dot-vnni"
+
+
 def layer_kernels(
     core: Core,
     shape: Conv2dShape,
@@ -88,22 +97,30 @@ def layer_kernels(
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
     layouts: Layouts = PLAIN,
+    quantized_input: bool = False,
 ) -> LayerKernels:
-    """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule.
+    """The scheduled PrimFuncs of ``core`` for this layer, with its default schedule;
+    ``quantized_input``: ``x`` holds the activation bytes.
 
     Raises
     ------
     ValueError
-        ``core`` does not compute in ``layouts`` (see :func:`kernel_layouts`).
+        ``core`` does not compute in ``layouts`` (see :func:`kernel_layouts`) or does not read
+        or write activation bytes (:func:`reads_activation_bytes`).
     """
     if kernel_layouts(core, layouts) != layouts:
         raise ValueError(f"the {core} core computes in NCHW only, not {layouts.name}")
+    bytes_io = quantized_input or epilogue.quantize is not None
+    if bytes_io and not reads_activation_bytes(core):
+        raise ValueError(f"the {core} core reads and writes float32 activations only")
     nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    output = activation_dims(layouts.output, *nchw), "float32"
+    output = activation_dims(layouts.output, *nchw), epilogue.output_dtype
     if core == "int8-dot-vnni":
         return LayerKernels(
             core,
-            conv2d_vnni.vnni_conv2d_prim_func(shape, act, encoding, None, epilogue, layouts),
+            conv2d_vnni.vnni_conv2d_prim_func(
+                shape, act, encoding, None, epilogue, layouts, quantized_input
+            ),
             output,
             conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
             conv2d_vnni.prepared_types(shape, act),
@@ -117,9 +134,9 @@ def layer_kernels(
 class BuiltLayer:
     """One layer's kernel built for a target, with its weights packed (see :func:`build_layer`).
 
-    Call it with a float32 NCHW input (and the epilogue's NCHW residual, if any) to get the
-    NCHW output, whatever the kernel's layout; :meth:`arguments` gives the kernel's full
-    argument list for timing ``module["main"]``.
+    Call it with an NCHW input (float32, or activation bytes for a kernel that reads them) and
+    the epilogue's NCHW residual, if any, to get the NCHW output, whatever the kernel's layout;
+    :meth:`arguments` gives the kernel's full argument list for timing ``module["main"]``.
     """
 
     module: tvm.runtime.Module
