@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -100,6 +101,45 @@ class CompiledModel:
                 f"module {self.path} failed to run ({_first_line(error)}); recompile it"
             ) from error
         return np.concatenate(outputs)
+
+    def operator_times(self, x: np.ndarray, repeats: int = 10) -> dict[str, list[float]]:
+        """Wall time of every operator call of one inference, by the called function's name.
+
+        Runs the network ``repeats`` times on ``x`` (one batch) with the virtual machine's
+        instrumentation, after one untimed run.
+
+        Returns
+        -------
+        dict
+            ``function name -> [seconds per inference]``, one entry per repeat (the sum over
+            the function's calls in that inference), in order of first call. Kernels are
+            named ``fgq_<layer>...``.
+        """
+        import tvm
+
+        self._check_input(x)
+        if len(x) != self.input_shape[0]:
+            raise FGQError(f"profile one batch of {self.input_shape[0]}, not {len(x)} images")
+        started: dict[str, float] = {}
+        runs: list[dict[str, float]] = []
+
+        def instrument(_func, name, before_run, _ret, *_args):
+            if before_run:
+                started[name] = time.perf_counter()
+            elif runs:
+                elapsed = time.perf_counter() - started.pop(name)
+                runs[-1][name] = runs[-1].get(name, 0.0) + elapsed
+
+        image = tvm.runtime.tensor(np.ascontiguousarray(x))
+        self._vm["main"](image, self._prepared)
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(repeats):
+                runs.append({})
+                self._vm["main"](image, self._prepared)
+        finally:
+            self._vm.set_instrument(lambda *_args: None)
+        return {name: [run.get(name, 0.0) for run in runs] for name in runs[0]}
 
     def _check_input(self, x: np.ndarray) -> None:
         if not isinstance(x, np.ndarray):

@@ -181,6 +181,7 @@ def test_format_summary_lists_float_layers():
         "kernel": "ternary_group_scales",
         "core": "bitplane",
         "layout": "NCHW",
+        "input": "float32",
     }
     sidecar = {"layers": [layer], "float_layers": [{"name": "fc", "reason": "config: float"}]}
     lines = cli.format_summary(sidecar, {"fc": "linear", "conv": "conv2d"}).splitlines()
@@ -194,6 +195,7 @@ def test_format_summary_lists_float_layers():
         "ternary_group_scales",
         "bitplane",
         "NCHW",
+        "float",
         "-",
         "default",
     ]
@@ -251,18 +253,25 @@ def test_compile_writes_module_and_summary(compiled):
     assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
     lines = result.stdout.splitlines()
-    header = ["layer", "op", "weights", "act", "kernel", "core", "layout", "epilogue", "schedule"]
+    header = [
+        "layer", "op", "weights", "act", "kernel", "core", "layout", "input", "epilogue",
+        "schedule",
+    ]  # fmt: skip
     assert lines[0].split() == header
     vnni = has_vnni(parse_target(host_target()))
     core, blocked = ("int8-dot-vnni", "NCHW16c") if vnni else ("bitplane", "NCHW")
     stem_layouts = "NCHW->NCHW16c" if vnni else "NCHW"  # RGB input: no whole block of 16
-    stem = ["conv1", "conv2d", "int8", "s8", "int8", core, stem_layouts, "relu", "default"]
-    assert lines[1].split() == stem
-    conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_group_scales"]
+    stem = ["conv1", "conv2d", "int8", "s8", "int8", core, stem_layouts, "float", "relu"]
+    assert lines[1].split() == [*stem, "default"]
+    conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_int8_scales"]
     conv2 = ["layer1.0.conv2", *conv1[1:]]
     rows = [line.split() for line in lines]
-    assert [*conv1, core, blocked, "relu", "default"] in rows
-    assert [*conv2, core, blocked, "add_relu", "default"] in rows
+    # the dot core passes conv1's output to conv2 as bytes; the block's output stays float
+    conv1_io, conv2_io = (["float", "relu_quantize"], ["bytes", "add_relu"]) if vnni else (
+        ["float", "relu"], ["float", "add_relu"]
+    )  # fmt: skip
+    assert [*conv1, core, blocked, *conv1_io, "default"] in rows
+    assert [*conv2, core, blocked, *conv2_io, "default"] in rows
     assert (
         "18 of 20 conv/linear layers became ternary-group operators, 2 int8, 0 stayed float"
         in lines

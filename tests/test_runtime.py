@@ -89,6 +89,17 @@ def test_non_contiguous_input(tiny):
     np.testing.assert_allclose(fgq_tvm.load(tiny)(x), x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
 
 
+def test_operator_times_cover_every_call_of_each_inference(tiny):
+    model = fgq_tvm.load(tiny)
+    times = model.operator_times(batch(2), repeats=3)
+    operators = [name for name in times if not name.startswith("vm.builtin.")]
+    assert operators == ["mean"]
+    assert all(len(runs) == 3 and min(runs) > 0 for runs in times.values())
+    with pytest.raises(FGQError, match="profile one batch of 2, not 4 images"):
+        model.operator_times(batch(4))
+    np.testing.assert_allclose(model(batch(2)), batch(2).mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "x", [batch(3), batch(2)[:, :, :3], batch(2)[0], np.zeros((0, 3, 4, 4), np.float32)]
 )
