@@ -53,6 +53,8 @@ from .schedules.layout import NCHW16C
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
+# LLVM's debug info is a third of a small module and helps no user of generated kernels
+LINK_OPTIONS = ["-Wl,--strip-debug"]
 
 
 @dataclass
@@ -249,7 +251,7 @@ def _write_outputs(output: Path, executable, sidecar: dict) -> None:
     staged: list[Path] = []
     try:
         module = _stage(output, staged, mode=0o755)
-        executable.export_library(str(module))
+        executable.export_library(str(module), options=LINK_OPTIONS)
         description = _stage(sidecar_path(output), staged, mode=0o644)
         description.write_text(_json(sidecar))
         os.replace(description, sidecar_path(output))

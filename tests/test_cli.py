@@ -252,6 +252,7 @@ def test_compile_writes_module_and_summary(compiled):
     module, result = compiled
     assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
+    assert b".debug_info" not in module.read_bytes()  # linked without LLVM's debug info
     lines = result.stdout.splitlines()
     header = [
         "layer", "op", "weights", "act", "kernel", "core", "layout", "input", "epilogue",
