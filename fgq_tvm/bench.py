@@ -603,7 +603,7 @@ def time_layer(spec: KernelSpec, target, repeats: int) -> LayerResult:
     from .schedules.select import build_layer
 
     layer, shape = spec.layer, spec.shape
-    built = build_layer(spec.kernels(), kernel_arguments(layer), target)
+    built = build_layer(spec.kernels(), kernel_arguments(layer, spec.core), target)
     rng = np.random.default_rng(0)
     input_shape = (shape.batch, shape.in_channels, shape.height, shape.width)
     low, high = layer.act.qmin * layer.act.scale, layer.act.qmax * layer.act.scale

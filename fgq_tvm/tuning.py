@@ -87,7 +87,8 @@ class KernelTask:
 
         layer, shape, epilogue = self.spec.layer, self.spec.shape, self.spec.epilogue
         kernels = self.spec.kernels()
-        built = build_layer(replace(kernels, layer=func), kernel_arguments(layer), target)
+        stored = kernel_arguments(layer, self.spec.core)
+        built = build_layer(replace(kernels, layer=func), stored, target)
         rng = np.random.default_rng(seed)
         bound = layer.act.scale * layer.act.qmax * 1.1
         low = -bound if layer.act.signed else -0.1 * bound

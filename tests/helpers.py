@@ -62,7 +62,7 @@ def kernel_call(
     spec = KernelSpec(layer, shape, core, epilogue, layouts, quantized_input)
     kernels = spec.kernels()
     pack_name = "fgq_" + layer.name + "_pack"
-    stored = [relax.const(a) for a in kernel_arguments(layer)]
+    stored = [relax.const(a) for a in kernel_arguments(layer, core)]
     prepared = []
     if kernels.pack is not None:
         pack = bb.add_func(

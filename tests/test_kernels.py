@@ -36,6 +36,7 @@ from fgq_tvm.schedules.conv2d import (
     Epilogue,
     conv2d_compute,
     conv2d_prim_func,
+    pack_trits,
     reference_group_sums,
 )
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
@@ -139,7 +140,8 @@ def run_kernel(
 
 def run_layer(kernels: LayerKernels, layer: QuantizedLayer, x: np.ndarray, target, *residual):
     """Build ``kernels`` for ``target`` with the layer's weights and run them on ``x``."""
-    result = build_layer(kernels, kernel_arguments(layer), target)(as_image(x), *residual)
+    stored = kernel_arguments(layer, kernels.core)
+    result = build_layer(kernels, stored, target)(as_image(x), *residual)
     return result if x.ndim == 4 else result[:, :, 0, 0]
 
 
@@ -171,7 +173,7 @@ def compute_group_sums(layer: QuantizedLayer, x_q: np.ndarray, shape: Conv2dShap
     dims = [int(d) for d in psum.shape]
     out = tvm.runtime.tensor(np.zeros(dims, np.float32))
     x = x_q * np.float32(layer.act.scale)
-    arguments = [tvm.runtime.tensor(a) for a in [x, *kernel_arguments(layer)[:-1]]]
+    arguments = [tvm.runtime.tensor(a) for a in [x, *kernel_arguments(layer, "bitplane")[:-1]]]
     kernel(*arguments, out)
     return out.numpy()[..., : shape.out_width] if out_w != shape.out_width else out.numpy()
 
@@ -230,6 +232,17 @@ def test_integer_part_of_bitplane_core_is_exact():
         expected = reference_group_sums(x_q, layer.weight, shape)
         actual = compute_group_sums(layer, x_q, shape)
         np.testing.assert_array_equal(actual.astype(np.int64), expected)
+
+
+def test_base3_storage_holds_five_weights_per_byte():
+    rng = np.random.default_rng(3)
+    ternary = rng.integers(-1, 2, (6, 13, 3, 3)).astype(np.int8)
+    trits = pack_trits(ternary, group_size=4)  # 13 channels -> 16 -> 4 bytes
+    assert trits.shape == (3, 3, 4, 6) and trits.dtype == np.uint8
+    digits = (trits[..., None].astype(int) // 3 ** np.arange(5)) % 3 - 1  # [R, S, B, K, 5]
+    decoded = digits.transpose(3, 2, 4, 0, 1).reshape(6, 20, 3, 3)
+    np.testing.assert_array_equal(decoded[:, :13], ternary)
+    assert not decoded[:, 13:].any()
 
 
 # --- the int8 dot core (AVX-512 VNNI) -------------------------------------------------------

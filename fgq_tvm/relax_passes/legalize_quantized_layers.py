@@ -42,6 +42,7 @@ from ..schedules.conv2d import (
     Epilogue,
     WeightEncoding,
     pack_bitplanes,
+    pack_trits,
     to_kernel_layout,
 )
 from ..schedules.layout import (
@@ -53,7 +54,14 @@ from ..schedules.layout import (
     index_map,
     nchw_shape,
 )
-from ..schedules.select import Core, LayerKernels, kernel_layouts, layer_kernels, select_core
+from ..schedules.select import (
+    Core,
+    LayerKernels,
+    kernel_layouts,
+    layer_kernels,
+    select_core,
+    ternary_storage,
+)
 from ._mutation import mutate_relax_functions
 from .schedule_graph_operators import SCHEDULED  # kernels and packs come scheduled
 
@@ -65,17 +73,22 @@ def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
     return "ternary_group_scales" if layer.uses_group_scales else "ternary_int8_scales"
 
 
-def kernel_arguments(layer: QuantizedLayer) -> list[np.ndarray]:
-    """The constant arguments of the layer's kernel, in ``conv2d_compute`` order (after x)."""
+def kernel_arguments(layer: QuantizedLayer, core: Core) -> list[np.ndarray]:
+    """The constant arguments of the layer's kernel on ``core``, after ``x``: the weights
+    (ternary ones in the core's :func:`~fgq_tvm.schedules.select.ternary_storage`), the
+    scales, the bias (:func:`~fgq_tvm.schedules.conv2d.layer_arguments` order)."""
     bias = layer.bias.astype(np.float32)
     encoding = layer_encoding(layer)
     if encoding == "int8":
         return [to_kernel_layout(layer.weight.astype(np.int8)), layer.out_scale(), bias]
-    plus, minus = pack_bitplanes(layer.weight, layer.group_size)
+    if ternary_storage(core) == "base3":
+        weights = [pack_trits(layer.weight, layer.group_size)]
+    else:
+        weights = list(pack_bitplanes(layer.weight, layer.group_size))
     if encoding == "ternary_group_scales":
-        return [plus, minus, to_kernel_layout(layer.group_scale.astype(np.float32)), bias]
+        return [*weights, to_kernel_layout(layer.group_scale.astype(np.float32)), bias]
     alpha_q = to_kernel_layout(layer.group_scale_q.astype(np.int8))
-    return [plus, minus, alpha_q, layer.out_scale(), bias]
+    return [*weights, alpha_q, layer.out_scale(), bias]
 
 
 @dataclass(frozen=True)
@@ -229,7 +242,7 @@ class _Rewriter(PyExprMutator):
         spec = KernelSpec(layer, shape, core, layouts=kernel_layouts(core, Layouts(layout, layout)))
         kernels = spec.kernels()
         name = "fgq_" + layer.name.replace(".", "_")
-        stored = [relax.const(array) for array in kernel_arguments(layer)]
+        stored = [relax.const(array) for array in kernel_arguments(layer, core)]
         prepared = self._pack(kernels, stored[: kernels.packed_arguments], name + "_pack")
         kernel = self.builder_.add_func(kernels.layer.with_attrs(spec.attributes(name)), name)
         computed = spec.layouts.input

@@ -16,10 +16,17 @@ One PrimFunc computes one layer from its float32 input to its float32 output:
      ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the
      product in float64, so no fused multiply-add can change the float32 rounding).
 
-Packed weights arrive as two bitplanes, ``plus`` and ``minus`` (uint32 ``[R, S, W, K]``, bit
-``c % 32`` of word ``c // 32``: 2 bits per ternary weight), plus the scales ``[R, S, G, K]``;
-8-bit layers pass their int8 weights as ``[R, S, C, K]``. Output channels innermost, so that the
-decode stage runs on whole vectors (:func:`to_kernel_layout` transposes ``[K, C, R, S]``).
+Ternary weights are stored in one of two forms (:data:`TernaryStorage`), then the scales
+``[R, S, G, K]``; 8-bit layers pass their int8 weights as ``[R, S, C, K]``:
+
+* ``bitplanes``: ``plus`` and ``minus`` (uint32 ``[R, S, W, K]``, bit ``c % 32`` of word
+  ``c // 32``: 2 bits per weight), which this core decodes in its loops;
+* ``base3``: ``trits`` (uint8 ``[R, S, ceil(C/5), K]``, byte ``c // 5`` holds
+  ``sum_j (t + 1) * 3^j`` over the channels ``5 (c // 5) + j``: 1.6 bits per weight), the
+  densest form, for cores that decode the weights once, at load time.
+
+Output channels innermost, so that the decode stage runs on whole vectors
+(:func:`to_kernel_layout` transposes ``[K, C, R, S]``).
 
 Schedule (:class:`ConvSchedule`): a register tile of partial sums with the reduction loops
 outside it and the (batch, channel block) loop in parallel. Wide layers vectorise over output
@@ -50,7 +57,9 @@ from .layout import (
 )
 
 WeightEncoding = Literal["ternary_group_scales", "ternary_int8_scales", "int8"]
+TernaryStorage = Literal["bitplanes", "base3"]
 WORD_BITS = 32
+TRITS_PER_BYTE = 5  # 3^5 = 243 values fit a byte
 MIN_DECODE_REUSE = 8  # output positions per weight from which decoding once pays off
 
 
@@ -172,6 +181,22 @@ def pack_bitplanes(ternary: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     return plane(weights == 1), plane(weights == -1)
 
 
+def pack_trits(ternary: np.ndarray, group_size: int) -> np.ndarray:
+    """Pack ternary ``[K, C, R, S]`` weights five to a byte: uint8 ``[R, S, B, K]``.
+
+    Byte ``b`` holds ``sum_j (t[k, 5b + j, r, s] + 1) * 3^j``; channels are padded with zeros
+    up to whole groups and whole bytes.
+    """
+    k, c, r, s = ternary.shape
+    padded = -(-c // group_size) * group_size
+    count = -(-padded // TRITS_PER_BYTE)
+    trits = np.ones((r, s, count * TRITS_PER_BYTE, k), dtype=np.int32)  # t = 0
+    trits[:, :, :c, :] = ternary.transpose(2, 3, 1, 0).astype(np.int32) + 1
+    digits = trits.reshape(r, s, count, TRITS_PER_BYTE, k)
+    powers = (3 ** np.arange(TRITS_PER_BYTE)).reshape(1, 1, 1, -1, 1)
+    return np.ascontiguousarray((digits * powers).sum(axis=3).astype(np.uint8))
+
+
 # --------------------------------------------------------------------------------------------
 # Compute
 # --------------------------------------------------------------------------------------------
@@ -206,25 +231,39 @@ def decode_bit(plane: te.Tensor, k, c, r, s):
     return ((word >> (c % WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")).astype("int32")
 
 
+def decode_trit(trits: te.Tensor, k, c, r, s):
+    """``t[k, c, r, s]`` (int32) from :func:`pack_trits`' bytes."""
+    byte = trits[r, s, c // TRITS_PER_BYTE, k].astype("int32")
+    digit = c % TRITS_PER_BYTE
+    power = tirx.const(1, "int32")
+    for j in range(1, TRITS_PER_BYTE):
+        power = tirx.if_then_else(digit == j, tirx.const(3**j, "int32"), power)
+    return tirx.truncmod(tirx.truncdiv(byte, power), 3) - 1
+
+
 @dataclass(frozen=True)
 class LayerArguments:
     """The placeholders of a layer's kernel (either core) and how to read its weights.
 
-    ``weights`` is ``(w,)`` for int8 layers, ``(plus, minus, alpha)`` for ternary layers.
+    ``weights`` is ``(w,)`` for int8 layers; for ternary layers ``(plus, minus, alpha)``
+    (``storage="bitplanes"``) or ``(trits, alpha)`` (``"base3"``).
     """
 
     shape: Conv2dShape
     encoding: WeightEncoding
     x: te.Tensor
     weights: tuple[te.Tensor, ...]
+    storage: TernaryStorage = "bitplanes"
 
     @property
     def group_scale(self) -> te.Tensor:
         """``alpha`` of a ternary layer: float32 or int8 ``[R, S, G, K]``."""
-        return self.weights[2]
+        return self.weights[-1]
 
     def ternary(self, r, s, c, k):
-        """``t[k, c, r, s]`` (int32) from the bitplanes; zero on padding channels."""
+        """``t[k, c, r, s]`` (int32); zero on padding channels."""
+        if self.storage == "base3":
+            return decode_trit(self.weights[0], k, c, r, s)
         plus, minus = self.weights[:2]
         return decode_bit(plus, k, c, r, s) - decode_bit(minus, k, c, r, s)
 
@@ -239,20 +278,27 @@ class LayerArguments:
         return self.ternary(r, s, c, k) * alpha_q
 
 
-def layer_arguments(shape: Conv2dShape, encoding: WeightEncoding) -> LayerArguments:
-    """The input placeholders of a kernel for ``encoding`` (see :func:`conv2d_compute`)."""
+def layer_arguments(
+    shape: Conv2dShape, encoding: WeightEncoding, storage: TernaryStorage = "bitplanes"
+) -> LayerArguments:
+    """The input placeholders of a kernel for ``encoding`` (see :func:`conv2d_compute`), its
+    ternary weights stored as ``storage``."""
     k_h, k_w = shape.kernel
     x = te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), name="x")
     if encoding == "int8":
         weight = te.placeholder((k_h, k_w, shape.in_channels, shape.out_channels), "int8", "w")
         return LayerArguments(shape, encoding, x, (weight,))
-    plane_dims = (k_h, k_w, shape.words, shape.out_channels)
-    plus = te.placeholder(plane_dims, "uint32", name="plus")
-    minus = te.placeholder(plane_dims, "uint32", name="minus")
     scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
     scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
     alpha = te.placeholder(scale_dims, scale_dtype, name="alpha")
-    return LayerArguments(shape, encoding, x, (plus, minus, alpha))
+    if storage == "base3":
+        byte_dims = (k_h, k_w, -(-shape.padded_channels // TRITS_PER_BYTE), shape.out_channels)
+        trits = te.placeholder(byte_dims, "uint8", name="trits")
+        return LayerArguments(shape, encoding, x, (trits, alpha), storage)
+    plane_dims = (k_h, k_w, shape.words, shape.out_channels)
+    plus = te.placeholder(plane_dims, "uint32", name="plus")
+    minus = te.placeholder(plane_dims, "uint32", name="minus")
+    return LayerArguments(shape, encoding, x, (plus, minus, alpha), storage)
 
 
 def _decoded_weights(args: LayerArguments) -> te.Tensor:

@@ -8,7 +8,8 @@ activations) each group's integer sum ``psum`` comes from the dot core and
 numbers of :mod:`fgq_tvm.schedules.conv2d` (``reference_forward`` checks both). Two PrimFuncs:
 
 * the **pack** (:func:`vnni_pack_compute`), run once when the module is loaded: the stored
-  weights (2-bit bitplanes with int8 scales, or int8) decoded into the dot core's layout,
+  weights (ternary in base 3, five to a byte, with their int8 scales; or int8; see
+  :data:`~fgq_tvm.schedules.conv2d.TernaryStorage`) decoded into the dot core's layout,
   ``wpack [K/16, R, S, C/4, 16, 4]`` int8 (zeros pad C to whole 4s and K to whole 16s); for
   signed activations also ``offset_sums[k] = 128 * sum w[k]``;
 * the **layer** (:func:`vnni_conv2d_compute`), run per inference:
@@ -62,7 +63,8 @@ INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
 MAX_COLUMNS = 16
 MAX_GROUP_COLUMNS = 8  # group scales keep 3 vectors per column live: int32 sums + float64 pair
 # Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
-PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 3, "ternary_group_scales": 2}
+PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 2, "ternary_group_scales": 1}
+STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,12 @@ def vnni_pack_compute(
 ) -> list[te.Tensor]:
     """TE compute of the load-time pack: ``[*stored weights, wpack(, offset_sums)]``.
 
-    The stored weights are the first ``PACKED_ARGUMENTS[encoding]`` arguments of
-    :func:`fgq_tvm.schedules.conv2d.conv2d_compute` after ``x``.
+    The stored weights are the first ``PACKED_ARGUMENTS[encoding]`` weights of
+    :func:`~fgq_tvm.schedules.conv2d.layer_arguments` in :data:`STORAGE`.
     """
     k_h, k_w = shape.kernel
     out_blocks, channel_blocks = _blocks(shape)
-    args = layer_arguments(shape, encoding)
+    args = layer_arguments(shape, encoding, STORAGE)
     stored = list(args.weights[: PACKED_ARGUMENTS[encoding]])
 
     def weight_value(r, s, c, k):

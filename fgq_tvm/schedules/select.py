@@ -10,8 +10,9 @@ Cores:
   signed activations or odd group sizes, targets without VNNI); it reads the stored 2-bit
   weights directly.
 
-Both compute the same numbers (``reference_forward``) from the same stored arguments
-(:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`). The int8 dot core
+Both compute the same numbers (``reference_forward``) from the layer's stored arguments
+(:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`, ternary weights in
+the core's :func:`ternary_storage`). The int8 dot core
 reads and writes its activations in either layout of :mod:`~fgq_tvm.schedules.layout`, the
 bitplane core in NCHW only (:func:`kernel_layouts`).
 """
@@ -27,7 +28,14 @@ import tvm
 
 from ..quant.layers import ActQuant
 from . import conv2d_vnni
-from .conv2d import NO_EPILOGUE, Conv2dShape, Epilogue, WeightEncoding, conv2d_prim_func
+from .conv2d import (
+    NO_EPILOGUE,
+    Conv2dShape,
+    Epilogue,
+    TernaryStorage,
+    WeightEncoding,
+    conv2d_prim_func,
+)
 from .intrinsics_x86 import has_vnni
 from .layout import PLAIN, Layouts, activation_dims, from_layout, to_layout
 
@@ -82,6 +90,12 @@ def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, tar
 def kernel_layouts(core: Core, layouts: Layouts) -> Layouts:
     """The layouts ``core`` computes in where the network around it wants ``layouts``."""
     return layouts if core == "int8-dot-vnni" else PLAIN
+
+
+def ternary_storage(core: Core) -> TernaryStorage:
+    """How ``core`` wants ternary weights stored: ``base3`` where a pack decodes them once at
+    load time, ``bitplanes`` where the kernel decodes them in its loops."""
+    return conv2d_vnni.STORAGE if core == "int8-dot-vnni" else "bitplanes"
 
 
 def reads_activation_bytes(core: Core) -> bool:
