@@ -108,11 +108,23 @@ def compile_model(
     -------
     CompileResult
     """
+    _check_output_folder(Path(output))  # before the minutes of quantization
+    quantized = quantize(model, spec, quant, calibration, progress, calib_batch_size)
+    return compile_quantized(quantized, spec, target, output, progress, tuning_logs)
+
+
+def compile_quantized(
+    quantized: QuantizedModel,
+    spec: ModelSpec,
+    target,
+    output: str | os.PathLike,
+    progress: Progress | None = None,
+    tuning_logs: Path | None = None,
+) -> CompileResult:
+    """The second stage of :func:`compile_model`: lower, build and write ``quantized``."""
     report = progress or (lambda stage: None)
     output = Path(output)
-    if not output.parent.is_dir():
-        raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
-    quantized = quantize(model, spec, quant, calibration, report, calib_batch_size)
+    _check_output_folder(output)
     tuned = _tuned_schedules(tuning_logs, target, quantized.layers)
     report("export to Relax" + (f", tuned schedules from {tuned.folder}" if tuned else ""))
     mod = lower_to_relax(quantized, spec.input_shape, target, tuned)
@@ -125,6 +137,11 @@ def compile_model(
     _write_outputs(output, executable, sidecar)
     specs = {name: kernel.spec for name, kernel in kernels.items()}
     return CompileResult(output, sidecar, quantized, specs)
+
+
+def _check_output_folder(output: Path) -> None:
+    if not output.parent.is_dir():
+        raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
 
 
 def quantize(

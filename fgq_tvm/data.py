@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ DEFAULT_CALIB_LIMIT = 256
 SUBSET_SEED = 0
 CIFAR10_NPZ = Path("cifar10") / "cifar10_test_jpeg.npz"
 CALIB_HINT = "pass --calib FILE (.npz in the CIFAR-10 format, or a normalised float32 .npy batch)"
+IMAGE_FOLDER_HINT = "give an .npz in the CIFAR-10 format or a folder with one sub-folder per class"
 
 
 def data_dir() -> Path:
@@ -291,3 +293,83 @@ def iterate_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         raise UsageError(f"the batch size must be at least 1, got {batch_size}")
     for start in range(0, len(x), batch_size):
         yield x[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A labelled image set to evaluate on, read batch by batch.
+
+    Attributes
+    ----------
+    description
+        Where the images come from, for reports (``cifar10_test_jpeg.npz, split eval``).
+    count
+        How many images :meth:`batches` yields.
+    """
+
+    description: str
+    count: int
+    _batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, labels)``: normalised float32 NCHW inputs and int64 labels, ``batch_size`` at a
+        time (the last batch may be shorter)."""
+        if batch_size < 1:
+            raise UsageError(f"the batch size must be at least 1, got {batch_size}")
+        return self._batches(batch_size)
+
+
+def load_labelled_images(
+    path: str | Path, spec: ModelSpec, split: str = "eval", limit: int | None = None
+) -> LabelledImages:
+    """A labelled image set: an ``.npz`` in the CIFAR-10 format (its ``split``) or an
+    ImageFolder directory (one sub-folder of images per class, classes in sorted order: the
+    ImageNet layout; ``split`` does not apply).
+
+    Folder images get torchvision's standard ImageNet preprocessing for the model's input size
+    ``s``: resize the shorter side to ``s * 256 / 224``, crop the centre ``s x s``, scale to
+    [0, 1] and normalise with the model's mean and std. ``limit`` keeps that many images
+    (npz: a fixed-seed subset, :func:`load_npz_split`; folder: a fixed-seed subset too).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _image_folder(path, spec, limit)
+    x, y = load_npz_split(path, split, spec, limit)
+
+    def batches(batch_size: int):
+        return zip(x.split(batch_size), y.split(batch_size), strict=True)
+
+    return LabelledImages(f"{path.name}, split {split}", len(y), batches)
+
+
+def _image_folder(path: Path, spec: ModelSpec, limit: int | None) -> LabelledImages:
+    from torchvision import datasets, transforms
+
+    size = spec.input_shape[-1]
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(round(size * 256 / 224)),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+    try:
+        folder = datasets.ImageFolder(str(path), transform=preprocess)
+    except (FileNotFoundError, OSError) as error:
+        reason = _reason(error)
+        raise FGQError(f"{path} is no image folder ({reason}): {IMAGE_FOLDER_HINT}") from None
+    indices = _subset(np.arange(len(folder)), limit)
+    if len(folder.classes) > spec.num_classes:
+        raise FGQError(
+            f"{path} has {len(folder.classes)} classes but {spec.name} predicts "
+            f"{spec.num_classes}; {IMAGE_FOLDER_HINT}"
+        )
+
+    def batches(batch_size: int):
+        for start in range(0, len(indices), batch_size):
+            items = [folder[int(i)] for i in indices[start : start + batch_size]]
+            images = torch.stack([image for image, _ in items])
+            yield images, torch.tensor([label for _, label in items], dtype=torch.int64)
+
+    return LabelledImages(f"{path.name}/ ({len(folder.classes)} classes)", len(indices), batches)

@@ -10,7 +10,7 @@ table (``--out``) and prints it.
 Usage::
 
     fgq-tvm compile resnet50 -o r50.so
-    python benchmarks/profile.py r50.so --threads 2 --out benchmarks/results/profile-resnet50.md
+    python benchmarks/operator_times.py r50.so --out benchmarks/results/operator-times-resnet50.md
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         x = np.random.default_rng(0).normal(size=model.input_shape).astype(np.float32)
         table = profile_markdown(args.module, model.operator_times(x, args.repeats), args.threads)
     except FGQError as error:
-        print(f"profile: error: {error}", file=sys.stderr)
+        print(f"operator_times: error: {error}", file=sys.stderr)
         return 1
     if args.out is not None:
         staged = args.out.with_name(args.out.name + ".tmp")
