@@ -30,7 +30,7 @@ def group_of(name: str) -> str:
     return next(group for group, prefix in GROUPS if name.startswith(prefix))
 
 
-def profile_markdown(path: Path, times: dict[str, list[float]], threads: int) -> str:
+def operator_table(path: Path, times: dict[str, list[float]], threads: int) -> str:
     medians = {name: median(runs) * 1e3 for name, runs in times.items()}
     total = sum(medians.values())
     lines = [
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = fgq_tvm.load(args.module)
         x = np.random.default_rng(0).normal(size=model.input_shape).astype(np.float32)
-        table = profile_markdown(args.module, model.operator_times(x, args.repeats), args.threads)
+        table = operator_table(args.module, model.operator_times(x, args.repeats), args.threads)
     except FGQError as error:
         print(f"operator_times: error: {error}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 :func:`run_bench` compiles the model with :func:`~fgq_tvm.compiler.compile_model` (default
 schedules), prepares every requested peer on the same model and calibration images, then times
-each one back to back on the same input with the same thread count: ``warmup`` untimed runs,
-then the median of ``repeats`` timed runs. The peers (:data:`PEERS`):
+them all on the same input with the same thread count, interleaved (:func:`time_rounds`):
+``warmup`` untimed runs, then the median of ``repeats`` timed runs. The peers (:data:`PEERS`):
 
 * ``torch``: PyTorch FP32 eager;
 * ``torch-int8``: PyTorch int8, ``torch.ao.quantization`` FX graph mode (``prepare_fx`` /
@@ -36,7 +36,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -336,15 +336,27 @@ class PeerUnavailable(Exception):
         self.note = note
 
 
-def time_runs(run: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``run`` in milliseconds, after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
+def time_rounds(
+    runs: Mapping[str, Callable[[], object]], repeats: int, warmup: int, settle_s: float = SETTLE_S
+) -> dict[str, list[float]]:
+    """Wall times in milliseconds of ``repeats`` calls of each of ``runs``, interleaved.
+
+    After ``warmup`` untimed calls of each, every one of ``repeats`` rounds gives each runtime
+    in turn a pause of ``settle_s`` (the previous runtime's spinning threads go idle), one
+    untimed call (caches warm again) and one timed call. A slow drift of the machine's speed
+    (a neighbour on the host) then hits every runtime alike, and their ratios stay fair.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, run in runs.items():
+            time.sleep(settle_s)
+            run()
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -570,17 +582,33 @@ def prepared(key: str, prepare: Callable[[], Runner]) -> Runner | PeerResult:
 
 
 def measure(
-    key: str, runner: Runner | PeerResult, expected: np.ndarray, repeats: int, warmup: int
-) -> PeerResult:
-    """Time a prepared runner and compare its logits with ``expected``."""
-    if isinstance(runner, PeerResult):
-        return runner
+    runners: Mapping[str, Runner | PeerResult], expected: np.ndarray, repeats: int, warmup: int
+) -> list[PeerResult]:
+    """Compare each prepared runner's logits with ``expected``, then time them all in
+    interleaved rounds (:func:`time_rounds`); a runner that fails is reported as failed."""
+    errors: dict[str, float] = {}
+    results: dict[str, PeerResult] = {}
+    for key, runner in runners.items():
+        if isinstance(runner, PeerResult):
+            results[key] = runner
+            continue
+        try:
+            errors[key] = relative_error(runner.run(), expected)
+        except Exception as failure:  # see prepared()
+            results[key] = _failed(key, failure)
+    ready = {key: runners[key] for key in errors}
     try:
-        error = relative_error(runner.run(), expected)
-        times = time_runs(runner.run, repeats, warmup)
-    except Exception as failure:  # see prepared()
-        return PeerResult(key, LABELS[key], "failed", f"{type(failure).__name__}: {_line(failure)}")
-    return PeerResult(key, LABELS[key], "ok", runner.note, times, error)
+        times = time_rounds({key: runner.run for key, runner in ready.items()}, repeats, warmup)
+    except Exception as failure:  # see prepared(); the runtimes ran once each above
+        times, results = {}, results | {key: _failed(key, failure) for key in ready}
+    for key, runner in ready.items():
+        if key in times:
+            results[key] = PeerResult(key, LABELS[key], "ok", runner.note, times[key], errors[key])
+    return [results[key] for key in runners]
+
+
+def _failed(key: str, failure: Exception) -> PeerResult:
+    return PeerResult(key, LABELS[key], "failed", f"{type(failure).__name__}: {_line(failure)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,12 +749,8 @@ def run_bench(
             report(f"prepare {LABELS[key]}")
             runners[key] = prepared(key, lambda key=key: PREPARE[key](setup))
         expected = prepare_torch(setup).run()
-        peers = []
-        for key, runner in runners.items():
-            if isinstance(runner, Runner):
-                report(f"time {LABELS[key]}")
-                time.sleep(SETTLE_S)
-            peers.append(measure(key, runner, expected, options.repeats, options.warmup))
+        report(f"time {len(runners)} runtimes in {options.repeats} interleaved rounds")
+        peers = measure(runners, expected, options.repeats, options.warmup)
         layers = time_layers(compiled, target, options.repeats, report)
         so_bytes = compiled.output.stat().st_size
         environment = describe_environment(load_start)
@@ -901,7 +925,8 @@ def format_markdown(result: BenchResult) -> str:
         f"{quant['act_bits']}-bit activations, {quant['scales']} group scales, "
         f"first/last layer {quant['first_last']}. "
         f"Calibration: {result.calibration}. Median of {result.repeats} runs after "
-        f"{result.warmup} warm-up runs, each runtime timed back to back on the same input; "
+        f"{result.warmup} warm-up runs, on the same input, interleaved: in each round every "
+        "runtime makes one untimed and one timed run after a pause; "
         f"{env['date']}; load average {loads} (start, end); {versions}.",
         "",
         "`x PyTorch FP32` and `x PyTorch int8` are latency ratios (above 1: slower). The "

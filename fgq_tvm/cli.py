@@ -1,5 +1,6 @@
 """The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
-``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers.
+``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers, ``eval`` its
+accuracy against the full-precision model.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_tune(commands)
     _add_bench(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -116,6 +118,11 @@ def _add_compile(commands) -> None:
     sub.set_defaults(handler=_compile)
     sub.add_argument("-o", "--output", required=True, metavar="OUT.so", help="module to write")
     _add_model_arguments(sub)
+    _add_schedule_arguments(sub)
+
+
+def _add_schedule_arguments(sub) -> None:
+    """Where compiled kernels take their schedules from (compile, eval)."""
     tuning = sub.add_argument_group("schedules")
     tuning.add_argument(
         "--tuning-logs",
@@ -160,6 +167,51 @@ def _add_tune(commands) -> None:
         "as bench)",
     )
     _add_model_arguments(sub)
+
+
+def _add_eval(commands) -> None:
+    sub = commands.add_parser(
+        "eval",
+        help="accuracy of a quantized model against its full-precision original",
+        description="Quantize MODEL as compile would and measure the top-1 and top-5 accuracy "
+        "of the full-precision model and of the quantized one on the same labelled images, "
+        "and the drop. With --backend tvm the quantized accuracy is that of the compiled "
+        "module (built in a temporary folder), checked against the PyTorch reference.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_eval)
+    sub.add_argument(
+        "--data",
+        required=True,
+        metavar="D",
+        help="labelled images: an .npz in the CIFAR-10 format (see --split) or an ImageFolder "
+        "directory (one sub-folder per class, ImageNet preprocessing)",
+    )
+    sub.add_argument(
+        "--split",
+        choices=("calib", "eval", "all"),
+        default="eval",
+        help="split of an .npz to evaluate on (default: eval; never the calibration split you "
+        "calibrated on)",
+    )
+    sub.add_argument(
+        "--backend",
+        choices=("torch", "tvm"),
+        default="torch",
+        help="run the quantized network as the PyTorch reference (default) or as the compiled "
+        "module",
+    )
+    sub.add_argument("--images", type=_positive_int, metavar="N", help="evaluate N images only")
+    sub.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="images per batch, also the compiled module's batch (default: 100 for inputs up "
+        "to 64x64 pixels, else 10)",
+    )
+    sub.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _add_model_arguments(sub)
+    _add_schedule_arguments(sub)
 
 
 def _add_model_arguments(sub) -> None:
@@ -416,6 +468,105 @@ def _tune(args: argparse.Namespace) -> int:
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """``fgq-tvm eval``: quantize, then count top-1/top-5 hits of both models on the images."""
+    from .data import load_labelled_images
+
+    progress = _progress_printer()
+    if args.calib is None and Path(args.data).suffix == ".npz":
+        args.calib = args.data  # its calibration split (--calib-split)
+    if args.calib == args.data and args.calib_split in (args.split, "all"):
+        raise UsageError(
+            f"calibrating on split {args.calib_split!r} of the images evaluated on ({args.split!r})"
+            " measures nothing; use --calib-split calib and --split eval"
+        )
+    model, spec, quant, target, calibration = _model_inputs(args)
+    images = load_labelled_images(args.data, spec, args.split, args.images)
+    batch = args.batch_size or (100 if max(spec.input_shape[2:]) <= 64 else 10)
+    from .compiler import quantize
+    from .evaluate import EvalResult, evaluate_models, format_result, torch_predictor
+
+    quantized = quantize(model, spec, quant, calibration, progress)
+    predictors = {"full": torch_predictor(model), "reference": torch_predictor(quantized.reference)}
+    with tempfile.TemporaryDirectory(prefix="fgq-tvm-eval-") as folder:
+        if args.backend == "tvm":
+            predictors["module"] = _compiled_predictor(args, quantized, spec, target, batch, folder)
+        progress(f"evaluate on {images.count} images of {images.description}")
+        accuracies, top1 = evaluate_models(predictors, images, batch, _progress_bar("images"))
+    deployed = "module" if args.backend == "tvm" else "reference"
+    agreement = None
+    if args.backend == "tvm":
+        agreement = float((top1["module"] == top1["reference"]).mean())
+    result = EvalResult(accuracies["full"], accuracies[deployed], agreement)
+    heading = (
+        f"{spec.name} on {images.count} images of {images.description}, quantized network run "
+        f"by {'the compiled module' if args.backend == 'tvm' else 'the PyTorch reference'}"
+    )
+    print(format_result(result, heading))
+    if args.json:
+        _write_json(Path(args.json), _eval_record(args, spec, images, result))
+    return 0
+
+
+def _compiled_predictor(args, quantized, spec: ModelSpec, target, batch: int, folder: str):
+    """The quantized network compiled at ``batch`` images into ``folder``, as a predictor."""
+    from dataclasses import replace
+
+    from .compiler import compile_quantized
+    from .evaluate import module_predictor
+    from .runtime import load
+
+    if not spec.fixed_batch:
+        spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
+    tuning_logs = None if args.default_schedules else Path(args.tuning_logs)
+    output = Path(folder) / "model.so"
+    compile_quantized(quantized, spec, target, output, _progress_printer(), tuning_logs)
+    return module_predictor(load(output))
+
+
+def _eval_record(args, spec: ModelSpec, images, result) -> dict:
+    models = {"full_precision": result.full_precision, "quantized": result.quantized}
+    accuracy = {name: {"top1": value.top1, "top5": value.top5} for name, value in models.items()}
+    return {
+        "model": spec.name,
+        "data": images.description,
+        "images": images.count,
+        "backend": args.backend,
+        "quantization": vars(_quant_config(args)) | {"overrides": args.layer},
+        **accuracy,
+        "drop_top1_points": result.drop_top1,
+        "drop_top5_points": result.drop_top5,
+        "top1_agreement_with_reference": result.agreement,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file (never half-written)."""
+    import json
+
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(data, indent=2) + "\n")
+    staged.replace(path)
+
+
+def _progress_bar(unit: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback drawing a bar on stderr: redrawn in place on a terminal,
+    else a line per tenth."""
+    shown = [-1]
+
+    def update(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        terminal = sys.stderr.isatty()
+        if not terminal and tenth == shown[0]:
+            return
+        shown[0] = tenth
+        bar = "#" * (2 * tenth) + "." * (20 - 2 * tenth)
+        end = "\n" if not terminal or done == total else ""
+        print(f"\r{PROG}: [{bar}] {done}/{total} {unit}", end=end, file=sys.stderr, flush=True)
+
+    return update
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:

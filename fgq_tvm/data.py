@@ -305,18 +305,20 @@ class LabelledImages:
         Where the images come from, for reports (``cifar10_test_jpeg.npz, split eval``).
     count
         How many images :meth:`batches` yields.
+    reader
+        ``batch_size -> iterator of (x, labels)``: what :meth:`batches` returns.
     """
 
     description: str
     count: int
-    _batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    reader: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, labels)``: normalised float32 NCHW inputs and int64 labels, ``batch_size`` at a
         time (the last batch may be shorter)."""
         if batch_size < 1:
             raise UsageError(f"the batch size must be at least 1, got {batch_size}")
-        return self._batches(batch_size)
+        return self.reader(batch_size)
 
 
 def load_labelled_images(

@@ -106,11 +106,13 @@ def test_parse_peers():
         bench.parse_peers("torch,onnx")
 
 
-def test_time_runs_counts_warmup_apart():
+def test_runtimes_are_timed_in_interleaved_rounds():
     calls = []
-    times = bench.time_runs(lambda: calls.append(1), repeats=4, warmup=2)
-    assert len(times) == 4 and len(calls) == 6
-    assert all(t >= 0 for t in times)
+    runs = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = bench.time_rounds(runs, repeats=3, warmup=2, settle_s=0)
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for values in times.values() for t in values)
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then rounds
 
 
 # --- tables ---------------------------------------------------------------------------------

@@ -100,6 +100,16 @@ ERRORS = {
     "no command": ([], 2, "required: COMMAND (see 'fgq-tvm --help')"),
     "unknown command": (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     "run without input": (["run", "m.so"], 2, "required: --input (see 'fgq-tvm run --help')"),
+    "eval on calib split": (
+        ["eval", "cifar_resnet20", "--data", data_dir() / CIFAR10_NPZ, "--split", "calib"],
+        2,
+        "calibrating on split 'calib' of the images evaluated on ('calib') measures nothing",
+    ),
+    "eval data missing": (
+        ["eval", "cifar_resnet20", "--data", "{in}/missing.npz"],
+        1,
+        "missing.npz does not exist",
+    ),
 }
 
 
