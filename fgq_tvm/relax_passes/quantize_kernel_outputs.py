@@ -63,7 +63,8 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.layers = layers
         self.call_tir = tvm.ir.Op.get("relax.call_tir")
-        self.replaced: dict = {}
+        self.values: dict = {}  # variable -> bound value, of the function being visited
+        self.replaced: dict = {}  # variable -> its rewritten kernel call
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         bindings = [b for block in func.body.blocks for b in block.bindings]
