@@ -14,14 +14,15 @@ them all on the same input with the same thread count, interleaved (:func:`time_
 * ``tvm-fp32``: the float model through the same Relax import and ``tvm.compile`` without FGQ
   and without tuning.
 
-The "fgq-tvm tuned" row is the hook for tuning databases: it reads ``n/a`` until
-``compile_model`` can build from one (:func:`prepare_fgq_tuned`).
+The "fgq-tvm tuned" row compiles with the target's tuning database (:func:`prepare_fgq_tuned`;
+``n/a`` without one) and says how many kernels took a tuned schedule.
 
-Each quantized layer's kernel is also timed on its own, built as
-:class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` builds it, and its MAC rate compared with
-the CPU's int8 VNNI peak (:data:`VNNI_MACS_PER_CYCLE` per cycle per core). A missing optional
-package (ONNX Runtime) turns its rows into "not installed"; a peer that fails to build reads
-"failed" with the reason. Everything heavy is imported inside the functions that need it.
+Each quantized layer's kernel is also timed on its own, as the compiled module has it (core,
+fused epilogue, layouts, float or byte activations; default schedule), and its MAC rate
+compared with the CPU's int8 VNNI peak (:data:`VNNI_MACS_PER_CYCLE` per cycle per core). A
+missing optional package (ONNX Runtime) turns its rows into "not installed"; a peer that fails
+to build reads "failed" with the reason. Everything heavy is imported inside the functions that
+need it.
 """
 
 from __future__ import annotations
