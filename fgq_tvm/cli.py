@@ -255,9 +255,10 @@ def _add_model_arguments(sub) -> None:
     )
     quant.add_argument(
         "--method",
-        choices=("exact", "twn"),
+        choices=("exact", "twn", "gptq"),
         default="exact",
-        help="ternarization rule (default: exact)",
+        help="ternarization rule: the exact per-group solver (default), TWN's threshold, or "
+        "the exact solver with error compensation on the calibration inputs (gptq)",
     )
     quant.add_argument(
         "--first-last",

@@ -83,8 +83,9 @@ class QuantConfig:
     group_size, act_bits, scales
         Defaults for every ternary layer (see :class:`LayerConfig`).
     method
-        Ternarization rule: ``"exact"`` (the L2-optimal per-group solver) or ``"twn"``
-        (threshold 0.7 * mean |w|).
+        Ternarization rule: ``"exact"`` (the L2-optimal per-group solver), ``"twn"``
+        (threshold 0.7 * mean |w|) or ``"gptq"`` (the exact solver with each rounding error
+        compensated on the layer's later weights, :mod:`fgq_tvm.quant.gptq`).
     first_last
         Weight mode of the first conv and the last linear layer (``"int8"`` by default).
     first_last_act_bits
@@ -103,7 +104,7 @@ class QuantConfig:
     group_size: int | None = 4
     act_bits: int = 8
     scales: ScaleMode = "int8"
-    method: Literal["exact", "twn"] = "exact"
+    method: Literal["exact", "twn", "gptq"] = "exact"
     first_last: WeightMode = "int8"
     first_last_act_bits: int = 8
     calibration: Literal["max", "percentile"] = "max"

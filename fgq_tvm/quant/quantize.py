@@ -42,6 +42,7 @@ from .batchnorm import (
     reestimate_batchnorm,
 )
 from .calibration import calibrate_inputs, make_act_quant
+from .gptq import HessianObserver, ternarize_gptq
 from .layers import ActQuant, QuantizedLayer, reference_forward
 from .ternary import (
     dequantize_ternary,
@@ -141,8 +142,11 @@ def quantize_model(
     work = copy.deepcopy(model).eval()
     plans, float_layers = _plan_layers(work, config, calib_batches[0])
     report("ternarize")
-    ternary = _ternarize(plans, config.method)
-    originals = _swap_weights(plans, ternary)
+    if config.method == "gptq":
+        ternary, originals = _ternarize_compensating(work, plans, calib_batches)
+    else:
+        ternary = _ternarize(plans, config.method)
+        originals = _swap_weights(plans, ternary)
     if config.reestimate_bn and any(isinstance(m, BATCHNORMS) for m in work.modules()):
         report("reestimate batchnorm")
         reestimate_batchnorm(work, calib_batches)
@@ -248,6 +252,31 @@ def _ternarize(plans: dict[str, _Plan], method: str) -> dict[str, tuple[np.ndarr
             group_size = plan.config.resolved_group_size(weight.shape[1])
             result[name] = ternarize_groups(weight, group_size, method)
     return result
+
+
+def _ternarize_compensating(
+    model: nn.Module, plans: dict[str, _Plan], batches: list[torch.Tensor]
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, torch.Tensor]]:
+    """:func:`~fgq_tvm.quant.gptq.ternarize_gptq` on each ternary layer in module order, its
+    Hessian taken from the calibration inputs it sees with the layers before it already
+    ternary (their weights swapped in as it goes); returns ``(t, alpha)`` and the originals."""
+    ternary, originals = {}, {}
+    for name, plan in plans.items():
+        if plan.config.weights != "ternary":
+            continue
+        observer = HessianObserver(plan.module, plan.padding)
+        handle = plan.module.register_forward_pre_hook(observer.hook)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    model(batch)
+        finally:
+            handle.remove()
+        weight = _weight4d(plan.module)
+        group_size = plan.config.resolved_group_size(weight.shape[1])
+        ternary[name] = ternarize_gptq(weight, observer.result(), group_size)
+        originals |= _swap_weights({name: plan}, {name: ternary[name]})
+    return ternary, originals
 
 
 def _swap_weights(

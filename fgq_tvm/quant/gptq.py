@@ -1,0 +1,125 @@
+"""Error-compensating ternarization of FGQ groups (GPTQ-style; Frantar et al., 2022).
+
+A layer's weights ``W [K, C, R, S]`` are seen as ``K`` rows of ``D = R * S * C`` columns in
+``(r, s, c)`` order, so that a group (``N`` consecutive channels at one ``(r, s)``) is a run of
+adjacent columns. Its calibration inputs, unfolded to one column per output position in the same
+order (``X [D, P]``), give the output error of a weight error ``E`` as ``||E X||^2``, whose
+Hessian is ``H = X X^T`` (:class:`HessianObserver`). :func:`ternarize_gptq` visits the groups in
+column order. At each group it solves the group's kept set and scale ``alpha`` with the exact
+solver on the weights as updated so far; then column by column it rounds each weight to
+``{-alpha, 0, alpha}`` (``t = sign(w)`` where ``|w| > alpha / 2``) and pushes the rounding error
+onto the columns not yet quantized through the upper Cholesky factor of ``H^-1``, which makes
+the later columns compensate it. Rows are independent, so a per-row factor (a folded BatchNorm)
+does not change the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ternary import ternarize_groups
+
+DAMPING = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's default)
+
+
+class HessianObserver:
+    """Accumulates ``H = X X^T / P`` of the inputs a conv or linear module is called with
+    (``padding``: the conv's resolved symmetric padding)."""
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, padding: tuple[int, int]) -> None:
+        self.module = module
+        self.padding = padding
+        self.hessian: torch.Tensor | None = None
+        self.columns = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        columns = _unfold(self.module, x.detach().double(), self.padding)
+        product = columns @ columns.T
+        self.hessian = product if self.hessian is None else self.hessian + product
+        self.columns += columns.shape[1]
+
+    def hook(self, _module: nn.Module, args: tuple) -> None:
+        """A forward pre-hook that observes the module's input."""
+        self.observe(args[0])
+
+    def result(self) -> np.ndarray:
+        if self.hessian is None:
+            raise ValueError("the module was never called")
+        return (self.hessian / self.columns).numpy()
+
+
+def ternarize_gptq(
+    weight: np.ndarray, hessian: np.ndarray, group_size: int, damping: float = DAMPING
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ternarize ``weight [K, C, R, S]`` in groups of ``group_size`` channels, compensating
+    each column's rounding error on the columns after it (see the module docstring).
+
+    Parameters
+    ----------
+    weight
+        The layer's float weight (linear: ``[K, C, 1, 1]``).
+    hessian
+        ``[D, D]`` input Hessian in ``(r, s, c)`` column order (:class:`HessianObserver`).
+    group_size
+        Channels per group.
+    damping
+        Fraction of the mean diagonal added to the diagonal before inversion.
+
+    Returns
+    -------
+    t, alpha
+        As :func:`~fgq_tvm.quant.ternary.ternarize_groups`: int8 ``[K, C, R, S]`` and float32
+        ``[K, G, R, S]``.
+    """
+    k, c, r, s = weight.shape
+    rows = weight.transpose(0, 2, 3, 1).reshape(k, r * s * c).astype(np.float64)
+    inverse_factor = _inverse_cholesky(hessian, rows, damping)
+    t = np.zeros_like(rows, dtype=np.int8)
+    groups = -(-c // group_size)
+    alpha = np.zeros((k, r * s, groups), dtype=np.float64)
+    for position in range(r * s):
+        for group in range(groups):
+            start = position * c + group * group_size
+            stop = position * c + min(c, (group + 1) * group_size)
+            _, group_alpha = ternarize_groups(rows[:, start:stop], stop - start)
+            scale = group_alpha[:, 0].astype(np.float64)
+            alpha[:, position, group] = scale
+            for column in range(start, stop):
+                t[:, column] = _round_ternary(rows[:, column], scale)
+                error = (rows[:, column] - t[:, column] * scale) / inverse_factor[column, column]
+                rows[:, column + 1 :] -= np.outer(error, inverse_factor[column, column + 1 :])
+    t4 = t.reshape(k, r, s, c).transpose(0, 3, 1, 2)
+    alpha4 = alpha.reshape(k, r, s, groups).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(t4), np.ascontiguousarray(alpha4.astype(np.float32))
+
+
+def _round_ternary(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The nearest of ``{-scale, 0, scale}`` per row, as ``t``."""
+    return (np.sign(values) * (np.abs(values) > scale / 2)).astype(np.int8)
+
+
+def _inverse_cholesky(hessian: np.ndarray, rows: np.ndarray, damping: float) -> np.ndarray:
+    """Upper Cholesky factor of the damped ``H^-1``; columns no input reaches (zero diagonal)
+    get a unit diagonal and their weights zeroed, as in GPTQ."""
+    h = torch.from_numpy(np.array(hessian, dtype=np.float64))
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    rows[:, dead.numpy()] = 0.0
+    h += damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True).numpy()
+
+
+def _unfold(module: nn.Conv2d | nn.Linear, x: torch.Tensor, padding) -> torch.Tensor:
+    """The module's input as ``[D, P]`` columns in ``(r, s, c)`` order."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).T
+    k_h, k_w = module.kernel_size
+    patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    batch, _, positions = patches.shape
+    by_position = patches.reshape(batch, x.shape[1], k_h * k_w, positions).transpose(1, 2)
+    columns = by_position.reshape(batch, -1, positions).permute(1, 0, 2)
+    return columns.reshape(columns.shape[0], batch * positions)

@@ -1,0 +1,66 @@
+"""Error-compensating ternarization (fgq_tvm.quant.gptq)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fgq_tvm.config import QuantConfig
+from fgq_tvm.quant.gptq import HessianObserver, ternarize_gptq
+from fgq_tvm.quant.quantize import quantize_model
+from fgq_tvm.quant.ternary import ternarize_groups
+
+RNG = np.random.default_rng(0)
+WEIGHT = RNG.normal(size=(8, 12, 3, 3))
+
+
+def rows(weight: np.ndarray) -> np.ndarray:
+    """``[K, C, R, S]`` as ``[K, D]`` in (r, s, c) column order."""
+    return weight.transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def test_hessian_columns_are_the_conv_inputs_in_r_s_c_order():
+    conv = nn.Conv2d(12, 8, 3, stride=2, padding=1, bias=False).double()
+    x = torch.randn(2, 12, 9, 7, dtype=torch.float64)
+    observer = HessianObserver(conv, (1, 1))
+    conv.register_forward_pre_hook(observer.hook)
+    y = conv(x).permute(1, 0, 2, 3).reshape(8, -1).detach().numpy()
+    weight = rows(conv.weight.detach().numpy())
+    # ||W X||^2 / P from the Hessian equals the mean squared output
+    energy = np.einsum("kd,de,ke->", weight, observer.result(), weight)
+    np.testing.assert_allclose(energy, (y**2).sum() / y.shape[1], rtol=1e-10)
+
+
+def test_uncorrelated_inputs_give_the_exact_solution():
+    t, alpha = ternarize_gptq(WEIGHT, np.eye(108), group_size=4, damping=0.0)
+    t_exact, alpha_exact = ternarize_groups(WEIGHT, 4)
+    np.testing.assert_array_equal(t, t_exact)
+    np.testing.assert_allclose(alpha, alpha_exact, rtol=1e-6)
+
+
+def test_correlated_inputs_lower_the_output_error():
+    inputs = RNG.normal(size=(108, 108)) @ RNG.normal(size=(108, 4000))
+
+    def output_error(t, alpha):
+        error = rows(WEIGHT - t * np.repeat(alpha, 4, axis=1))
+        return np.sum((error @ inputs) ** 2)
+
+    compensated = ternarize_gptq(WEIGHT, inputs @ inputs.T / 4000, group_size=4)
+    assert set(np.unique(compensated[0])) <= {-1, 0, 1} and (compensated[1] >= 0).all()
+    assert output_error(*compensated) < 0.8 * output_error(*ternarize_groups(WEIGHT, 4))
+
+
+def test_quantize_model_with_compensation():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10),
+    ).eval()  # fmt: skip
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    result = quantize_model(model, QuantConfig(method="gptq"), batches)
+    ternary = [layer for layer in result.layers.values() if layer.is_ternary]
+    assert len(ternary) == 2
+    assert all(set(np.unique(layer.weight)) <= {-1, 0, 1} for layer in ternary)
+    assert torch.isfinite(result.reference(batches[0])).all()
