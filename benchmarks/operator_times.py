@@ -61,18 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM starts its thread pool
     import fgq_tvm
     from fgq_tvm.errors import FGQError
+    from fgq_tvm.reporting import write_text_atomically
 
     try:
         model = fgq_tvm.load(args.module)
         x = np.random.default_rng(0).normal(size=model.input_shape).astype(np.float32)
         table = operator_table(args.module, model.operator_times(x, args.repeats), args.threads)
+        if args.out is not None:
+            write_text_atomically(args.out, table)
     except FGQError as error:
         print(f"operator_times: error: {error}", file=sys.stderr)
         return 1
-    if args.out is not None:
-        staged = args.out.with_name(args.out.name + ".tmp")
-        staged.write_text(table)
-        staged.replace(args.out)
     print(table, end="")
     return 0
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import FGQError, UsageError
+from .reporting import write_text_atomically
 from .target import TUNING_LOGS
 from .threads import thread_settings
 
@@ -983,8 +984,8 @@ def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:
     except OSError as error:
         raise FGQError(f"cannot create the output folder {out_dir} ({_line(error)})") from None
     markdown, data = out_dir / f"{result.model}.md", out_dir / f"{result.model}.json"
-    markdown.write_text(format_markdown(result))
-    data.write_text(json.dumps(to_json(result), indent=2) + "\n")
+    write_text_atomically(markdown, format_markdown(result))
+    write_text_atomically(data, json.dumps(to_json(result), indent=2) + "\n")
     return markdown, data
 
 

@@ -11,6 +11,7 @@ runtime and NumPy: the modules that import PyTorch are imported inside ``compile
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import numpy as np
 
 from .config import QuantConfig, parse_act_bits, parse_group_size, parse_override
 from .errors import FGQError, UsageError
+from .reporting import progress_bar, write_text_atomically
 from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
 
 if TYPE_CHECKING:
@@ -507,7 +509,8 @@ def _eval(args: argparse.Namespace) -> int:
     )
     print(format_result(result, heading))
     if args.json:
-        _write_json(Path(args.json), _eval_record(args, spec, images, result))
+        record = json.dumps(_eval_record(args, spec, images, result), indent=2) + "\n"
+        write_text_atomically(Path(args.json), record)
     return 0
 
 
@@ -543,15 +546,6 @@ def _eval_record(args, spec: ModelSpec, images, result) -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file (never half-written)."""
-    import json
-
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(json.dumps(data, indent=2) + "\n")
-    staged.replace(path)
-
-
 def _progress_bar(unit: str) -> Callable[[int, int], None]:
     """A ``(done, total)`` callback drawing a bar on stderr: redrawn in place on a terminal,
     else a line per tenth."""
@@ -563,9 +557,9 @@ def _progress_bar(unit: str) -> Callable[[int, int], None]:
         if not terminal and tenth == shown[0]:
             return
         shown[0] = tenth
-        bar = "#" * (2 * tenth) + "." * (20 - 2 * tenth)
         end = "\n" if not terminal or done == total else ""
-        print(f"\r{PROG}: [{bar}] {done}/{total} {unit}", end=end, file=sys.stderr, flush=True)
+        line = f"\r{PROG}: {progress_bar(done, total)} {unit}"
+        print(line, end=end, file=sys.stderr, flush=True)
 
     return update
 

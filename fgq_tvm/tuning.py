@@ -41,6 +41,7 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .relax_passes.legalize_quantized_layers import KernelSpec, kernel_arguments, layer_encoding
+from .reporting import progress_bar
 from .schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
 from .schedules.select import build_layer
 from .threads import thread_settings
@@ -234,11 +235,10 @@ def tune(
 
 
 def _progress_line(index: int, total: int, result: TaskResult) -> str:
-    done = round(20 * index / total)
     best = f"best {result.best_ms:.3f} ms" if result.best_ms is not None else "no valid schedule"
     rejected = f", {result.rejected} wrong candidates rejected" if result.rejected else ""
-    bar = "#" * done + "-" * (20 - done)
-    return f"[{bar}] {index}/{total} {result.task.name}: {result.trials} trials, {best}{rejected}"
+    bar = progress_bar(index, total)
+    return f"{bar} {result.task.name}: {result.trials} trials, {best}{rejected}"
 
 
 @derived_object
