@@ -140,7 +140,7 @@ def _add_tune(commands) -> None:
     sub = commands.add_parser(
         "tune",
         help="tune a model's kernels with MetaSchedule into the target's database",
-        description="Quantize MODEL as compile would, then tune each distinct int8 dot core "
+        description="Quantize MODEL as compile would, then tune each distinct integer dot core "
         "kernel with MetaSchedule (XGBoost cost model, candidates timed on this machine, each "
         "new best verified against the reference arithmetic) and append the records to "
         "DIR/<target key>, where compile finds them.",

@@ -48,8 +48,8 @@ from .relax_passes import (
 )
 from .relax_passes.legalize_quantized_layers import KernelSpec
 from .runtime import SIDECAR_FORMAT, sidecar_path
-from .schedules.intrinsics_x86 import has_vnni
 from .schedules.layout import NCHW16C
+from .schedules.select import dot_instruction
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
@@ -189,7 +189,7 @@ def lower_to_relax(
     """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
     ``main(x, prepare())`` runs the network.
 
-    On a target with the int8 dot core, activations between conv layers stay in its blocked
+    On a target with an integer dot core, activations between conv layers stay in its blocked
     layout (NCHW16c, :mod:`~fgq_tvm.schedules.layout`) from the first layer with whole
     channel blocks to the last; Relax's ConvertLayout places the transforms at the edges.
 
@@ -204,7 +204,7 @@ def lower_to_relax(
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    if target is not None and has_vnni(target):
+    if dot_instruction(target) is not None:
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [NCHW16C, "OIHW"]})(mod)
         mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)

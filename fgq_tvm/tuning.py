@@ -1,14 +1,14 @@
-"""MetaSchedule tuning of the int8 dot core, and the tuned schedules ``compile`` takes.
+"""MetaSchedule tuning of the integer dot cores, and the tuned schedules ``compile`` takes.
 
 Tasks
-    One per distinct kernel of a model on the int8 dot core: the layer's unscheduled PrimFunc
-    (:func:`~fgq_tvm.schedules.conv2d_vnni.vnni_conv2d_workload`) with its epilogue, built with
+    One per distinct kernel of a model on an integer dot core: the layer's unscheduled PrimFunc
+    (:func:`~fgq_tvm.schedules.conv2d_dot.dot_conv2d_workload`) with its epilogue, built with
     a canonical activation scale of 1.0, so that one record serves every calibration of the
     same geometry (the trace only names blocks and loops).
 Space
-    :func:`~fgq_tvm.schedules.conv2d_vnni.schedule_vnni_conv2d` with its knobs sampled (output
+    :func:`~fgq_tvm.schedules.conv2d_dot.schedule_dot_conv2d` with its knobs sampled (output
     columns and channel blocks per register tile), as a ``ScheduleFn``: no generic rules or
-    postprocessors, since the VNNI tensorization is the project's own (MetaSchedule's x86 int8
+    postprocessors, since the dot tensorization is the project's own (MetaSchedule's x86 int8
     tensorization is broken in this TVM, DESIGN.md).
 Search
     Evolutionary, with the XGBoost cost model; candidates built and timed on this machine.
@@ -42,11 +42,10 @@ from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .relax_passes.legalize_quantized_layers import KernelSpec, kernel_arguments, layer_encoding
 from .reporting import progress_bar
-from .schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
-from .schedules.select import build_layer
+from .schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
+from .schedules.select import DOT_CORES, build_layer
 from .threads import thread_settings
 
-TUNED_CORE = "int8-dot-vnni"
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
 BUILD_TIMEOUT_S = 300  # a busy 2-core machine builds a candidate in seconds to minutes
 Progress = Callable[[str], None]
@@ -54,8 +53,8 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class KernelTask:
-    """One kernel to tune: a layer on the int8 dot core, for one input shape, epilogue and
-    layout (``spec.core`` is :data:`TUNED_CORE`)."""
+    """One kernel to tune: a layer on an integer dot core (``spec.core``, one of
+    :data:`~fgq_tvm.schedules.select.DOT_CORES`), for one input shape, epilogue and layout."""
 
     spec: KernelSpec
 
@@ -106,9 +105,9 @@ class KernelTask:
 
 def _workload(spec: KernelSpec) -> tvm.tirx.PrimFunc:
     """The unscheduled kernel of ``spec``."""
-    return vnni_conv2d_workload(
+    return dot_conv2d_workload(
         spec.shape, spec.layer.act, layer_encoding(spec.layer), spec.epilogue, spec.layouts,
-        spec.quantized_input,
+        spec.quantized_input, DOT_CORES[spec.core],
     )  # fmt: skip
 
 
@@ -118,13 +117,13 @@ def _unit_scale(act: ActQuant) -> ActQuant:
 
 def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):
     """The task of a kernel PrimFunc of a lowered model (its ``fgq.*`` attributes), or
-    ``None`` if it is not on the tuned core."""
+    ``None`` if it is not on a dot core."""
     spec = KernelSpec.of(func, layers)
-    return KernelTask(spec) if spec is not None and spec.core == TUNED_CORE else None
+    return KernelTask(spec) if spec is not None and spec.core in DOT_CORES else None
 
 
 def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> list[KernelTask]:
-    """The int8 dot core kernels of a lowered model, one task per distinct workload, in model
+    """The dot core kernels of a lowered model, one task per distinct workload, in model
     order (layers of the same geometry share a task)."""
     tasks, seen = [], set()
     for _, func in mod.functions_items():
@@ -213,7 +212,7 @@ def tune(
                 max_trials_global=trials,
                 num_trials_per_iter=min(trials, 16),
                 space=ms.space_generator.ScheduleFn(
-                    schedule_vnni_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
+                    schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
                 ),
                 builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
                 runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),

@@ -8,11 +8,11 @@ from tvm import relax
 
 from fgq_tvm.relax_passes import ApplyTunedSchedules
 from fgq_tvm.schedules.conv2d import Conv2dShape
-from fgq_tvm.schedules.conv2d_vnni import VnniSchedule, vnni_conv2d_prim_func
+from fgq_tvm.schedules.conv2d_dot import DotSchedule, dot_conv2d_prim_func
 
 CONV = ternary_conv_layer(16, 8)
 SHAPE = Conv2dShape(1, 8, 6, 6, 16, (3, 3), padding=(1, 1), group_size=4)
-TUNED = vnni_conv2d_prim_func(SHAPE, CONV.act, "ternary_group_scales", VnniSchedule(2))
+TUNED = dot_conv2d_prim_func(SHAPE, CONV.act, "ternary_group_scales", DotSchedule(2))
 
 
 def module() -> tvm.IRModule:

@@ -3,6 +3,8 @@
 * The pretrained CIFAR ResNet-20 with the real calibration split, on all 5,000 eval images:
   logits within rtol/atol 1e-4 of the reference and the same top-1 on at least 99.9%.
 * torchvision ResNet-18 (random weights) on random inputs, the same checks.
+* The CIFAR ResNet-20 built for an AVX2 CPU without VNNI (Haswell; its int16 dot core) and for
+  the 4-bit, N=64 variant of the 8-bit pipeline, on 500 eval images.
 * ResNet-50 compiles in under 10 minutes.
 """
 
@@ -28,12 +30,12 @@ EVAL_BATCH = 100
 pytestmark = pytest.mark.slow
 
 
-def compile_and_load(name, tmp_path, weights=None, calib=None, batch=1, **config):
+def compile_and_load(name, tmp_path, weights=None, calib=None, batch=1, target=TARGET, **config):
     model, spec = build_model(name, weights)
     spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
     calibration, _ = load_calibration(calib, spec, limit=128)
     result = compile_model(
-        model, spec, QuantConfig(**config), calibration, parse_target(TARGET), tmp_path / "m.so"
+        model, spec, QuantConfig(**config), calibration, parse_target(target), tmp_path / "m.so"
     )
     return load(result.output), result.quantized.reference, spec
 
@@ -72,12 +74,20 @@ def test_resnet18_matches_reference_on_random_inputs(tmp_path):
     assert same_top1 == 1.0
 
 
-def test_int8_scale_pipeline_matches_reference(tmp_path):
+@pytest.mark.parametrize(
+    ("target", "config"),
+    [
+        (TARGET, {"group_size": 64, "act_bits": 4}),
+        ("llvm -mcpu=haswell", {"group_size": 4, "act_bits": 8}),
+    ],
+    ids=["host-n64-a4", "avx2"],
+)
+def test_int8_scale_pipeline_matches_reference(tmp_path, target, config):
     weights = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
     npz = data_dir() / "cifar10" / "cifar10_test_jpeg.npz"
     compiled, reference, spec = compile_and_load(
         "cifar_resnet20", tmp_path, weights=str(weights), calib=str(npz), batch=50,
-        scales="int8", group_size=64, act_bits=4,
+        target=target, scales="int8", **config,
     )  # fmt: skip
     images, _ = load_npz_split(npz, "eval", spec, limit=500)
     close, same_top1 = compare(compiled, reference, images, 50)

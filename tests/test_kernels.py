@@ -7,9 +7,10 @@ both schedule families):
 * the integer part of the compute (the per-group sums of the bitplane core) equals NumPy's
   exact integer sums;
 * the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
-  bitplane core (every encoding and schedule family) and for the int8 dot core with its
-  load-time weight pack (every encoding; signed activations for the integer encodings; NCHW,
-  NCHW16c and NCHW in, NCHW16c out; built for the host CPU).
+  bitplane core (every encoding and schedule family) and for both integer dot cores (AVX-512
+  VNNI and AVX2) with their load-time weight pack (every encoding; signed activations for the
+  integer encodings; NCHW, NCHW16c and NCHW in, NCHW16c out; activation bytes in and out; built
+  for the host CPU, or for Haswell on the AVX2 core).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fgq_tvm.schedules.conv2d import (
     pack_trits,
     reference_group_sums,
 )
-from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.intrinsics_x86 import AVX2_DOT, VNNI_DOT
 from fgq_tvm.schedules.layout import BLOCKED, CHANNEL_BLOCK, NCHW, NCHW16C, PLAIN, Layouts
 from fgq_tvm.schedules.select import LayerKernels, build_layer, layer_kernels, select_core
 from fgq_tvm.target import host_target, parse_target
@@ -245,15 +246,29 @@ def test_base3_storage_holds_five_weights_per_byte():
     assert not decoded[:, 13:].any()
 
 
-# --- the int8 dot core (AVX-512 VNNI) -------------------------------------------------------
+# --- the integer dot cores (AVX-512 VNNI, AVX2) ---------------------------------------------
 
 HOST = parse_target(host_target())
-needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
+# (core, target it is built for): the AVX2 core also on a host with VNNI, built for Haswell
+DOT_CORE_TARGETS = {
+    "int8-dot-vnni": HOST,
+    "int16-dot-avx2": parse_target("llvm -mcpu=haswell"),
+}
+DOT_CASES = [
+    pytest.param(
+        core,
+        encoding,
+        marks=pytest.mark.skipif(
+            not instruction.available(HOST), reason=f"the host CPU has no {instruction.feature}"
+        ),
+    )
+    for core, instruction in (("int8-dot-vnni", VNNI_DOT), ("int16-dot-avx2", AVX2_DOT))
+    for encoding in ENCODINGS
+]
 
 
-@needs_vnni
-@pytest.mark.parametrize("encoding", ENCODINGS)
-def test_vnni_core_matches_reference_bit_for_bit(encoding):
+@pytest.mark.parametrize(("core", "encoding"), DOT_CASES)
+def test_dot_cores_match_reference_bit_for_bit(core, encoding):
     rng = np.random.default_rng(100 + ENCODINGS.index(encoding))
     mismatches = []
     for case in range(40):
@@ -261,7 +276,8 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
         layer = random_layer(rng, encoding, dense=case % 9 == 0, layouts=layouts)
         if encoding == "ternary_group_scales":
             layer = replace(layer, act=replace(layer.act, signed=False))
-            layer = replace(layer, group_size=int(rng.choice([4, 16, 64])))
+            group_sizes = [4, 16, 64] if core == "int8-dot-vnni" else [2, 4, 16, 64]
+            layer = replace(layer, group_size=int(rng.choice(group_sizes)))
             layer = replace(layer, group_scale=_group_scales(rng, layer))
         x = random_input(rng, layer)
         shape = layer_shape(layer, as_image(x).shape)
@@ -269,10 +285,10 @@ def test_vnni_core_matches_reference_bit_for_bit(encoding):
         quantized_input, quantize = case % 4 == 1, _next_quantizer(rng) if case % 3 == 1 else None
         epilogue, residual, expected = with_epilogue(rng, expected, quantize)
         kernels = layer_kernels(
-            "int8-dot-vnni", shape, layer.act, encoding, epilogue, layouts, quantized_input
+            core, shape, layer.act, encoding, epilogue, layouts, quantized_input
         )
         given = layer.act.stored(x) if quantized_input else x
-        actual = run_layer(kernels, layer, given, HOST, *residual)
+        actual = run_layer(kernels, layer, given, DOT_CORE_TARGETS[core], *residual)
         if not np.array_equal(actual, expected):
             mismatches.append((case, shape, layouts.name, quantized_input, quantize))
     assert not mismatches
@@ -303,5 +319,13 @@ def test_core_selection_rules():
     assert select_core(wide, signed, "int8", vnni) == "int8-dot-vnni"
     assert select_core(wide, signed, "ternary_group_scales", vnni) == "bitplane"
     assert select_core(dense, unsigned, "int8", vnni) == "int8-dot-vnni"
-    assert select_core(wide, unsigned, "int8", avx2) == "bitplane"
+    assert select_core(wide, unsigned, "int8", avx2) == "int16-dot-avx2"
+    assert select_core(wide, unsigned, "ternary_group_scales", avx2) == "int16-dot-avx2"
+    two_channel_groups = replace(wide, group_size=2)
+    assert (
+        select_core(two_channel_groups, unsigned, "ternary_group_scales", avx2) == "int16-dot-avx2"
+    )
+    assert select_core(two_channel_groups, unsigned, "ternary_group_scales", vnni) == "bitplane"
+    assert select_core(odd_groups, unsigned, "ternary_group_scales", avx2) == "bitplane"
+    assert select_core(wide, unsigned, "int8", parse_target("llvm -mcpu=nehalem")) == "bitplane"
     assert select_core(wide, unsigned, "int8", None) == "bitplane"

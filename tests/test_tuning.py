@@ -16,7 +16,7 @@ from tvm.s_tir import Schedule
 from fgq_tvm.errors import FGQError
 from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec
 from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
-from fgq_tvm.schedules.conv2d_vnni import schedule_vnni_conv2d, vnni_conv2d_workload
+from fgq_tvm.schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
@@ -88,9 +88,9 @@ def test_every_point_of_the_space_replays(encoding):
     """MetaSchedule mutates a trace's sampled decisions and replays it: every combination of
     knobs must replay the same schedule steps (a loop that vanishes for one tile size would
     change the outputs of a later step)."""
-    workload = vnni_conv2d_workload(SHAPE, LAYER.act, encoding, SPEC.epilogue, BLOCKED)
+    workload = dot_conv2d_workload(SHAPE, LAYER.act, encoding, SPEC.epilogue, BLOCKED)
     sampled = Schedule(workload)
-    schedule_vnni_conv2d(sampled)
+    schedule_dot_conv2d(sampled)
     samples = [i for i in sampled.trace.insts if i.kind.name == "SampleCategorical"]
     for picks in itertools.product(*(range(len(i.attrs[0])) for i in samples)):
         trace = sampled.trace

@@ -2,18 +2,20 @@
 
 Cores:
 
-* ``int8-dot-vnni`` (:mod:`~fgq_tvm.schedules.conv2d_vnni`): integer weights (int8 layers, or
-  ternary with int8 group scales), and ternary weights with float scales in groups of a multiple
-  of 4 channels on unsigned activations, on a target with AVX-512 VNNI. Its weights are packed
-  into the dot core's int8 layout once, when the module is loaded (the ``pack`` PrimFunc);
+* the integer dot cores (:mod:`~fgq_tvm.schedules.conv2d_dot`): ``int8-dot-vnni`` on a target
+  with AVX-512 VNNI, else ``int16-dot-avx2`` on one with AVX2. They compute integer weights
+  (int8 layers, or ternary with int8 group scales), and ternary weights with float scales in
+  groups of a multiple of their word (4 or 2 channels) on unsigned activations. Their weights
+  are packed into the dot instruction's layout once, when the module is loaded (the ``pack``
+  PrimFunc);
 * ``bitplane`` (:mod:`~fgq_tvm.schedules.conv2d`): everything else (float group scales on
-  signed activations or odd group sizes, targets without VNNI); it reads the stored 2-bit
+  signed activations or odd group sizes, targets without AVX2); it reads the stored 2-bit
   weights directly.
 
 Both compute the same numbers (``reference_forward``) from the layer's stored arguments
 (:func:`~fgq_tvm.relax_passes.legalize_quantized_layers.kernel_arguments`, ternary weights in
-the core's :func:`ternary_storage`). The int8 dot core
-reads and writes its activations in either layout of :mod:`~fgq_tvm.schedules.layout`, the
+the core's :func:`ternary_storage`). The dot cores
+read and write their activations in either layout of :mod:`~fgq_tvm.schedules.layout`, the
 bitplane core in NCHW only (:func:`kernel_layouts`).
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 import tvm
 
 from ..quant.layers import ActQuant
-from . import conv2d_vnni
+from . import conv2d_dot
 from .conv2d import (
     NO_EPILOGUE,
     Conv2dShape,
@@ -36,10 +38,11 @@ from .conv2d import (
     WeightEncoding,
     conv2d_prim_func,
 )
-from .intrinsics_x86 import has_vnni
+from .intrinsics_x86 import AVX2_DOT, VNNI_DOT, DotInstruction
 from .layout import PLAIN, Layouts, activation_dims, from_layout, to_layout
 
-Core = Literal["bitplane", "int8-dot-vnni"]
+Core = Literal["bitplane", "int8-dot-vnni", "int16-dot-avx2"]
+DOT_CORES: dict[Core, DotInstruction] = {"int8-dot-vnni": VNNI_DOT, "int16-dot-avx2": AVX2_DOT}
 
 
 TensorSpec = tuple[tuple[int, ...], str]  # (shape, dtype)
@@ -82,26 +85,34 @@ class LayerKernels:
 
 def select_core(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding, target) -> Core:
     """The fastest exact core for this layer on ``target`` (``None``: portable default)."""
-    if target is not None and has_vnni(target) and conv2d_vnni.supports(shape, act, encoding):
-        return "int8-dot-vnni"
+    instruction = dot_instruction(target)
+    if instruction is not None and conv2d_dot.supports(shape, act, encoding, instruction):
+        return next(core for core, i in DOT_CORES.items() if i == instruction)
     return "bitplane"
+
+
+def dot_instruction(target) -> DotInstruction | None:
+    """The dot instruction of ``target``'s integer dot core (``None``: no dot core there)."""
+    if target is None:
+        return None
+    return next((i for i in DOT_CORES.values() if i.available(target)), None)
 
 
 def kernel_layouts(core: Core, layouts: Layouts) -> Layouts:
     """The layouts ``core`` computes in where the network around it wants ``layouts``."""
-    return layouts if core == "int8-dot-vnni" else PLAIN
+    return layouts if core in DOT_CORES else PLAIN
 
 
 def ternary_storage(core: Core) -> TernaryStorage:
     """How ``core`` wants ternary weights stored: ``base3`` where a pack decodes them once at
     load time, ``bitplanes`` where the kernel decodes them in its loops."""
-    return conv2d_vnni.STORAGE if core == "int8-dot-vnni" else "bitplanes"
+    return conv2d_dot.STORAGE if core in DOT_CORES else "bitplanes"
 
 
 def reads_activation_bytes(core: Core) -> bool:
     """Whether ``core`` can read its input as activation bytes and write its output as the
     next layer's (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`) instead of float32."""
-    return core == "int8-dot-vnni"
+    return core in DOT_CORES
 
 
 def layer_kernels(
@@ -129,16 +140,17 @@ def layer_kernels(
         raise ValueError(f"the {core} core reads and writes float32 activations only")
     nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     output = activation_dims(layouts.output, *nchw), epilogue.output_dtype
-    if core == "int8-dot-vnni":
+    if core in DOT_CORES:
+        instruction = DOT_CORES[core]
         return LayerKernels(
             core,
-            conv2d_vnni.vnni_conv2d_prim_func(
-                shape, act, encoding, None, epilogue, layouts, quantized_input
+            conv2d_dot.dot_conv2d_prim_func(
+                shape, act, encoding, None, epilogue, layouts, quantized_input, instruction
             ),
             output,
-            conv2d_vnni.vnni_pack_prim_func(shape, act, encoding),
-            conv2d_vnni.prepared_types(shape, act),
-            conv2d_vnni.PACKED_ARGUMENTS[encoding],
+            conv2d_dot.dot_pack_prim_func(shape, act, encoding, instruction),
+            conv2d_dot.prepared_types(shape, act, instruction),
+            conv2d_dot.PACKED_ARGUMENTS[encoding],
             layouts,
         )
     return LayerKernels(core, conv2d_prim_func(shape, act, encoding, epilogue=epilogue), output)
