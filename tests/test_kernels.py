@@ -10,7 +10,8 @@ both schedule families):
   bitplane core (every encoding and schedule family) and for both integer dot cores (AVX-512
   VNNI and AVX2) with their load-time weight pack (every encoding; signed activations for the
   integer encodings; NCHW, NCHW16c and NCHW in, NCHW16c out; activation bytes in and out; built
-  for the host CPU, or for Haswell on the AVX2 core).
+  for the host CPU, or for Haswell on the AVX2 core) and for the popcount core (1- to 4-bit
+  unsigned activations, groups of 64 and 128 channels, both ternary scale forms).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fgq_tvm.relax_passes.legalize_quantized_layers import (
     layer_encoding,
     layer_shape,
 )
+from fgq_tvm.schedules import conv2d_popcount
 from fgq_tvm.schedules.conv2d import (
     NO_EPILOGUE,
     Conv2dShape,
@@ -294,6 +296,41 @@ def test_dot_cores_match_reference_bit_for_bit(core, encoding):
     assert not mismatches
 
 
+needs_popcount = pytest.mark.skipif(
+    not conv2d_popcount.available(HOST), reason="the host CPU has no AVX-512 VPOPCNTDQ"
+)
+
+
+@needs_popcount
+@pytest.mark.parametrize("encoding", ENCODINGS[:2])
+def test_popcount_core_matches_reference_bit_for_bit(encoding):
+    rng = np.random.default_rng(200 + ENCODINGS.index(encoding))
+    mismatches = []
+    for case in range(30):
+        layer = random_layer(rng, encoding, dense=case % 9 == 0)
+        act = ActQuant(layer.act.scale, int(rng.integers(1, 5)), signed=False)
+        layer = replace(layer, act=act, group_size=int(rng.choice([64, 128])))
+        layer = _with_group_scales(rng, layer, encoding)
+        x = random_input(rng, layer)
+        shape = layer_shape(layer, as_image(x).shape)
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        epilogue, residual, expected = with_epilogue(rng, expected)
+        kernels = layer_kernels("popcount-vpopcntdq", shape, layer.act, encoding, epilogue)
+        actual = run_layer(kernels, layer, x, HOST, *residual)
+        if not np.array_equal(actual, expected):
+            mismatches.append((case, shape, act))
+    assert not mismatches
+
+
+def _with_group_scales(rng: np.random.Generator, layer: QuantizedLayer, encoding: str):
+    """``layer`` with random scales for its (changed) group size."""
+    if encoding == "ternary_group_scales":
+        return replace(layer, group_scale=_group_scales(rng, layer))
+    out_channels, channels, k_h, k_w = layer.weight.shape
+    dims = (out_channels, -(-channels // layer.group_size), k_h, k_w)
+    return replace(layer, group_scale_q=rng.integers(0, 128, dims).astype(np.int8))
+
+
 def _next_quantizer(rng: np.random.Generator) -> ActQuant:
     """A random quantizer for the next layer's activation bytes."""
     return ActQuant(float(rng.uniform(0.01, 0.2)), int(rng.choice([4, 8])), bool(rng.integers(2)))
@@ -329,3 +366,9 @@ def test_core_selection_rules():
     assert select_core(odd_groups, unsigned, "ternary_group_scales", avx2) == "bitplane"
     assert select_core(wide, unsigned, "int8", parse_target("llvm -mcpu=nehalem")) == "bitplane"
     assert select_core(wide, unsigned, "int8", None) == "bitplane"
+    knights_mill = parse_target("llvm -mcpu=knm")  # VPOPCNTDQ without VNNI
+    words, four_bit = replace(wide, group_size=64), ActQuant(0.1, 4, False)
+    for target, core in ((knights_mill, "popcount-vpopcntdq"), (vnni, "int8-dot-vnni")):
+        assert select_core(words, four_bit, "ternary_int8_scales", target) == core
+    assert select_core(words, unsigned, "ternary_int8_scales", knights_mill) == "int16-dot-avx2"
+    assert select_core(wide, four_bit, "ternary_int8_scales", knights_mill) == "int16-dot-avx2"

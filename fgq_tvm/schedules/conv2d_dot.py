@@ -96,16 +96,21 @@ class DotSchedule:
     def default_for(
         shape: Conv2dShape, encoding: WeightEncoding, instruction: DotInstruction = VNNI_DOT
     ) -> DotSchedule:
-        """Integer forms with an even number of channel blocks: two blocks of half the
-        accumulator registers in columns each (each activation word feeds two dot products;
-        faster than one block of twice the columns on every ResNet-18 layer shape tried);
-        otherwise one block of the most columns that fit the registers. The columns divide the
-        output width."""
-        out_blocks, _ = _blocks(shape, instruction)
-        pair = encoding in INTEGER_ENCODINGS and out_blocks % 2 == 0
-        limit = _column_limit(instruction, encoding in INTEGER_ENCODINGS, pair)
-        columns = max(d for d in range(1, limit + 1) if shape.out_width % d == 0)
-        return DotSchedule(columns, 2 if pair else 1)
+        """The register tile with the most accumulators, the columns dividing the output
+        width: for integer forms with an even number of channel blocks, two blocks of up to
+        half the accumulator registers in columns each, unless one block of more columns holds
+        more (each activation word then feeds two dot products: faster than one block of twice
+        the columns on every ResNet-18 layer shape tried); otherwise one block."""
+        integer = encoding in INTEGER_ENCODINGS
+        single = DotSchedule(_widest_tile(shape, _column_limit(instruction, integer)))
+        if not integer or _blocks(shape, instruction)[0] % 2:
+            return single
+        pair = DotSchedule(_widest_tile(shape, _column_limit(instruction, True, pair=True)), 2)
+        return pair if 2 * pair.columns >= single.columns else single
+
+
+def _widest_tile(shape: Conv2dShape, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if shape.out_width % d == 0)
 
 
 def _column_limit(instruction: DotInstruction, integer: bool, pair: bool = False) -> int:
