@@ -1,6 +1,6 @@
 """The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
 ``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers, ``eval`` its
-accuracy against the full-precision model.
+accuracy against the full-precision model, ``finetune`` it through its quantizers.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import QuantConfig, parse_act_bits, parse_group_size, parse_override
 from .errors import FGQError, UsageError
-from .reporting import progress_bar, write_text_atomically
+from .reporting import progress_bar, write_atomically, write_text_atomically
 from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(commands)
     _add_bench(commands)
     _add_eval(commands)
+    _add_finetune(commands)
     return parser
 
 
@@ -211,9 +212,65 @@ def _add_eval(commands) -> None:
         help="images per batch, also the compiled module's batch (default: 100 for inputs up "
         "to 64x64 pixels, else 10)",
     )
+    sub.add_argument(
+        "--baseline-weights",
+        metavar="FILE",
+        help="full-precision weights the drop is measured against (default: --weights), e.g. "
+        "the weights a finetune checkpoint started from",
+    )
     sub.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _add_model_arguments(sub)
     _add_schedule_arguments(sub)
+
+
+def _add_finetune(commands) -> None:
+    sub = commands.add_parser(
+        "finetune",
+        help="fine-tune a model through its quantizers (straight-through estimator)",
+        description="Quantize MODEL as compile would, then train its float weights through the "
+        "weight and activation quantizers (straight-through estimator, distillation from the "
+        "full-precision model, random crops and flips) on the calibration split of D, within a "
+        "time budget; write a checkpoint that compile --weights takes, and report the accuracy "
+        "on the eval split before and after.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_finetune)
+    sub.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="checkpoint to write")
+    sub.add_argument(
+        "--data",
+        required=True,
+        metavar="D",
+        help="labelled images: an .npz in the CIFAR-10 format (trains on its calib split, "
+        "reports on its eval split) or an ImageFolder directory (trains on all of it)",
+    )
+    train = sub.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive_int, default=60, help="most epochs (default: 60)")
+    train.add_argument(
+        "--minutes",
+        type=_positive_float,
+        default=30.0,
+        help="time budget; the epochs are cut to fit it (default: 30)",
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=128, metavar="N")
+    train.add_argument(
+        "--lr", type=_positive_float, default=0.01, help="start of the cosine (default: 0.01)"
+    )
+    train.add_argument(
+        "--distillation",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of the KL divergence from the full-precision model (default: 1; 0: labels "
+        "only)",
+    )
+    sub.add_argument(
+        "--images",
+        type=_positive_int,
+        metavar="N",
+        help="train and evaluate on N images of each split only (a fixed-seed subset)",
+    )
+    sub.add_argument("--json", metavar="FILE", help="also write the training and accuracy record")
+    _add_model_arguments(sub)
 
 
 def _add_model_arguments(sub) -> None:
@@ -276,9 +333,10 @@ def _add_model_arguments(sub) -> None:
     )
     quant.add_argument(
         "--calibration",
-        choices=("max", "percentile"),
+        choices=("max", "percentile", "mse"),
         default="max",
-        help="activation range estimation (default: max)",
+        help="activation range estimation: min/max, a percentile, or the clipping with the "
+        "least squared rounding error at the layer's bits (default: max)",
     )
     quant.add_argument(
         "--percentile",
@@ -492,7 +550,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalResult, evaluate_models, format_result, torch_predictor
 
     quantized = quantize(model, spec, quant, calibration, progress)
-    predictors = {"full": torch_predictor(model), "reference": torch_predictor(quantized.reference)}
+    baseline = model
+    if args.baseline_weights:
+        baseline, _ = _load_model(args.model, args.baseline_weights, spec.input_shape)
+    predictors = {
+        "full": torch_predictor(baseline),
+        "reference": torch_predictor(quantized.reference),
+    }
     with tempfile.TemporaryDirectory(prefix="fgq-tvm-eval-") as folder:
         if args.backend == "tvm":
             predictors["module"] = _compiled_predictor(args, quantized, spec, target, batch, folder)
@@ -512,6 +576,80 @@ def _eval(args: argparse.Namespace) -> int:
         record = json.dumps(_eval_record(args, spec, images, result), indent=2) + "\n"
         write_text_atomically(Path(args.json), record)
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """``fgq-tvm finetune``: quantize, train through the quantizers, save, evaluate."""
+    import torch
+
+    from .compiler import quantize
+    from .data import load_labelled_images
+    from .finetune import FinetuneConfig, finetune
+
+    progress = _progress_printer()
+    output = _checked_output(args.output)
+    if args.distillation < 0:
+        raise UsageError(f"--distillation {args.distillation} is negative: use 0 or more")
+    if args.calib is None and Path(args.data).suffix == ".npz":
+        args.calib = args.data
+    model, spec, quant, _, calibration = _model_inputs(args)
+    if quant.method == "gptq":
+        raise UsageError(
+            "finetune trains through a fixed ternarizer; gptq adapts to each layer's inputs: "
+            "use --method exact (the default) or twn, and compile the checkpoint with it"
+        )
+    training = load_labelled_images(args.data, spec, "calib", args.images)
+    images, labels = (torch.cat(parts) for parts in zip(*training.batches(1024), strict=True))
+    quantized = quantize(model, spec, quant, calibration, progress)
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        distillation=args.distillation,
+    )
+    progress(f"fine-tune on {training.count} images of {training.description}")
+    result = finetune(model, quantized.layers, images, labels, config, progress, quant.method)
+    settings = vars(config) | {
+        "group_size": quant.group_size, "act_bits": quant.act_bits, "method": quant.method
+    }  # fmt: skip
+    checkpoint = {"state_dict": result.model.state_dict(), "fgq_tvm_finetune": settings}
+    write_atomically(output, lambda file: torch.save(checkpoint, file))
+    print(
+        f"fine-tuned {len(result.epochs)} epochs in {result.seconds / 60:.1f} min; wrote {output}"
+    )
+    record = {"model": spec.name, "training": training.description, "config": settings}
+    record["epochs"] = [vars(epoch) for epoch in result.epochs]
+    if Path(args.data).suffix == ".npz":
+        record["accuracy"] = _finetune_accuracy(args, spec, quant, calibration, model, result.model)
+    if args.json:
+        write_text_atomically(Path(args.json), json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _finetune_accuracy(args, spec: ModelSpec, quant: QuantConfig, calibration, model, tuned):
+    """Eval-split top-1 of the full-precision model and of the quantized network before and
+    after fine-tuning (each quantized as compile would); printed, and returned as a dict."""
+    from .compiler import quantize
+    from .data import load_labelled_images
+    from .evaluate import evaluate_models, torch_predictor
+
+    images = load_labelled_images(args.data, spec, "eval", args.images)
+    predictors = {
+        "full precision": torch_predictor(model),
+        "quantized": torch_predictor(quantize(model, spec, quant, calibration).reference),
+        "quantized after fine-tuning": torch_predictor(
+            quantize(tuned, spec, quant, calibration).reference
+        ),
+    }
+    _progress_printer()(f"evaluate on {images.count} images of {images.description}")
+    accuracies, _ = evaluate_models(predictors, images, 100, _progress_bar("images"))
+    full = accuracies["full precision"].top1
+    print(f"top-1 on {images.count} images of {images.description}:")
+    for name, accuracy in accuracies.items():
+        drop = "" if name == "full precision" else f"  (drop {100 * (full - accuracy.top1):.2f})"
+        print(f"  {name:<28} {100 * accuracy.top1:6.2f}%{drop}")
+    return {name: accuracy.top1 for name, accuracy in accuracies.items()}
 
 
 def _compiled_predictor(args, quantized, spec: ModelSpec, target, batch: int, folder: str):
@@ -538,6 +676,8 @@ def _eval_record(args, spec: ModelSpec, images, result) -> dict:
         "data": images.description,
         "images": images.count,
         "backend": args.backend,
+        "weights": args.weights,
+        "baseline_weights": args.baseline_weights or args.weights,
         "quantization": vars(_quant_config(args)) | {"overrides": args.layer},
         **accuracy,
         "drop_top1_points": result.drop_top1,
@@ -740,7 +880,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logits = load(args.module)(x)
     if output is not None:
-        save_npy_atomically(output, logits)
+        write_atomically(output, lambda file: np.save(file, logits))
     print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))
     top1 = [str(label) for label in logits.reshape(len(logits), -1).argmax(axis=1)]
     more = f" ... ({len(top1) - MAX_TOP1_SHOWN} more)" if len(top1) > MAX_TOP1_SHOWN else ""
@@ -800,25 +940,6 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
             f"cannot read {path} as a .npy array ({_first_line(error)}); save the input with "
             "numpy.save"
         ) from None
-
-
-def save_npy_atomically(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, array)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _checked_output(text: str) -> Path:

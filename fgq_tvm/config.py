@@ -91,7 +91,8 @@ class QuantConfig:
     first_last_act_bits
         Activation bits of the first and the last layer.
     calibration
-        ``"max"`` or ``"percentile"`` activation range estimation.
+        ``"max"``, ``"percentile"`` or ``"mse"`` activation range estimation
+        (:mod:`fgq_tvm.quant.calibration`).
     percentile
         The percentile used when ``calibration == "percentile"``.
     reestimate_bn
@@ -107,7 +108,7 @@ class QuantConfig:
     method: Literal["exact", "twn", "gptq"] = "exact"
     first_last: WeightMode = "int8"
     first_last_act_bits: int = 8
-    calibration: Literal["max", "percentile"] = "max"
+    calibration: Literal["max", "percentile", "mse"] = "max"
     percentile: float = 99.99
     reestimate_bn: bool = True
     overrides: tuple[LayerOverride, ...] = ()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import FGQError
 
@@ -15,19 +19,37 @@ def progress_bar(done: int, total: int) -> str:
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total}"
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, renamed into place: no
-    reader ever sees half a file, and a failed write leaves nothing behind.
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` by calling ``write`` on a temporary file beside it, then renaming it into
+    place (with the permissions a new file gets): no reader ever sees half a file, and a failed
+    write leaves nothing behind.
 
     Raises
     ------
     FGQError
         The file cannot be written (missing folder, no permission, full disk).
     """
-    staged = path.with_name(f".{path.name}.tmp")
+    temporary = None
     try:
-        staged.write_text(text)
-        staged.replace(path)
-    except OSError as error:
-        staged.unlink(missing_ok=True)
-        raise FGQError(f"cannot write {path} ({error.strerror or error})") from None
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise FGQError(f"cannot write {path} ({error.strerror or error})") from None
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """:func:`write_atomically` of ``text`` (UTF-8)."""
+    write_atomically(path, lambda file: file.write(text.encode()))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

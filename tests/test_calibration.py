@@ -73,6 +73,8 @@ def test_bad_calibration_arguments(net_and_batches):
     with pytest.raises(FGQError, match="at least one"):
         calibrate_inputs(net, NAMES, [], "max")
     with pytest.raises(FGQError, match="method"):
+        calibrate_inputs(net, NAMES, batches, "entropy")
+    with pytest.raises(FGQError, match="bits"):
         calibrate_inputs(net, NAMES, batches, "mse")
     with pytest.raises(FGQError, match="percentile"):
         calibrate_inputs(net, NAMES, batches, "percentile", 0.0)
@@ -93,3 +95,27 @@ def test_make_act_quant_guards():
     assert make_act_quant(0.0, 0.0, 8).scale == 1.0
     with pytest.raises(FGQError, match="finite"):
         make_act_quant(0.0, float("inf"), 8)
+
+
+def _rounding_error(values: torch.Tensor, lo: float, hi: float, bits: int) -> float:
+    act = make_act_quant(lo, hi, bits)
+    return float(((act.quantize(values) * act.scale - values) ** 2).sum())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_range_rounds_better_than_max(net_and_batches, bits):
+    net, batches = net_and_batches
+    widths = dict.fromkeys(NAMES, bits)
+    maxima = calibrate_inputs(net, NAMES, batches, "max")
+    mse = calibrate_inputs(net, NAMES, batches, "mse", bits=widths)
+    for name, (lo, hi) in mse.items():
+        assert maxima[name][0] <= lo <= hi <= maxima[name][1]
+        assert make_act_quant(lo, hi, bits).signed == make_act_quant(*maxima[name], bits).signed
+    images = torch.cat(batches)  # conv1's input: 768 values, all in the sample
+    error, error_at_max = (
+        _rounding_error(images, *ranges["conv1"], bits) for ranges in (mse, maxima)
+    )
+    assert error <= error_at_max
+    if bits == 4:  # 15 levels for standard normal values: clipping near 2.5 beats 3.9
+        assert mse["conv1"][1] < 0.8 * maxima["conv1"][1] and error < 0.8 * error_at_max
+    assert mse == calibrate_inputs(net, NAMES, batches, "mse", bits=widths)  # fixed seed

@@ -151,8 +151,9 @@ def quantize_model(
         report("reestimate batchnorm")
         reestimate_batchnorm(work, calib_batches)
     report("calibrate")
+    bits = {name: plan.config.act_bits for name, plan in plans.items()}
     ranges = calibrate_inputs(
-        work, list(plans), calib_batches, config.calibration, config.percentile
+        work, list(plans), calib_batches, config.calibration, config.percentile, bits
     )
     _restore_weights(plans, originals)
     report("fold batchnorm")
