@@ -150,10 +150,11 @@ def _add_tune(commands) -> None:
     sub.set_defaults(handler=_tune)
     sub.add_argument(
         "--trials",
-        type=_positive_int,
+        type=_count,
         default=32,
         metavar="N",
-        help="measured candidates per kernel (default: 32)",
+        help="measured candidates per kernel (default: 32); 0: only time each kernel's best "
+        "record against its default schedule again",
     )
     sub.add_argument(
         "--tuning-logs",

@@ -130,6 +130,8 @@ def compile_quantized(
     mod = lower_to_relax(quantized, spec.input_shape, target, tuned)
     if tuned is not None and tuned.failed:
         report(f"tuned schedules failed the check, defaults kept: {', '.join(tuned.failed)}")
+    if tuned is not None and tuned.slower:
+        report(f"tuned schedules slower than the defaults, defaults kept: {len(tuned.slower)}")
     report(f"build for {target}")
     executable = _build(mod, target)
     kernels = kernel_info(mod, quantized.layers)

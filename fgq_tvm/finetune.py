@@ -9,7 +9,8 @@ on the untrained network, kept fixed); the backward pass treats both quantizers 
 usual. The loss is the cross entropy with the labels plus the KL divergence from the
 full-precision model's output distribution (distillation), on the training images only, with
 random crops and horizontal flips. The learning rate follows a cosine from its start to zero
-over the epochs that fit the time budget (measured on the first epoch).
+over the epochs that fit the time budget (measured on the first epoch; training stops early if
+later epochs run slower than that).
 
 The result is a float model in the input model's architecture: ``compile --weights`` ternarizes
 its weights again with the same solver, so the deployed network is the one trained here (its
@@ -167,7 +168,7 @@ def finetune(
     result = FinetuneResult(student)
     planned, start = config.epochs, time.monotonic()
     try:
-        while len(result.epochs) < planned:
+        while len(result.epochs) < planned and _fits(result.epochs, config.minutes * 60):
             loss, top1 = _train_epoch(
                 student, teacher, optimizer, images, labels, config, generator, schedule
             )
@@ -184,6 +185,14 @@ def finetune(
         _detach_quantizers(student, layers, handles)
     student.eval()
     return result
+
+
+def _fits(epochs: list[EpochRecord], budget_s: float) -> bool:
+    """Whether one more epoch of the mean length so far ends within the budget (the slowed
+    machine of a later epoch can cut the plan made on the first)."""
+    if not epochs:
+        return True
+    return epochs[-1].seconds * (len(epochs) + 1) / len(epochs) <= budget_s
 
 
 @dataclass

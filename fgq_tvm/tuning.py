@@ -15,6 +15,14 @@ Search
 Records
     A MetaSchedule JSON database in ``tuning_logs/<target key>/``; lines are appended, never
     rewritten.
+Comparison
+    MetaSchedule times each candidate once, whenever it comes up: on a machine whose speed
+    drifts, a tile measured in a fast minute can beat a better one measured in a slow minute.
+    After its search, each task's best record is timed against the default schedule in the
+    same interleaved rounds, and the verdict is appended to ``default_comparisons.json`` beside
+    the database (``--trials 0``: only this, for every task with a record). ``compile`` takes a
+    tuned record only where its latest verdict says it beats the default (or where it was never
+    compared: databases from before the comparisons).
 Verification
     MetaSchedule never checks results. A measured candidate that would become its task's best
     is first run against the reference (the layer's weights, random inputs,
@@ -25,12 +33,14 @@ Verification
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 import numpy as np
 import tvm
@@ -46,6 +56,8 @@ from .schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
 from .schedules.select import DOT_CORES, build_layer
 from .threads import thread_settings
 
+COMPARISONS = "default_comparisons.json"  # beside MetaSchedule's files, one JSON line each
+COMPARISON_ROUNDS = 20
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
 BUILD_TIMEOUT_S = 300  # a busy 2-core machine builds a candidate in seconds to minutes
 Progress = Callable[[str], None]
@@ -86,21 +98,39 @@ class KernelTask:
         import torch
 
         layer, shape, epilogue = self.spec.layer, self.spec.shape, self.spec.epilogue
-        kernels = self.spec.kernels()
-        stored = kernel_arguments(layer, self.spec.core)
-        built = build_layer(replace(kernels, layer=func), stored, target)
+        x, residual = self._random_inputs(seed)
+        reference_input = x[:, :, 0, 0] if layer.op == "linear" else x
+        expected = reference_forward(layer, torch.from_numpy(reference_input)).numpy()
+        out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        expected = epilogue.reference(expected.reshape(out_dims), *residual)
+        given = layer.act.stored(x) if self.spec.quantized_input else x
+        return bool(np.array_equal(self._built(func, target)(given, *residual), expected))
+
+    def runner(self, func: tvm.tirx.PrimFunc, target) -> Callable[[], object]:
+        """A call of ``func`` (built for ``target``, weights packed) on a fixed random input."""
+        x, residual = self._random_inputs(0)
+        given = self.spec.layer.act.stored(x) if self.spec.quantized_input else x
+        built = self._built(func, target)
+        arguments = built.arguments(given, *residual)
+        return lambda: built.module["main"](*arguments)
+
+    def _built(self, func: tvm.tirx.PrimFunc, target):
+        kernels = replace(self.spec.kernels(), layer=func)
+        return build_layer(kernels, kernel_arguments(self.spec.layer, self.spec.core), target)
+
+    def _random_inputs(self, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``x`` uniform over the quantizer's range and a little beyond; the residual (if the
+        epilogue adds one) standard normal."""
+        layer, shape = self.spec.layer, self.spec.shape
         rng = np.random.default_rng(seed)
         bound = layer.act.scale * layer.act.qmax * 1.1
         low = -bound if layer.act.signed else -0.1 * bound
         x = rng.uniform(low, bound, (shape.batch, shape.in_channels, shape.height, shape.width))
-        x = x.astype(np.float32)
         out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-        residual = [rng.normal(size=out_dims).astype(np.float32)] if epilogue.residual else []
-        reference_input = x[:, :, 0, 0] if layer.op == "linear" else x
-        expected = reference_forward(layer, torch.from_numpy(reference_input)).numpy()
-        expected = epilogue.reference(expected.reshape(out_dims), *residual)
-        given = layer.act.stored(x) if self.spec.quantized_input else x
-        return bool(np.array_equal(built(given, *residual), expected))
+        residual = (
+            [rng.normal(size=out_dims).astype(np.float32)] if self.spec.epilogue.residual else []
+        )
+        return x.astype(np.float32), residual
 
 
 def _workload(spec: KernelSpec) -> tvm.tirx.PrimFunc:
@@ -157,13 +187,82 @@ def open_database(folder: Path):
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A task's best record timed against its default schedule in the same interleaved rounds
+    (:func:`fgq_tvm.bench.time_rounds`): medians in milliseconds.
+
+    ``workload`` and ``trace`` are hashes of the task's workload and of the record's trace.
+    """
+
+    workload: str
+    trace: str
+    tuned_ms: float
+    default_ms: float
+
+    @property
+    def tuned_wins(self) -> bool:
+        return self.tuned_ms < self.default_ms
+
+
+def record_key(task: KernelTask, record) -> tuple[str, str]:
+    """``(workload hash, trace hash)`` of a task's tuning record, as comparisons name them."""
+    workload = tvm_ffi.structural_hash(task.workload()) & (2**64 - 1)
+    return f"{workload:016x}", hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
+
+
+def compare_with_default(task: KernelTask, record, target) -> Comparison:
+    """Time ``record``'s kernel against the task's default kernel, interleaved."""
+    from .bench import time_rounds
+
+    runs = {
+        "tuned": task.runner(task.apply(record.trace), target),
+        "default": task.runner(task.spec.kernels().layer, target),
+    }
+    times = time_rounds(runs, COMPARISON_ROUNDS, warmup=3, settle_s=0.0)
+    return Comparison(*record_key(task, record), median(times["tuned"]), median(times["default"]))
+
+
+def append_comparison(folder: Path, comparison: Comparison) -> None:
+    """Add ``comparison`` as one JSON line to the folder's :data:`COMPARISONS` file."""
+    try:
+        with open(folder / COMPARISONS, "a") as file:
+            file.write(json.dumps(vars(comparison)) + "\n")
+    except OSError as error:
+        raise FGQError(f"cannot write {folder / COMPARISONS} ({error.strerror})") from None
+
+
+def load_comparisons(folder: Path) -> dict[tuple[str, str], Comparison]:
+    """The latest comparison of each (workload, trace) in ``folder`` (none without the file).
+
+    Raises
+    ------
+    FGQError
+        A line is not a comparison.
+    """
+    path = folder / COMPARISONS
+    comparisons = {}
+    if not path.is_file():
+        return comparisons
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            comparison = Comparison(**json.loads(line))
+        except (ValueError, TypeError) as error:
+            raise FGQError(
+                f"{path}, line {number}, is no comparison ({error}); fix or remove the line"
+            ) from None
+        comparisons[comparison.workload, comparison.trace] = comparison
+    return comparisons
+
+
+@dataclass(frozen=True)
 class TaskResult:
-    """What tuning one task found."""
+    """What tuning one task found, and how its best record compared with the default."""
 
     task: KernelTask
     trials: int
     best_ms: float | None
     rejected: int
+    comparison: Comparison | None = None
 
 
 def tune(
@@ -185,7 +284,8 @@ def tune(
     target
         The :class:`tvm.target.Target` to tune for (this machine must run its code).
     trials
-        Measured candidates per task (small spaces end sooner: each schedule is measured once).
+        Measured candidates per task (small spaces end sooner: each schedule is measured once);
+        0 only compares the database's best records with the defaults.
     folder
         The database folder (:func:`fgq_tvm.target.database_folder`).
     progress
@@ -196,7 +296,6 @@ def tune(
         Threads the candidates run with (``TVM_NUM_THREADS``, inherited by MetaSchedule's
         runner): tune with the thread count the module will run with.
     """
-    from tvm.s_tir import meta_schedule as ms
 
     report = progress or (lambda line: None)
     database = open_database(folder)
@@ -204,38 +303,58 @@ def tune(
     results = []
     for index, task in enumerate(tasks, start=1):
         recorder = _VerifiedRecords(task, database, target)
-        with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir, thread_settings(threads):
-            ms.tune_tir(
-                task.workload(),
-                target,
-                work_dir,
-                max_trials_global=trials,
-                num_trials_per_iter=min(trials, 16),
-                space=ms.space_generator.ScheduleFn(
-                    schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
-                ),
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-                runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
-                database=database,
-                cost_model="xgb",
-                strategy=ms.search_strategy.EvolutionarySearch(
-                    population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
-                ),
-                measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
-                seed=seed,
-            )
+        with thread_settings(threads):
+            if trials > 0:
+                _search(task, target, trials, database, recorder, seed)
+            record = database.query_tuning_record(task.workload(), target, "main")
+            comparison = compare_with_default(task, record, target) if record else None
+        if comparison is not None:
+            append_comparison(folder, comparison)
         best = recorder.best_seconds
         result = TaskResult(
-            task, recorder.measured, best * 1e3 if best else None, recorder.rejected
+            task, recorder.measured, best * 1e3 if best else None, recorder.rejected, comparison
         )
         results.append(result)
         report(_progress_line(index, len(tasks), result))
     return results
 
 
+def _search(task: KernelTask, target, trials: int, database, recorder, seed: int) -> None:
+    """MetaSchedule's evolutionary search over the task's schedule space."""
+    from tvm.s_tir import meta_schedule as ms
+
+    with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
+        ms.tune_tir(
+            task.workload(),
+            target,
+            work_dir,
+            max_trials_global=trials,
+            num_trials_per_iter=min(trials, 16),
+            space=ms.space_generator.ScheduleFn(
+                schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
+            ),
+            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
+            database=database,
+            cost_model="xgb",
+            strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
+            ),
+            measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
+            seed=seed,
+        )
+
+
 def _progress_line(index: int, total: int, result: TaskResult) -> str:
     best = f"best {result.best_ms:.3f} ms" if result.best_ms is not None else "no valid schedule"
     rejected = f", {result.rejected} wrong candidates rejected" if result.rejected else ""
+    comparison = result.comparison
+    if comparison is not None:
+        verdict = "tuned kept" if comparison.tuned_wins else "default kept"
+        rejected += (
+            f"; same rounds: tuned {comparison.tuned_ms:.3f} ms, default "
+            f"{comparison.default_ms:.3f} ms: {verdict}"
+        )
     bar = progress_bar(index, total)
     return f"{bar} {result.task.name}: {result.trials} trials, {best}{rejected}"
 
@@ -296,16 +415,23 @@ class TunedSchedules:
         self.target = target
         self.layers = layers
         self.database = open_database(self.folder)
+        self.comparisons = load_comparisons(self.folder)
         self.failed: list[str] = []
+        self.slower: list[str] = []
 
     def __call__(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
-        """The tuned, verified version of a kernel, or ``None`` (another core, no record, or
-        the record fails the check: then the task's name is added to :attr:`failed`)."""
+        """The tuned, verified version of a kernel, or ``None``: another core, no record, a
+        record slower than the default in its latest comparison (the task's name is added to
+        :attr:`slower`), or one that fails the check (added to :attr:`failed`)."""
         task = kernel_task(func, self.layers)
         if task is None:
             return None
         record = self.database.query_tuning_record(task.workload(), self.target, "main")
         if record is None:
+            return None
+        comparison = self.comparisons.get(record_key(task, record))
+        if comparison is not None and not comparison.tuned_wins:
+            self.slower.append(task.name)
             return None
         func = task.apply(record.trace)
         if not task.verify(func, self.target):

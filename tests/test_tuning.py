@@ -1,4 +1,5 @@
-"""fgq_tvm.tuning: a smoke test of MetaSchedule tuning, record verification, database use.
+"""fgq_tvm.tuning: a smoke test of MetaSchedule tuning, record verification, comparisons with
+the default schedule, database use.
 
 Tuning here is a few trials of one small kernel (CI never tunes more than a smoke test).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -20,7 +22,17 @@ from fgq_tvm.schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
-from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
+from fgq_tvm.tuning import (
+    COMPARISONS,
+    Comparison,
+    KernelTask,
+    TunedSchedules,
+    append_comparison,
+    load_comparisons,
+    open_database,
+    record_key,
+    tune,
+)
 
 HOST = parse_target(host_target())
 pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
@@ -42,21 +54,58 @@ def tuned(tmp_path_factory):
     return folder, tune([TASK], HOST, trials=3, folder=folder)
 
 
-def test_tuning_records_verified_schedules(tuned):
+def test_tuning_records_verified_schedules_and_compares_the_best_with_the_default(tuned):
     folder, (result,) = tuned
     assert result.trials >= 1 and result.best_ms is not None and result.rejected == 0
     assert len(records(folder)) >= 1
+    best = open_database(folder).query_tuning_record(TASK.workload(), HOST, "main")
+    comparison = result.comparison
+    assert (comparison.workload, comparison.trace) == record_key(TASK, best)
+    assert comparison.tuned_ms > 0 and comparison.default_ms > 0
+    assert load_comparisons(folder) == {record_key(TASK, best): comparison}
 
 
-def test_compile_takes_the_best_record_after_checking_it(tuned):
-    folder, _ = tuned
+def _with_verdict(folder, tmp_path, tuned_wins: bool):
+    """A copy of the tuned database whose latest comparison says ``tuned_wins``."""
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    best = open_database(copy).query_tuning_record(TASK.workload(), HOST, "main")
+    times = (1.0, 2.0) if tuned_wins else (2.0, 1.0)
+    append_comparison(copy, Comparison(*record_key(TASK, best), *times))
+    return copy
+
+
+def test_compile_takes_the_best_record_after_checking_it(tuned, tmp_path):
+    folder = _with_verdict(tuned[0], tmp_path, tuned_wins=True)
     schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
     func = schedules(SPEC.kernels().layer.with_attrs(SPEC.attributes("fgq_conv")))
     assert func is not None and TASK.verify(func, HOST) and not schedules.failed
 
 
-def test_a_record_that_fails_the_check_is_not_used(tuned, monkeypatch):
-    folder, _ = tuned
+def test_a_record_slower_than_the_default_is_not_used(tuned, tmp_path):
+    folder = _with_verdict(tuned[0], tmp_path, tuned_wins=False)
+    schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
+    assert schedules(SPEC.kernels().layer.with_attrs(SPEC.attributes("fgq_conv"))) is None
+    assert schedules.slower == [TASK.name] and not schedules.failed
+
+
+def test_zero_trials_only_compares_and_appends(tuned, tmp_path):
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    before = records(folder)
+    lines = (folder / COMPARISONS).read_text().count("\n")
+    (result,) = tune([TASK], HOST, trials=0, folder=folder)
+    assert result.trials == 0 and result.comparison is not None
+    assert records(folder) == before
+    assert (folder / COMPARISONS).read_text().count("\n") == lines + 1
+
+
+def test_a_malformed_comparison_is_a_one_line_error(tmp_path):
+    (tmp_path / COMPARISONS).write_text('{"workload": "00"}\n')
+    with pytest.raises(FGQError, match=r"line 1, is no comparison .*fix or remove the line"):
+        load_comparisons(tmp_path)
+
+
+def test_a_record_that_fails_the_check_is_not_used(tuned, tmp_path, monkeypatch):
+    folder = _with_verdict(tuned[0], tmp_path, tuned_wins=True)
     monkeypatch.setattr(KernelTask, "verify", lambda self, func, target, seed=0: False)
     schedules = TunedSchedules(folder, HOST, {"conv": LAYER})
     assert schedules(SPEC.kernels().layer.with_attrs(SPEC.attributes("fgq_conv"))) is None
