@@ -129,6 +129,15 @@ def test_finetune_command_writes_a_checkpoint_that_compile_takes(tmp_path):
         "-o", tmp_path / "r20-ft.so",
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
+    evaluated = fgq_tvm(
+        "eval", "cifar_resnet20", "--weights", checkpoint, "--baseline-weights", RESNET20,
+        "--data", npz, "--group-size", 64, "--images", 300, "--json", tmp_path / "eval.json",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["baseline_weights"] == str(RESNET20)
+    full_precision = data["accuracy"]["full precision"]  # the original weights, same 300 images
+    assert evaluation["full_precision"]["top1"] == pytest.approx(full_precision)
 
 
 def test_finetune_rejects_a_negative_distillation_weight(tmp_path):
