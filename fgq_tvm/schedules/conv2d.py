@@ -573,13 +573,8 @@ def _schedule_group_sums(sch: Schedule, innermost_reduction, channels_innermost:
     columns, as the block's axes come) are unrolled except the innermost, which is vectorised
     like the accumulator's.
     """
-    psum = sch.get_sblock("psum")
-    sch.set_scope(psum, 0, "local")
-    sch.compute_at(psum, innermost_reduction)
-    loops = sch.get_loops(psum)
-    anchor = sch.get(innermost_reduction)
-    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(anchor)) + 1
-    *tile, channel = loops[depth:]
+    psum, own = group_sums_at(sch, innermost_reduction)
+    *tile, channel = own
     if channels_innermost:
         tile = tile[1:] + tile[:1]
     sch.reorder(channel, *tile)
@@ -588,6 +583,18 @@ def _schedule_group_sums(sch: Schedule, innermost_reduction, channels_innermost:
     if tile:
         sch.vectorize(tile[-1])
     sch.decompose_reduction(psum, channel)
+
+
+def group_sums_at(sch: Schedule, loop) -> tuple:
+    """The ``psum`` block moved into a local buffer under ``loop``; returns it and its own
+    loops there (those below ``loop``)."""
+    psum = sch.get_sblock("psum")
+    sch.set_scope(psum, 0, "local")
+    sch.compute_at(psum, loop)
+    loops = sch.get_loops(psum)
+    anchor = sch.get(loop)
+    depth = next(i for i, other in enumerate(loops) if sch.get(other).same_as(anchor)) + 1
+    return psum, loops[depth:]
 
 
 def _store_tile(sch: Schedule, acc, tile_loop) -> None:

@@ -58,6 +58,7 @@ from .conv2d import (
     Epilogue,
     WeightEncoding,
     dequantize,
+    group_sums_at,
     has_block,
     layer_arguments,
     loop_extent,
@@ -423,13 +424,8 @@ def _schedule_group_sums(sch: Schedule, innermost_reduction, instruction: DotIns
     tile no column loop); the lane loop is the first of the lanes' extent, as tiles have fewer
     columns (:func:`_column_limit`).
     """
-    psum = sch.get_sblock("psum")
-    sch.set_scope(psum, 0, "local")
-    sch.compute_at(psum, innermost_reduction)
-    loops = sch.get_loops(psum)
-    anchor = sch.get(innermost_reduction)
-    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(anchor)) + 1
-    own = loops[depth:]  # [columns], ki (lanes), [channel words of the group], ci
+    psum, own = group_sums_at(sch, innermost_reduction)
+    # own: [columns], ki (lanes), [channel words of the group], ci
     extents = [loop_extent(sch, loop) for loop in own]
     lanes = extents.index(instruction.lanes)
     columns, ki, blocks = own[:lanes], own[lanes], own[lanes + 1 : -1]
