@@ -553,7 +553,8 @@ def _eval(args: argparse.Namespace) -> int:
     quantized = quantize(model, spec, quant, calibration, progress)
     baseline = model
     if args.baseline_weights:
-        baseline, _ = _load_model(args.model, args.baseline_weights, spec.input_shape)
+        input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
+        baseline, _ = _load_model(args.model, args.baseline_weights, input_shape)
     predictors = {
         "full": torch_predictor(baseline),
         "reference": torch_predictor(quantized.reference),
@@ -622,26 +623,25 @@ def _finetune(args: argparse.Namespace) -> int:
     record = {"model": spec.name, "training": training.description, "config": settings}
     record["epochs"] = [vars(epoch) for epoch in result.epochs]
     if Path(args.data).suffix == ".npz":
-        record["accuracy"] = _finetune_accuracy(args, spec, quant, calibration, model, result.model)
+        tuned = quantize(result.model, spec, quant, calibration)
+        record["accuracy"] = _finetune_accuracy(args, spec, model, quantized, tuned)
     if args.json:
         write_text_atomically(Path(args.json), json.dumps(record, indent=2) + "\n")
     return 0
 
 
-def _finetune_accuracy(args, spec: ModelSpec, quant: QuantConfig, calibration, model, tuned):
+def _finetune_accuracy(args, spec: ModelSpec, model, before, after) -> dict[str, float]:
     """Eval-split top-1 of the full-precision model and of the quantized network before and
-    after fine-tuning (each quantized as compile would); printed, and returned as a dict."""
-    from .compiler import quantize
+    after fine-tuning (two QuantizedModels, each quantized as compile would); printed, and
+    returned as a dict."""
     from .data import load_labelled_images
     from .evaluate import evaluate_models, torch_predictor
 
     images = load_labelled_images(args.data, spec, "eval", args.images)
     predictors = {
         "full precision": torch_predictor(model),
-        "quantized": torch_predictor(quantize(model, spec, quant, calibration).reference),
-        "quantized after fine-tuning": torch_predictor(
-            quantize(tuned, spec, quant, calibration).reference
-        ),
+        "quantized": torch_predictor(before.reference),
+        "quantized after fine-tuning": torch_predictor(after.reference),
     }
     _progress_printer()(f"evaluate on {images.count} images of {images.description}")
     accuracies, _ = evaluate_models(predictors, images, 100, _progress_bar("images"))
