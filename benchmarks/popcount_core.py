@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
-import numpy as np
 import torch
 
 from fgq_tvm.bench import time_rounds
@@ -34,16 +33,16 @@ from fgq_tvm.models import build_model
 from fgq_tvm.quant.quantize import quantize_model
 from fgq_tvm.relax_passes.legalize_quantized_layers import (
     KernelSpec,
-    kernel_arguments,
     layer_encoding,
 )
 from fgq_tvm.reporting import write_text_atomically
 from fgq_tvm.schedules import conv2d_popcount
 from fgq_tvm.schedules.conv2d import NO_EPILOGUE
 from fgq_tvm.schedules.layout import PLAIN
-from fgq_tvm.schedules.select import POPCOUNT, build_layer
+from fgq_tvm.schedules.select import POPCOUNT
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.threads import thread_settings
+from fgq_tvm.tuning import KernelTask
 
 VARIANTS = (
     "VNNI dot core, as in the network",
@@ -62,17 +61,8 @@ def layer_variants(spec: KernelSpec, host) -> list[tuple[KernelSpec, object]]:
 
 
 def runner(spec: KernelSpec, target):
-    """A no-argument call of the layer's kernel on a fixed random input."""
-    built = build_layer(spec.kernels(), kernel_arguments(spec.layer, spec.core), target)
-    shape, act = spec.shape, spec.layer.act
-    rng = np.random.default_rng(0)
-    dims = (shape.batch, shape.in_channels, shape.height, shape.width)
-    x = rng.uniform(0, act.qmax * act.scale, dims).astype(np.float32)
-    x = act.stored(x) if spec.quantized_input else x
-    out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    residual = [rng.normal(size=out_dims).astype(np.float32)] if spec.epilogue.residual else []
-    arguments = built.arguments(x, *residual)
-    return lambda: built.module["main"](*arguments)
+    """A no-argument call of the layer's kernel (default schedule) on a fixed random input."""
+    return KernelTask(spec).runner(spec.kernels().layer, target)
 
 
 def _cell(ms: float, macs: int | None) -> str:

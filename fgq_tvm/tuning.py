@@ -107,7 +107,8 @@ class KernelTask:
         return bool(np.array_equal(self._built(func, target)(given, *residual), expected))
 
     def runner(self, func: tvm.tirx.PrimFunc, target) -> Callable[[], object]:
-        """A call of ``func`` (built for ``target``, weights packed) on a fixed random input."""
+        """A call of ``func`` (built for ``target``, weights packed) on a fixed random input;
+        ``func`` may come from any core's :meth:`~KernelSpec.kernels` of the same spec."""
         x, residual = self._random_inputs(0)
         given = self.spec.layer.act.stored(x) if self.spec.quantized_input else x
         built = self._built(func, target)
