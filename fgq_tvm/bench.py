@@ -11,8 +11,10 @@ them all on the same input with the same thread count, interleaved (:func:`time_
   run eagerly;
 * ``ort`` and ``ort-int8``: ONNX Runtime FP32, and int8 by static QDQ quantization
   (``quantize_static``, per-channel weights, calibrated on the same images);
-* ``tvm-fp32``: the float model through the same Relax import and ``tvm.compile`` without FGQ
-  and without tuning.
+* ``tvm-fp32``: the float model, BatchNorm folded, through the same Relax import and TVM's
+  own fusion and lowering, with the MetaSchedule records of ``fgq-tvm tune --fp32`` (default
+  rules, the trial budget of fgq-tvm's kernels) where the target has them
+  (:mod:`~fgq_tvm.float_peer`).
 
 The "fgq-tvm tuned" row compiles with the target's tuning database (:func:`prepare_fgq_tuned`;
 ``n/a`` without one) and says how many kernels took a tuned schedule.
@@ -72,7 +74,7 @@ LABELS = {
     "torch-int8": "PyTorch int8 (FX graph mode, x86, eager)",
     "ort": "ONNX Runtime FP32",
     "ort-int8": "ONNX Runtime int8 (static QDQ, per-channel)",
-    "tvm-fp32": "TVM FP32 (untuned)",
+    "tvm-fp32": "TVM FP32 (MetaSchedule)",
 }
 SHORT_LABELS = {
     FGQ: "fgq-tvm",
@@ -81,7 +83,7 @@ SHORT_LABELS = {
     "torch-int8": "PyTorch int8",
     "ort": "ORT FP32",
     "ort-int8": "ORT int8",
-    "tvm-fp32": "TVM FP32 untuned",
+    "tvm-fp32": "TVM FP32",
 }
 VNNI_MACS_PER_CYCLE = 64
 """int8 multiply-accumulates per cycle per core assumed for the peak (one 512-bit vpdpbusd)."""
@@ -309,6 +311,9 @@ class BenchSetup:
         Folder for the ``.so`` and the ONNX files.
     threads
         Threads of every runtime.
+    tuning_logs
+        Where the tuning databases live (``<target key>`` for fgq-tvm's tuned row,
+        ``<target key>/tvm-fp32`` for the TVM FP32 peer).
     """
 
     model: nn.Module
@@ -319,6 +324,7 @@ class BenchSetup:
     x: np.ndarray
     workdir: Path
     threads: int
+    tuning_logs: Path = TUNING_LOGS
 
 
 @dataclass
@@ -401,14 +407,14 @@ def prepare_fgq(
     return Runner(lambda: module(setup.x), f"compiled in {seconds:.1f} s"), result, seconds
 
 
-def prepare_fgq_tuned(setup: BenchSetup, tuning_logs: Path) -> Runner:
+def prepare_fgq_tuned(setup: BenchSetup) -> Runner:
     """fgq-tvm with the tuned schedules of the target's database (verified at compile)."""
     from .target import database_folder
 
-    folder = database_folder(setup.target, tuning_logs)
+    folder = database_folder(setup.target, setup.tuning_logs)
     if not folder.is_dir():
         raise PeerUnavailable(NOT_AVAILABLE, f"no tuning database in {folder}")
-    runner, result, _ = prepare_fgq(setup, tuning_logs)
+    runner, result, _ = prepare_fgq(setup, setup.tuning_logs)
     layers = result.sidecar["layers"]
     tuned = sum(layer["schedule"] == "tuned" for layer in layers)
     note = f"{tuned} of {len(layers)} kernels tuned ({folder}); {runner.note}"
@@ -542,26 +548,32 @@ def prepare_ort_int8(setup: BenchSetup) -> Runner:
 
 
 def prepare_tvm_fp32(setup: BenchSetup) -> Runner:
-    """The float model through torch.export -> Relax -> ``tvm.compile``, untuned."""
-    import torch
+    """The float model (BatchNorm folded) through torch.export -> Relax -> TVM, with the
+    MetaSchedule records of ``fgq-tvm tune --fp32`` where the target has them
+    (:mod:`fgq_tvm.float_peer`)."""
     import tvm
-    from tvm.relax.frontend.torch import from_exported_program
 
-    with _quiet():
-        exported = torch.export.export(setup.model, (torch.from_numpy(setup.x),))
-        mod = from_exported_program(exported)
+    from .float_peer import build_float, float_folder, float_module, with_cores
+    from .target import database_folder
+
+    folder = float_folder(database_folder(setup.target, setup.tuning_logs))
     start = time.perf_counter()
-    with setup.target:
-        executable = tvm.compile(mod, target=setup.target)
+    with _quiet():
+        mod = float_module(setup.model, setup.spec.input_shape)
+        built = build_float(mod, with_cores(setup.target, setup.threads), folder)
     seconds = time.perf_counter() - start
-    machine = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    machine = tvm.relax.VirtualMachine(built.executable, tvm.cpu())
 
     def run() -> np.ndarray:
         output = machine["main"](tvm.runtime.tensor(setup.x))
         return output[0].numpy() if not hasattr(output, "numpy") else output.numpy()
 
-    note = f"default Relax pipeline, compiled in {seconds:.1f} s; tuning it is future work"
-    return Runner(run, note)
+    schedules = (
+        f"MetaSchedule records for {built.tuned} of {built.tasks} functions ({folder})"
+        if built.database
+        else f"untuned: no database in {folder} (fgq-tvm tune --fp32)"
+    )
+    return Runner(run, f"{schedules}; compiled in {seconds:.1f} s")
 
 
 PREPARE: dict[str, Callable[[BenchSetup], Runner]] = {
@@ -740,12 +752,13 @@ def run_bench(
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as folder, thread_settings(options.threads):
         setup = BenchSetup(
-            model, spec, quant, calibration, target, x, Path(folder), options.threads
-        )
+            model, spec, quant, calibration, target, x, Path(folder), options.threads,
+            options.tuning_logs,
+        )  # fmt: skip
         report("compile with fgq-tvm")
         fgq_runner, compiled, compile_s = prepare_fgq(setup)
         runners: dict[str, Runner | PeerResult] = {FGQ: fgq_runner}
-        tuned = prepared(FGQ_TUNED, lambda: prepare_fgq_tuned(setup, options.tuning_logs))
+        tuned = prepared(FGQ_TUNED, lambda: prepare_fgq_tuned(setup))
         runners[FGQ_TUNED] = tuned
         for key in options.peers:
             report(f"prepare {LABELS[key]}")

@@ -170,6 +170,12 @@ def _add_tune(commands) -> None:
         help="threads the candidates run with: those the module will run with (default: 2, "
         "as bench)",
     )
+    sub.add_argument(
+        "--fp32",
+        action="store_true",
+        help="tune bench's TVM FP32 peer instead: the full-precision model with MetaSchedule's "
+        "default rules, into DIR/<target key>/tvm-fp32 (tasks with records are skipped)",
+    )
     _add_model_arguments(sub)
 
 
@@ -517,6 +523,8 @@ def _tune(args: argparse.Namespace) -> int:
     """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
     progress = _progress_printer()
     model, spec, quant, target, calibration = _model_inputs(args)
+    if args.fp32:
+        return _tune_fp32(args, model, spec, target, progress)
     from .compiler import lower_to_relax, quantize
     from .tuning import kernel_tasks, tune
 
@@ -529,6 +537,21 @@ def _tune(args: argparse.Namespace) -> int:
     results = tune(tasks, target, args.trials, folder, progress, threads=args.threads)
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
+    return 0
+
+
+def _tune_fp32(args: argparse.Namespace, model, spec, target, progress) -> int:
+    """``fgq-tvm tune --fp32``: MetaSchedule's default rules on the full-precision model."""
+    from .float_peer import float_folder, float_module, tune_float
+
+    folder = float_folder(database_folder(target, Path(args.tuning_logs)))
+    progress(f"tune {spec.name} in FP32, up to {args.trials} trials per task, into {folder}")
+    results = tune_float(
+        float_module(model, spec.input_shape), target, args.trials, folder, progress,
+        threads=args.threads,
+    )  # fmt: skip
+    tuned = sum(result.best_ms is not None for result in results)
+    print(f"{tuned} of {len(results)} functions have a tuned schedule in {folder}")
     return 0
 
 

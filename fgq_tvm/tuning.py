@@ -300,7 +300,6 @@ def tune(
 
     report = progress or (lambda line: None)
     database = open_database(folder)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     results = []
     for index, task in enumerate(tasks, start=1):
         recorder = _VerifiedRecords(task, database, target)
@@ -324,6 +323,7 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
     """MetaSchedule's evolutionary search over the task's schedule space."""
     from tvm.s_tir import meta_schedule as ms
 
+    quiet_metaschedule()
     with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
         ms.tune_tir(
             task.workload(),
@@ -344,6 +344,13 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
             measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
             seed=seed,
         )
+
+
+def quiet_metaschedule() -> None:
+    """Keep MetaSchedule's console to warnings for the next search. Each search configures its
+    console handler at the level its logger has then, and leaves that logger at DEBUG: without
+    this, every search after the first prints its whole log."""
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
 
 
 def _progress_line(index: int, total: int, result: TaskResult) -> str:

@@ -175,8 +175,8 @@ def test_missing_onnxruntime_reads_not_installed(monkeypatch):
 def test_tuned_row_is_not_available_without_a_database(tmp_path):
     from fgq_tvm.target import parse_target
 
-    setup = SimpleNamespace(target=parse_target("llvm -mcpu=znver4"))
-    row = bench.prepared("fgq-tuned", lambda: bench.prepare_fgq_tuned(setup, tmp_path))
+    setup = SimpleNamespace(target=parse_target("llvm -mcpu=znver4"), tuning_logs=tmp_path)
+    row = bench.prepared("fgq-tuned", lambda: bench.prepare_fgq_tuned(setup))
     assert row.status == "n/a" and "llvm-znver4" in row.note
 
 
