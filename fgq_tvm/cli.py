@@ -1,6 +1,7 @@
 """The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
 ``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers, ``eval`` its
-accuracy against the full-precision model, ``finetune`` it through its quantizers.
+accuracy against the full-precision model, ``finetune`` it through its quantizers, ``report``
+what the quantization buys at each group size.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
@@ -17,12 +18,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from .config import QuantConfig, parse_act_bits, parse_group_size, parse_override
+from .config import (
+    SWEEP_ACT_BITS,
+    SWEEP_GROUP_SIZES,
+    QuantConfig,
+    parse_act_bits,
+    parse_group_size,
+    parse_override,
+)
 from .errors import FGQError, UsageError
 from .reporting import progress_bar, write_atomically, write_text_atomically
 from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
@@ -107,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_eval(commands)
     _add_finetune(commands)
+    _add_report(commands)
     return parser
 
 
@@ -277,6 +287,50 @@ def _add_finetune(commands) -> None:
         help="train and evaluate on N images of each split only (a fixed-seed subset)",
     )
     sub.add_argument("--json", metavar="FILE", help="also write the training and accuracy record")
+    _add_model_arguments(sub)
+
+
+def _add_report(commands) -> None:
+    sub = commands.add_parser(
+        "report",
+        help="multiplications eliminated, bits per weight, projected speed-up, group-size sweep",
+        description="Quantize MODEL as compile would and report per layer and in total the "
+        "multiplications eliminated, the bits per weight with their scales, the model bytes "
+        "and the paper's projected speed-up over FP32. With --data, also the top-1 accuracy "
+        "at every group size and activation width (table and PNG plot).",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_report)
+    sub.add_argument(
+        "--data",
+        metavar="D",
+        help="labelled images for the group-size sweep, as for eval (default: no sweep)",
+    )
+    sub.add_argument(
+        "--split",
+        choices=("calib", "eval", "all"),
+        default="eval",
+        help="split of an .npz the sweep is measured on (default: eval)",
+    )
+    sub.add_argument("--images", type=_positive_int, metavar="N", help="sweep on N images only")
+    sub.add_argument(
+        "--sweep-group-sizes",
+        type=_group_sizes,
+        default=SWEEP_GROUP_SIZES,
+        metavar="LIST",
+        help="group sizes of the sweep (default: " + ",".join(map(str, SWEEP_GROUP_SIZES)) + ")",
+    )
+    sub.add_argument(
+        "--sweep-act-bits",
+        type=_act_bits_list,
+        default=SWEEP_ACT_BITS,
+        metavar="LIST",
+        help="activation bits of the sweep (default: 8,4)",
+    )
+    sub.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
+    sub.add_argument(
+        "--out", default="reports", metavar="DIR", help="output folder (default: reports)"
+    )
     _add_model_arguments(sub)
 
 
@@ -479,6 +533,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _group_sizes(text: str) -> tuple[int, ...]:
+    """argparse type of ``--sweep-group-sizes``: a comma list of integers 1..64."""
+    sizes = tuple(parse_group_size(word) for word in text.split(","))
+    if None in sizes:
+        raise UsageError("the sweep takes group sizes 1..64, not 'channel'")
+    return sizes
+
+
+def _act_bits_list(text: str) -> tuple[int, ...]:
+    """argparse type of ``--sweep-act-bits``: a comma list of 8 and 4."""
+    return tuple(parse_act_bits(word) for word in text.split(","))
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -555,11 +622,9 @@ def _tune_fp32(args: argparse.Namespace, model, spec, target, progress) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    """``fgq-tvm eval``: quantize, then count top-1/top-5 hits of both models on the images."""
-    from .data import load_labelled_images
-
-    progress = _progress_printer()
+def _calibrate_apart(args: argparse.Namespace) -> None:
+    """Calibrate on the calib split of an .npz evaluated on; refuse to calibrate on the images
+    measured."""
     if args.calib is None and Path(args.data).suffix == ".npz":
         args.calib = args.data  # its calibration split (--calib-split)
     if args.calib == args.data and args.calib_split in (args.split, "all"):
@@ -567,6 +632,14 @@ def _eval(args: argparse.Namespace) -> int:
             f"calibrating on split {args.calib_split!r} of the images evaluated on ({args.split!r})"
             " measures nothing; use --calib-split calib and --split eval"
         )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """``fgq-tvm eval``: quantize, then count top-1/top-5 hits of both models on the images."""
+    from .data import load_labelled_images
+
+    progress = _progress_printer()
+    _calibrate_apart(args)
     model, spec, quant, target, calibration = _model_inputs(args)
     images = load_labelled_images(args.data, spec, args.split, args.images)
     batch = args.batch_size or (100 if max(spec.input_shape[2:]) <= 64 else 10)
@@ -600,6 +673,36 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         record = json.dumps(_eval_record(args, spec, images, result), indent=2) + "\n"
         write_text_atomically(Path(args.json), record)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``fgq-tvm report``: the layer costs at the configuration, and the group-size sweep."""
+    from .compiler import quantize
+    from .data import load_labelled_images
+    from .report import ModelReport, SpeedupModel, float32_bytes, layer_costs, sweep, write_report
+
+    progress = _progress_printer()
+    if args.data:
+        _calibrate_apart(args)
+    model, spec, quant, _, calibration = _model_inputs(args)
+    layers = layer_costs(quantize(model, spec, quant, calibration, progress), spec.input_shape)
+    report = ModelReport(spec.name, quant.summary(), layers, float32_bytes(layers), SpeedupModel())
+    if args.data:
+        images = load_labelled_images(args.data, spec, args.split, args.images)
+        progress(f"sweep on {images.count} images of {images.description}")
+        full, points = sweep(
+            model, quant, lambda config: quantize(model, spec, config, calibration), images,
+            spec.input_shape, args.sweep_group_sizes, args.sweep_act_bits, args.batch_size,
+            progress,
+        )  # fmt: skip
+        report = replace(
+            report, full_precision=full, sweep=tuple(points),
+            images=f"{images.count} images of {images.description}",
+        )  # fmt: skip
+    paths = write_report(report, Path(args.out))
+    print(paths[0].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
     return 0
 
 
@@ -678,7 +781,6 @@ def _finetune_accuracy(args, spec: ModelSpec, model, before, after) -> dict[str,
 
 def _compiled_predictor(args, quantized, spec: ModelSpec, target, batch: int, folder: str):
     """The quantized network compiled at ``batch`` images into ``folder``, as a predictor."""
-    from dataclasses import replace
 
     from .compiler import compile_quantized
     from .evaluate import module_predictor
@@ -776,7 +878,6 @@ def _load_model(
     name: str, weights: str | None, input_shape: tuple[int, int, int, int] | None
 ) -> tuple[nn.Module, ModelSpec]:
     """The model and its spec, with ``input_shape`` checked by one forward pass."""
-    from dataclasses import replace
 
     import torch
 

@@ -346,15 +346,7 @@ def describe(
             "normalisation": {"mean": list(spec.mean), "std": list(spec.std)},
         },
         "output": {"shape": [spec.input_shape[0], spec.num_classes], "dtype": "float32"},
-        "quantization": {
-            "group_size": config.group_size if config.group_size is not None else "channel",
-            "act_bits": config.act_bits,
-            "scales": config.scales,
-            "method": config.method,
-            "first_last": config.first_last,
-            "calibration": config.calibration,
-            "reestimate_bn": config.reestimate_bn,
-        },
+        "quantization": config.summary(),
         "layers": [
             layer_summary(layer, kernels[name].summary())
             for name, layer in quantized.layers.items()

@@ -16,6 +16,8 @@ WeightMode = Literal["ternary", "int8", "float"]
 ScaleMode = Literal["float", "int8"]
 
 MAX_GROUP_SIZE = 64
+SWEEP_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the group sizes `fgq-tvm report` sweeps
+SWEEP_ACT_BITS = (8, 4)
 ACT_BITS_CHOICES = (8, 4)
 
 
@@ -122,6 +124,18 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, override.pattern):
                 config = override.apply(config)
         return config
+
+    def summary(self) -> dict[str, object]:
+        """The settings a reader of a result needs, as JSON-ready values."""
+        return {
+            "group_size": self.group_size if self.group_size is not None else "channel",
+            "act_bits": self.act_bits,
+            "scales": self.scales,
+            "method": self.method,
+            "first_last": self.first_last,
+            "calibration": self.calibration,
+            "reestimate_bn": self.reestimate_bn,
+        }
 
 
 def parse_group_size(text: str) -> int | None:
