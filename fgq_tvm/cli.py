@@ -407,7 +407,12 @@ def _add_model_arguments(sub) -> None:
         help="percentile for --calibration percentile (default: 99.99)",
     )
     quant.add_argument(
-        "--no-reestimate-bn", action="store_true", help="keep the float BatchNorm statistics"
+        "--batchnorm",
+        choices=("correct", "reestimate", "keep"),
+        default="correct",
+        help="BatchNorm statistics of the quantized network: the trained ones shifted and scaled "
+        "by the change quantization causes on the calibration data (default), measured anew on "
+        "it, or kept",
     )
     calib = sub.add_argument_group("calibration data")
     calib.add_argument(
@@ -842,7 +847,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         first_last_act_bits=parse_act_bits(args.first_last_act_bits),
         calibration=args.calibration,
         percentile=args.percentile,
-        reestimate_bn=not args.no_reestimate_bn,
+        batchnorm=args.batchnorm,
         overrides=tuple(parse_override(text) for text in args.layer),
     )
 

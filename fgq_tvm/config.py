@@ -97,9 +97,12 @@ class QuantConfig:
         (:mod:`fgq_tvm.quant.calibration`).
     percentile
         The percentile used when ``calibration == "percentile"``.
-    reestimate_bn
-        Re-estimate BatchNorm statistics of the ternary network on the calibration data
-        before folding BatchNorm into the convs.
+    batchnorm
+        What happens to the BatchNorm statistics of the quantized network before they are
+        folded into the convs: ``"correct"`` (the trained statistics shifted and scaled by the
+        change quantization causes on the calibration data,
+        :func:`~fgq_tvm.quant.batchnorm.correct_batchnorm`), ``"reestimate"`` (measured anew
+        on the calibration data) or ``"keep"`` (the trained statistics).
     overrides
         Per-layer overrides, applied in order after the first/last policy.
     """
@@ -112,7 +115,7 @@ class QuantConfig:
     first_last_act_bits: int = 8
     calibration: Literal["max", "percentile", "mse"] = "max"
     percentile: float = 99.99
-    reestimate_bn: bool = True
+    batchnorm: Literal["correct", "reestimate", "keep"] = "correct"
     overrides: tuple[LayerOverride, ...] = ()
 
     def for_layer(self, name: str, *, is_first: bool, is_last: bool) -> LayerConfig:
@@ -134,7 +137,7 @@ class QuantConfig:
             "method": self.method,
             "first_last": self.first_last,
             "calibration": self.calibration,
-            "reestimate_bn": self.reestimate_bn,
+            "batchnorm": self.batchnorm,
         }
 
 

@@ -1,5 +1,7 @@
 """Tests of BatchNorm folding and re-estimation in fgq_tvm.quant.batchnorm."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from fgq_tvm.errors import FGQError
 from fgq_tvm.quant.batchnorm import (
     batchnorm_affine,
+    correct_batchnorm,
     find_conv_bn_pairs,
     fold_batchnorm,
     fold_ternary,
@@ -201,3 +204,53 @@ def test_reestimate_batchnorm_uses_a_cumulative_average():
 def test_reestimate_batchnorm_needs_batches():
     with pytest.raises(FGQError, match="at least one"):
         reestimate_batchnorm(nn.Sequential(nn.BatchNorm2d(2)), [])
+
+
+def conv_bn_pair_net() -> nn.Sequential:
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+    )  # fmt: skip
+    return randomize_batchnorm(model).eval()
+
+
+def test_correct_batchnorm_shifts_the_trained_mean_by_the_change_of_the_input():
+    reference = conv_bn_pair_net()
+    model = copy.deepcopy(reference)
+    model[0].bias = nn.Parameter(torch.ones(4))  # the first BatchNorm's input: 1 higher
+    correct_batchnorm(model, reference, [torch.randn(4, 3, 8, 8) + i for i in range(3)])
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean + 1)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    # corrected, the first BatchNorm gives the second one the reference's input back
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[4], name), getattr(reference[4], name))
+    assert not model.training
+
+
+def test_correct_batchnorm_scales_the_trained_variance_by_the_change_of_the_input():
+    reference = conv_bn_pair_net()
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # the first BatchNorm's input: twice the reference's
+    batches = [torch.randn(4, 3, 8, 8) + i for i in range(3)]
+    with torch.no_grad():
+        inputs = torch.cat([reference[0](batch) for batch in batches])
+    correct_batchnorm(model, reference, batches)
+    shift = inputs.double().mean(dim=(0, 2, 3))  # 2 m - m
+    expected_mean = reference[1].running_mean.double() + shift
+    torch.testing.assert_close(model[1].running_mean.double(), expected_mean)
+    torch.testing.assert_close(model[1].running_var, 4 * reference[1].running_var)
+
+
+def test_correct_batchnorm_of_an_unchanged_model_changes_nothing():
+    reference = conv_bn_pair_net()
+    model = copy.deepcopy(reference)
+    correct_batchnorm(model, reference, [torch.randn(2, 3, 8, 8)])
+    for ours, theirs in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_correct_batchnorm_needs_batches():
+    with pytest.raises(FGQError, match="at least one"):
+        correct_batchnorm(conv_bn_pair_net(), conv_bn_pair_net(), [])

@@ -61,7 +61,7 @@ def test_small_net_layers(small):
     stages = []
     config = QuantConfig(scales="float")
     result = quantize_model(model, config, batches, progress=stages.append)
-    assert stages == ["ternarize", "reestimate batchnorm", "calibrate", "fold batchnorm",
+    assert stages == ["ternarize", "correct batchnorm", "calibrate", "fold batchnorm",
                       "build layers", "reference"]  # fmt: skip
     assert list(result.layers) == ["stem", "conv", "same", "fc"]
     assert result.float_layers == {
@@ -101,7 +101,7 @@ def test_int8_group_scales_are_the_default(small):
 
 def test_ternary_records_are_the_folded_ternarization(small):
     model, batches = small
-    result = quantize_model(model, QuantConfig(scales="float", reestimate_bn=False), batches)
+    result = quantize_model(model, QuantConfig(scales="float", batchnorm="keep"), batches)
     t, alpha = ternarize_groups(model.conv.weight, 4, "exact")
     t_f, alpha_f = fold_ternary(t, alpha, batchnorm_affine(model.bn2)[0])
     np.testing.assert_array_equal(result.layers["conv"].weight, t_f)
@@ -118,7 +118,7 @@ def test_model_is_not_modified_and_folded_model_matches_it(small):
     result = quantize_model(model, QuantConfig(), batches)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not result.folded_model.training and not result.reference.training
-    no_reestimate = quantize_model(model, QuantConfig(reestimate_bn=False), batches)
+    no_reestimate = quantize_model(model, QuantConfig(batchnorm="keep"), batches)
     with torch.no_grad():
         assert relative_error(model(batches[0]), no_reestimate.folded_model(batches[0])) < 1e-5
 
@@ -150,7 +150,7 @@ class RunsOnce(nn.Module):
 
 def test_layer_missing_during_calibration_stays_float():
     batches = [torch.randn(2, 3, 6, 6)]
-    result = quantize_model(RunsOnce(), QuantConfig(reestimate_bn=False), batches)
+    result = quantize_model(RunsOnce(), QuantConfig(batchnorm="keep"), batches)
     assert list(result.layers) == ["conv"]
     assert result.float_layers == {"extra": "not reached by the calibration data"}
 
@@ -181,7 +181,7 @@ def test_group_size_one_reference_is_close_to_the_float_model(resnet18, scales):
     """With N = 1 every weight is its own group: ternarization is lossless (and the int8 scales
     nearly so), so only the 8-bit activations separate the reference from the float model."""
     model, batches = resnet18
-    config = QuantConfig(group_size=1, scales=scales, reestimate_bn=False)
+    config = QuantConfig(group_size=1, scales=scales, batchnorm="keep")
     result = quantize_model(model, config, batches)
     with torch.no_grad():
         assert relative_error(model(batches[1]), result.reference(batches[1])) < 0.05

@@ -1,4 +1,5 @@
-"""BatchNorm handling: fold eval-mode BatchNorm2d into the preceding conv, re-estimate statistics.
+"""BatchNorm handling: fold eval-mode BatchNorm2d into the preceding conv, re-estimate or correct
+its statistics after quantization.
 
 Finding conv -> BatchNorm pairs: the model is traced with ``torch.fx.symbolic_trace``; a
 BatchNorm2d call whose input is a Conv2d call is a pair when that conv's output feeds only the
@@ -10,10 +11,18 @@ usual ``conv1, bn1, ...`` blocks, but not for every model.
 
 A folded pair is ``conv'(x) = factor * conv(x) + shift`` per output channel, with
 ``factor = gamma / sqrt(var + eps)`` and ``shift = beta - mean * factor``, computed in float64.
+
+Quantization shifts and scales the inputs of every BatchNorm. :func:`reestimate_batchnorm`
+measures new statistics on the calibration data; :func:`correct_batchnorm` keeps the trained
+statistics and applies to them only the change that quantization causes, measured on the
+calibration data against the full-precision model (empirical bias correction, with the variance
+corrected alike). The trained statistics describe the data better than a few hundred calibration
+images do: on the CIFAR ResNet-20, re-estimating them costs the full-precision model 2.7 points.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterable
 from itertools import chain
@@ -152,6 +161,86 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> n
             bn.momentum = momentum
         model.eval()
     return model
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the BatchNorm being measured has seen its input."""
+
+
+def correct_batchnorm(
+    model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor]
+) -> nn.Module:
+    """Shift and scale each BatchNorm's running statistics in ``model`` by the change of its
+    input against the same BatchNorm of ``reference``, in place.
+
+    For every BatchNorm (in module order), per channel: ``mean = mean_ref + (m_q - m_f)`` and
+    ``var = var_ref * v_q / v_f``, where ``m`` and ``v`` are the mean and variance of its input
+    over ``batches`` in ``model`` (``q``, with the BatchNorms before it already corrected) and in
+    ``reference`` (``f``), both in eval mode. A channel whose reference input does not vary
+    keeps the reference variance.
+
+    Parameters
+    ----------
+    model
+        The quantized network; modified in place.
+    reference
+        The full-precision network of the same architecture (module paths match); unchanged.
+    batches
+        Model inputs; at least one.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, in eval mode.
+    """
+    batches = list(batches)
+    if not batches:
+        raise FGQError("correcting BatchNorm statistics needs at least one input batch")
+    model.eval()
+    reference.eval()
+    originals = dict(reference.named_modules())
+    for name, bn in model.named_modules():
+        if isinstance(bn, BATCHNORMS) and bn.track_running_stats:
+            quantized = _input_moments(model, bn, batches)
+            full = _input_moments(reference, originals[name], batches)
+            if quantized is not None and full is not None:
+                _shift_statistics(bn, originals[name], quantized, full)
+    return model
+
+
+def _input_moments(
+    model: nn.Module, bn: nn.Module, batches: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel mean and variance (float64) of ``bn``'s input over ``batches``; ``None`` if
+    the model never calls it. Each pass stops at ``bn``."""
+    sums: list[torch.Tensor] = []
+
+    def measure(_module, args):
+        x = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+        sums.append(torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])]))
+        raise _Reached
+
+    handle = bn.register_forward_pre_hook(measure)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Reached):
+                    model(batch)
+    finally:
+        handle.remove()
+    if not sums:
+        return None
+    total, squares, count = torch.stack(sums).sum(0)
+    mean = total / count
+    return mean, squares / count - mean * mean
+
+
+def _shift_statistics(bn: nn.Module, original: nn.Module, quantized, full) -> None:
+    (mean_q, var_q), (mean_f, var_f) = quantized, full
+    ratio = torch.where(var_f > 0, var_q / var_f.clamp_min(1e-300), torch.ones_like(var_f))
+    with torch.no_grad():
+        bn.running_mean.copy_(original.running_mean.double() + mean_q - mean_f)
+        bn.running_var.copy_(original.running_var.double() * ratio)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:

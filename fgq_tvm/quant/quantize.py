@@ -9,8 +9,8 @@
    padding stay in float (``QuantizedModel.float_layers`` says why).
 2. Ternarize the ternary layers' raw weights (before BatchNorm folding) and put ``t * alpha``
    into the copy, which is then the ternary network. int8 layers keep float weights here.
-3. Re-estimate the BatchNorm statistics of that network on the calibration batches
-   (``config.reestimate_bn``).
+3. Correct (or re-estimate) the BatchNorm statistics of that network on the calibration batches
+   (``config.batchnorm``).
 4. Calibrate the input range of every quantized layer on the calibration batches (ternary
    weights, float activations).
 5. Put the original weights back and fold BatchNorm: that is ``folded_model``. A ternary
@@ -36,6 +36,7 @@ from ..errors import FGQError
 from .batchnorm import (
     BATCHNORMS,
     batchnorm_affine,
+    correct_batchnorm,
     find_conv_bn_pairs,
     fold_batchnorm,
     fold_ternary,
@@ -147,9 +148,12 @@ def quantize_model(
     else:
         ternary = _ternarize(plans, config.method)
         originals = _swap_weights(plans, ternary)
-    if config.reestimate_bn and any(isinstance(m, BATCHNORMS) for m in work.modules()):
-        report("reestimate batchnorm")
-        reestimate_batchnorm(work, calib_batches)
+    if config.batchnorm != "keep" and any(isinstance(m, BATCHNORMS) for m in work.modules()):
+        report(f"{config.batchnorm} batchnorm")
+        if config.batchnorm == "correct":
+            correct_batchnorm(work, copy.deepcopy(model), calib_batches)
+        else:
+            reestimate_batchnorm(work, calib_batches)
     report("calibrate")
     bits = {name: plan.config.act_bits for name, plan in plans.items()}
     ranges = calibrate_inputs(
