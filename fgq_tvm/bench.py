@@ -21,7 +21,7 @@ The "fgq-tvm tuned" row compiles with the target's tuning database (:func:`prepa
 
 Each quantized layer's kernel is also timed on its own, as the compiled module has it (core,
 fused epilogue, layouts, float or byte activations; default schedule), and its MAC rate
-compared with the CPU's int8 VNNI peak (:data:`VNNI_MACS_PER_CYCLE` per cycle per core). A
+compared with the CPU's int8 VNNI peak (:func:`vnni_macs_per_cycle` per cycle per core). A
 missing optional package (ONNX Runtime) turns its rows into "not installed"; a peer that fails
 to build reads "failed" with the reason. Everything heavy is imported inside the functions that
 need it.
@@ -86,7 +86,14 @@ SHORT_LABELS = {
     "tvm-fp32": "TVM FP32",
 }
 VNNI_MACS_PER_CYCLE = 64
-"""int8 multiply-accumulates per cycle per core assumed for the peak (one 512-bit vpdpbusd)."""
+"""int8 multiply-accumulates per cycle per core assumed for the peak: one 512-bit vpdpbusd (64
+MACs) per cycle, as on Zen 4 (two 256-bit halves) and Intel client cores."""
+TWO_FMA_UNIT_CPUS = frozenset({
+    "skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
+    "emeraldrapids", "graniterapids",
+})  # fmt: skip
+"""LLVM CPU names of Intel server cores that issue two 512-bit vpdpbusd per cycle (ports 0 and
+5): 128 MACs per cycle per core."""
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_THREADS = 2
@@ -176,13 +183,16 @@ class BenchResult:
     ghz: float | None
     ghz_source: str
     environment: dict
+    macs_per_cycle: int = VNNI_MACS_PER_CYCLE
 
     def peer(self, key: str) -> PeerResult | None:
         return next((peer for peer in self.peers if peer.key == key), None)
 
     @property
     def peak_gmacs(self) -> float | None:
-        return vnni_peak_gmacs(self.ghz, self.threads) if self.ghz else None
+        if not self.ghz:
+            return None
+        return vnni_peak_gmacs(self.ghz, self.threads, self.macs_per_cycle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +256,13 @@ def read_cpuinfo(path: str | os.PathLike = "/proc/cpuinfo") -> str:
         return Path(path).read_text()
     except OSError:
         return ""
+
+
+def vnni_macs_per_cycle(target) -> int:
+    """int8 MACs per cycle per core of the target's CPU (``-mcpu``): 128 for the Intel server
+    cores of :data:`TWO_FMA_UNIT_CPUS`, else :data:`VNNI_MACS_PER_CYCLE`."""
+    mcpu = str(target.attrs.get("mcpu", ""))
+    return 2 * VNNI_MACS_PER_CYCLE if mcpu in TWO_FMA_UNIT_CPUS else VNNI_MACS_PER_CYCLE
 
 
 def vnni_peak_gmacs(ghz: float, cores: int, macs_per_cycle: int = VNNI_MACS_PER_CYCLE) -> float:
@@ -787,6 +804,7 @@ def run_bench(
         ghz=ghz,
         ghz_source=ghz_source,
         environment=environment,
+        macs_per_cycle=vnni_macs_per_cycle(target),
     )
 
 
@@ -840,7 +858,6 @@ def to_json(result: BenchResult) -> dict:
         row["gmacs_per_s"] = layer.gmacs_per_s()
         row["fraction_of_peak"] = ratio(layer.gmacs_per_s(), peak)
     data["peak_gmacs_per_s"] = peak
-    data["vnni_macs_per_cycle_per_core"] = VNNI_MACS_PER_CYCLE
     data["size_ratio"] = ratio(result.so_bytes, result.fp32_param_bytes)
     return data
 
@@ -923,7 +940,7 @@ def format_markdown(result: BenchResult) -> str:
     loads = ", ".join(_number(value) for value in env["load_average_1min"])
     peak = result.peak_gmacs
     peak_text = (
-        f"{VNNI_MACS_PER_CYCLE} MACs/cycle/core x {result.threads} cores x "
+        f"{result.macs_per_cycle} MACs/cycle/core x {result.threads} cores x "
         f"{result.ghz:.2f} GHz ({result.ghz_source}) = {peak:.0f} GMAC/s"
         if peak
         else "unknown: the clock is unknown, pass --ghz"

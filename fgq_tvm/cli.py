@@ -577,12 +577,18 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_inputs(args: argparse.Namespace):
-    """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
-    quant = _quant_config(args)
+def _model_and_target(args: argparse.Namespace):
+    """``(model, spec, target)`` from the model and target options."""
     input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
     target = parse_target(args.target if args.target else default_target())
     model, spec = _load_model(args.model, args.weights, input_shape)
+    return model, spec, target
+
+
+def _model_inputs(args: argparse.Namespace):
+    """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
+    quant = _quant_config(args)
+    model, spec, target = _model_and_target(args)
     from .data import load_calibration
 
     calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
@@ -594,9 +600,9 @@ def _model_inputs(args: argparse.Namespace):
 def _tune(args: argparse.Namespace) -> int:
     """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
     progress = _progress_printer()
-    model, spec, quant, target, calibration = _model_inputs(args)
     if args.fp32:
-        return _tune_fp32(args, model, spec, target, progress)
+        return _tune_fp32(args, progress)
+    model, spec, quant, target, calibration = _model_inputs(args)
     from .compiler import lower_to_relax, quantize
     from .tuning import kernel_tasks, tune
 
@@ -612,10 +618,11 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_fp32(args: argparse.Namespace, model, spec, target, progress) -> int:
+def _tune_fp32(args: argparse.Namespace, progress) -> int:
     """``fgq-tvm tune --fp32``: MetaSchedule's default rules on the full-precision model."""
     from .float_peer import float_folder, float_module, tune_float
 
+    model, spec, target = _model_and_target(args)
     folder = float_folder(database_folder(target, Path(args.tuning_logs)))
     progress(f"tune {spec.name} in FP32, up to {args.trials} trials per task, into {folder}")
     results = tune_float(

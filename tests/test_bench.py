@@ -95,6 +95,11 @@ def test_vnni_peak_and_parameter_bytes():
     from torch import nn
 
     assert bench.vnni_peak_gmacs(2.3, 2) == pytest.approx(64 * 2 * 2.3)
+    from fgq_tvm.target import parse_target
+
+    assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=znver4")) == 64
+    assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=emeraldrapids")) == 128
+    assert bench.vnni_macs_per_cycle(parse_target("llvm")) == 64
     assert bench.fp32_parameter_bytes(nn.Linear(3, 2)) == (3 * 2 + 2) * 4
 
 
@@ -220,7 +225,7 @@ def test_bench_smoke_run_writes_both_tables(tmp_path):
     assert len(fgq["times_ms"]) == 2 and fgq["median_ms"] > 0
     assert torch_fp32["ratio_to_torch_fp32"] == 1.0 and torch_fp32["rel_error"] == 0.0
     assert fgq["ratio_to_torch_int8"] is None
-    assert data["peak_gmacs_per_s"] == 64 * 2 * 2.5 and data["threads"] == 2
+    assert data["peak_gmacs_per_s"] == data["macs_per_cycle"] * 2 * 2.5 and data["threads"] == 2
     assert data["so_bytes"] > 0 and data["fp32_param_bytes"] > data["so_bytes"] / 10
     layers = {layer["name"]: layer for layer in data["layers"]}
     assert len(layers) == 20 and layers["linear"]["input_shape"] == [1, 64, 1, 1]
