@@ -13,6 +13,7 @@ from helpers import fgq_tvm
 from fgq_tvm import bench
 from fgq_tvm.bench import BenchResult, LayerResult, PeerResult
 from fgq_tvm.errors import UsageError
+from fgq_tvm.target import parse_target
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU @ 2.00GHz
@@ -95,8 +96,6 @@ def test_vnni_peak_and_parameter_bytes():
     from torch import nn
 
     assert bench.vnni_peak_gmacs(2.3, 2) == pytest.approx(64 * 2 * 2.3)
-    from fgq_tvm.target import parse_target
-
     assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=znver4")) == 64
     assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=emeraldrapids")) == 128
     assert bench.vnni_macs_per_cycle(parse_target("llvm")) == 64
@@ -178,8 +177,6 @@ def test_missing_onnxruntime_reads_not_installed(monkeypatch):
 
 
 def test_tuned_row_is_not_available_without_a_database(tmp_path):
-    from fgq_tvm.target import parse_target
-
     setup = SimpleNamespace(target=parse_target("llvm -mcpu=znver4"), tuning_logs=tmp_path)
     row = bench.prepared("fgq-tuned", lambda: bench.prepare_fgq_tuned(setup))
     assert row.status == "n/a" and "llvm-znver4" in row.note
