@@ -24,7 +24,7 @@ def test_hessian_columns_are_the_conv_inputs_in_r_s_c_order():
     conv = nn.Conv2d(12, 8, 3, stride=2, padding=1, bias=False).double()
     x = torch.randn(2, 12, 9, 7, dtype=torch.float64)
     observer = HessianObserver(conv, (1, 1))
-    conv.register_forward_pre_hook(observer.hook)
+    observer.observe(x)
     y = conv(x).permute(1, 0, 2, 3).reshape(8, -1).detach().numpy()
     weight = rows(conv.weight.detach().numpy())
     # ||W X||^2 / P from the Hessian equals the mean squared output

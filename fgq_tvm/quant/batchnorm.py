@@ -22,7 +22,6 @@ images do: on the CIFAR ResNet-20, re-estimating them costs the full-precision m
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Iterable
 from itertools import chain
@@ -32,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FGQError
+from .observe import observe_inputs
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -163,10 +163,6 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> n
     return model
 
 
-class _Reached(Exception):
-    """Stops a forward pass once the BatchNorm being measured has seen its input."""
-
-
 def correct_batchnorm(
     model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor]
 ) -> nn.Module:
@@ -212,23 +208,14 @@ def _input_moments(
     model: nn.Module, bn: nn.Module, batches: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel mean and variance (float64) of ``bn``'s input over ``batches``; ``None`` if
-    the model never calls it. Each pass stops at ``bn``."""
+    the model never calls it."""
     sums: list[torch.Tensor] = []
 
-    def measure(_module, args):
-        x = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+    def accumulate(x: torch.Tensor) -> None:
+        x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
         sums.append(torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])]))
-        raise _Reached
 
-    handle = bn.register_forward_pre_hook(measure)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(_Reached):
-                    model(batch)
-    finally:
-        handle.remove()
-    if not sums:
+    if not observe_inputs(model, bn, batches, accumulate):
         return None
     total, squares, count = torch.stack(sums).sum(0)
     mean = total / count

@@ -41,10 +41,6 @@ class HessianObserver:
         self.hessian = product if self.hessian is None else self.hessian + product
         self.columns += columns.shape[1]
 
-    def hook(self, _module: nn.Module, args: tuple) -> None:
-        """A forward pre-hook that observes the module's input."""
-        self.observe(args[0])
-
     def result(self) -> np.ndarray:
         if self.hessian is None:
             raise ValueError("the module was never called")

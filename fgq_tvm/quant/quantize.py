@@ -45,6 +45,7 @@ from .batchnorm import (
 from .calibration import calibrate_inputs, make_act_quant
 from .gptq import HessianObserver, ternarize_gptq
 from .layers import ActQuant, QuantizedLayer, reference_forward
+from .observe import observe_inputs
 from .ternary import (
     dequantize_ternary,
     quantize_group_scales,
@@ -270,13 +271,7 @@ def _ternarize_compensating(
         if plan.config.weights != "ternary":
             continue
         observer = HessianObserver(plan.module, plan.padding)
-        handle = plan.module.register_forward_pre_hook(observer.hook)
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    model(batch)
-        finally:
-            handle.remove()
+        observe_inputs(model, plan.module, batches, observer.observe)
         weight = _weight4d(plan.module)
         group_size = plan.config.resolved_group_size(weight.shape[1])
         ternary[name] = ternarize_gptq(weight, observer.result(), group_size)
