@@ -3,7 +3,8 @@
 For each model this runs ``fgq-tvm bench`` (:mod:`fgq_tvm.bench`): fgq-tvm with the default
 schedules, the "fgq-tvm tuned" hook (n/a until tuning databases exist), PyTorch FP32 eager,
 PyTorch int8 (FX graph mode, x86), ONNX Runtime FP32 and int8 (static QDQ) and TVM FP32
-(untuned), all at 2 threads, median of 20 runs after warm-up, plus every quantized layer's
+(with the MetaSchedule records of ``fgq-tvm tune --fp32`` where the target has them), all at 2
+threads, median of 20 runs after warm-up, plus every quantized layer's
 kernel against the int8 VNNI peak. It writes ``<out>/<target key>/<model>.md`` and ``.json``,
 then ``summary.md`` of every model measured so far for that target, and prints the summary.
 
