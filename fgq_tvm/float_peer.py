@@ -90,8 +90,9 @@ def float_folder(database_folder: Path) -> Path:
 
 @dataclass(frozen=True)
 class FloatTaskResult:
-    """A task after tuning: its name, the trials this run measured (0: it had records) and
-    its best recorded time in milliseconds (``None``: no valid candidate)."""
+    """A task after tuning: its name, the valid candidates this run recorded (0: it had
+    records already) and its best recorded time in milliseconds (``None``: no valid
+    candidate)."""
 
     name: str
     trials: int
@@ -135,26 +136,25 @@ def tune_float(
     for index, task in enumerate(tasks, start=1):
         workload = task.dispatched[0]
         measured = 0
-        if not _has_records(database, workload):
+        if not _records(database, workload, 1):
             with thread_settings(threads):
                 _search(task, target, trials, database, seed)
-            measured = trials
+            measured = len(_records(database, workload, trials))
         result = FloatTaskResult(task.task_name, measured, _best_ms(database, workload))
         results.append(result)
         report(_progress_line(index, len(tasks), result))
     return results
 
 
-def _has_records(database, workload: tvm.IRModule) -> bool:
-    return database.has_workload(workload) and bool(
-        database.get_top_k(database.commit_workload(workload), 1)
-    )
+def _records(database, workload: tvm.IRModule, limit: int) -> list:
+    """The ``limit`` fastest valid records of ``workload`` (none if it was never tuned)."""
+    if not database.has_workload(workload):
+        return []
+    return list(database.get_top_k(database.commit_workload(workload), limit))
 
 
 def _best_ms(database, workload: tvm.IRModule) -> float | None:
-    if not database.has_workload(workload):
-        return None
-    top = database.get_top_k(database.commit_workload(workload), 1)
+    top = _records(database, workload, 1)
     return 1e3 * sum(float(t) for t in top[0].run_secs) / len(top[0].run_secs) if top else None
 
 
@@ -181,7 +181,7 @@ def _search(task, target, trials: int, database, seed: int) -> None:
 
 def _progress_line(index: int, total: int, result: FloatTaskResult) -> str:
     best = f"best {result.best_ms:.3f} ms" if result.best_ms is not None else "no valid schedule"
-    done = f"{result.trials} trials" if result.trials else "had records"
+    done = f"{result.trials} candidates" if result.trials else "had records"
     return f"{progress_bar(index, total)} {result.name}: {done}, {best}"
 
 
@@ -205,6 +205,6 @@ def build_float(mod: tvm.IRModule, target, folder: Path | None) -> FloatBuild:
             return FloatBuild(tvm.compile(mod, target=target), 0, 0, None)
     database = open_database(folder)
     tasks = float_tasks(mod, target)
-    tuned = sum(_has_records(database, task.dispatched[0]) for task in tasks)
+    tuned = sum(bool(_records(database, task.dispatched[0], 1)) for task in tasks)
     executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
     return FloatBuild(executable, tuned, len(tasks), Path(folder))

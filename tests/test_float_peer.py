@@ -47,7 +47,7 @@ def test_batchnorm_is_folded_and_every_task_is_tuned(tuned):
     assert "batch_norm" not in mod.script()
     names = [task.task_name for task in float_tasks(mod, HOST)]
     assert [result.name for result in results] == names == ["fused_conv2d_add_relu"]
-    assert all(result.trials == 2 and result.best_ms > 0 for result in results)
+    assert all(0 < result.trials <= 2 and result.best_ms > 0 for result in results)
     assert record_lines(folder) >= len(names)
 
 
