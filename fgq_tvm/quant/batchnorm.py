@@ -28,10 +28,10 @@ from itertools import chain
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import FGQError
-from .observe import observe_inputs
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -169,11 +169,13 @@ def correct_batchnorm(
     """Shift and scale each BatchNorm's running statistics in ``model`` by the change of its
     input against the same BatchNorm of ``reference``, in place.
 
-    For every BatchNorm (in module order), per channel: ``mean = mean_ref + (m_q - m_f)`` and
-    ``var = var_ref * v_q / v_f``, where ``m`` and ``v`` are the mean and variance of its input
-    over ``batches`` in ``model`` (``q``, with the BatchNorms before it already corrected) and in
-    ``reference`` (``f``), both in eval mode. A channel whose reference input does not vary
-    keeps the reference variance.
+    Per BatchNorm and channel: ``mean = mean_ref + (m_q - m_f)`` and ``var = var_ref * v_q /
+    v_f``, where ``m`` and ``v`` are the mean and variance of its input over ``batches`` in
+    ``model`` (``q``) and in ``reference`` (``f``), both in eval mode. Each batch runs once
+    through each network: while it runs through ``model``, every BatchNorm normalizes with the
+    correction measured on that batch, so the layers after it see corrected inputs (as
+    re-estimation normalizes with batch statistics). A channel whose reference input does not
+    vary keeps the reference variance.
 
     Parameters
     ----------
@@ -195,39 +197,100 @@ def correct_batchnorm(
     model.eval()
     reference.eval()
     originals = dict(reference.named_modules())
-    for name, bn in model.named_modules():
-        if isinstance(bn, BATCHNORMS) and bn.track_running_stats:
-            quantized = _input_moments(model, bn, batches)
-            full = _input_moments(reference, originals[name], batches)
-            if quantized is not None and full is not None:
-                _shift_statistics(bn, originals[name], quantized, full)
+    pairs = {
+        bn: originals[name]
+        for name, bn in model.named_modules()
+        if isinstance(bn, BATCHNORMS) and bn.track_running_stats and name in originals
+    }
+    totals_q: dict[nn.Module, torch.Tensor] = {}
+    totals_f: dict[nn.Module, torch.Tensor] = {}
+    for batch in batches:
+        moments_f = _batch_moments(reference, list(pairs.values()), batch)
+        for original, sums in moments_f.items():
+            totals_f[original] = totals_f.get(original, 0) + sums
+        for bn, sums in _corrected_pass(model, pairs, moments_f, batch).items():
+            totals_q[bn] = totals_q.get(bn, 0) + sums
+    for bn, original in pairs.items():
+        if bn in totals_q and original in totals_f:
+            _shift_statistics(bn, original, _moments(totals_q[bn]), _moments(totals_f[original]))
     return model
 
 
-def _input_moments(
-    model: nn.Module, bn: nn.Module, batches: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel mean and variance (float64) of ``bn``'s input over ``batches``; ``None`` if
-    the model never calls it."""
-    sums: list[torch.Tensor] = []
+def _sums(x: torch.Tensor) -> torch.Tensor:
+    """``[3, C]``: per channel (dim 1) the sum, the sum of squares and the count of ``x``."""
+    x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+    return torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])])
 
-    def accumulate(x: torch.Tensor) -> None:
-        x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
-        sums.append(torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])]))
 
-    if not observe_inputs(model, bn, batches, accumulate):
-        return None
-    total, squares, count = torch.stack(sums).sum(0)
+def _moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance from :func:`_sums`."""
+    total, squares, count = sums
     mean = total / count
     return mean, squares / count - mean * mean
 
 
-def _shift_statistics(bn: nn.Module, original: nn.Module, quantized, full) -> None:
+def _batch_moments(
+    model: nn.Module, norms: list[nn.Module], batch: torch.Tensor
+) -> dict[nn.Module, torch.Tensor]:
+    """:func:`_sums` of the input of each of ``norms`` that ``model`` calls on ``batch``."""
+    sums: dict[nn.Module, torch.Tensor] = {}
+
+    def measure(bn, args) -> None:
+        sums.setdefault(bn, _sums(args[0]))
+
+    hooks = [bn.register_forward_pre_hook(measure) for bn in norms]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums
+
+
+def _corrected_pass(
+    model: nn.Module,
+    pairs: dict[nn.Module, nn.Module],
+    moments_f: dict[nn.Module, torch.Tensor],
+    batch: torch.Tensor,
+) -> dict[nn.Module, torch.Tensor]:
+    """Run ``model`` on ``batch`` with every BatchNorm normalizing by the reference statistics
+    corrected by this batch's change; returns :func:`_sums` of each BatchNorm's input."""
+    sums: dict[nn.Module, torch.Tensor] = {}
+
+    def normalize(bn, args, output):
+        original = pairs[bn]
+        if original not in moments_f or bn in sums:
+            return output
+        sums[bn] = _sums(args[0])
+        mean, var = _corrected(original, _moments(sums[bn]), _moments(moments_f[original]))
+        return F.batch_norm(
+            args[0], mean.to(args[0].dtype), var.to(args[0].dtype), bn.weight, bn.bias,
+            False, 0.0, bn.eps,
+        )  # fmt: skip
+
+    hooks = [bn.register_forward_hook(normalize) for bn in pairs]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums
+
+
+def _corrected(original: nn.Module, quantized, full) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference statistics shifted by the mean change and scaled by the variance ratio."""
     (mean_q, var_q), (mean_f, var_f) = quantized, full
     ratio = torch.where(var_f > 0, var_q / var_f.clamp_min(1e-300), torch.ones_like(var_f))
+    return original.running_mean.double() + mean_q - mean_f, original.running_var.double() * ratio
+
+
+def _shift_statistics(bn: nn.Module, original: nn.Module, quantized, full) -> None:
+    mean, var = _corrected(original, quantized, full)
     with torch.no_grad():
-        bn.running_mean.copy_(original.running_mean.double() + mean_q - mean_f)
-        bn.running_var.copy_(original.running_var.double() * ratio)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
