@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fgq_tvm.quant.observe import observe_inputs
+from fgq_tvm.quant.observe import observe_inputs, run_hooked
 
 
 class Counting(nn.Module):
@@ -35,3 +35,12 @@ def test_a_module_the_model_never_calls_is_never_observed():
     seen = []
     assert observe_inputs(model, nn.ReLU(), [torch.randn(1, 3)], seen.append) == 0
     assert seen == []
+
+
+def test_run_hooked_lets_a_forward_hook_replace_the_output_and_removes_it():
+    model = nn.Sequential(nn.ReLU(), nn.Identity())
+    outputs = []
+    model[1].register_forward_hook(lambda module, args, output: outputs.append(output))
+    run_hooked(model, torch.ones(2), [model[0]], lambda module, args, output: -output, pre=False)
+    torch.testing.assert_close(outputs[0], -torch.ones(2))
+    assert not model[0]._forward_hooks

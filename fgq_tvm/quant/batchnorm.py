@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import FGQError
+from .observe import run_hooked
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -238,13 +239,7 @@ def _batch_moments(
     def measure(bn, args) -> None:
         sums.setdefault(bn, _sums(args[0]))
 
-    hooks = [bn.register_forward_pre_hook(measure) for bn in norms]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_hooked(model, batch, norms, measure, pre=True)
     return sums
 
 
@@ -269,13 +264,7 @@ def _corrected_pass(
             False, 0.0, bn.eps,
         )  # fmt: skip
 
-    hooks = [bn.register_forward_hook(normalize) for bn in pairs]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_hooked(model, batch, pairs, normalize, pre=False)
     return sums
 
 

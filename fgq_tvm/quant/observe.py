@@ -1,4 +1,4 @@
-"""Watching one module's inputs while a model runs calibration batches."""
+"""Watching modules while a model runs calibration batches."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def observe_inputs(
     finally:
         handle.remove()
     return reached
+
+
+def run_hooked(
+    model: nn.Module,
+    batch: torch.Tensor,
+    modules: Iterable[nn.Module],
+    hook: Callable,
+    *,
+    pre: bool,
+) -> None:
+    """Run ``model`` on ``batch`` without gradients with ``hook`` on each of ``modules``: a
+    forward pre-hook (``hook(module, args)``) if ``pre``, else a forward hook (``hook(module,
+    args, output)``, which may replace the output). The hooks are removed afterwards."""
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(module, register)(hook) for module in modules]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -45,7 +45,7 @@ from .batchnorm import (
 from .calibration import calibrate_inputs, make_act_quant
 from .gptq import HessianObserver, ternarize_gptq
 from .layers import ActQuant, QuantizedLayer, reference_forward
-from .observe import observe_inputs
+from .observe import observe_inputs, run_hooked
 from .ternary import (
     dequantize_ternary,
     quantize_group_scales,
@@ -207,13 +207,7 @@ def _plan_layers(
 def _reached(model: nn.Module, modules: list[nn.Module], batch: torch.Tensor) -> set[nn.Module]:
     """The modules that run when the model runs ``batch``."""
     reached = set()
-    handles = [m.register_forward_pre_hook(lambda module, _: reached.add(module)) for m in modules]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batch, modules, lambda module, _: reached.add(module), pre=True)
     return reached
 
 
