@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import FGQError, UsageError
-from .reporting import write_text_atomically
+from .errors import UsageError
+from .reporting import output_folder, write_text_atomically
 from .target import TUNING_LOGS
 from .threads import thread_settings
 
@@ -1009,10 +1009,7 @@ def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:
     FGQError
         ``out_dir`` exists and is not a folder, or cannot be created.
     """
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FGQError(f"cannot create the output folder {out_dir} ({_line(error)})") from None
+    output_folder(out_dir)
     markdown, data = out_dir / f"{result.model}.md", out_dir / f"{result.model}.json"
     write_text_atomically(markdown, format_markdown(result))
     write_text_atomically(data, json.dumps(to_json(result), indent=2) + "\n")

@@ -33,7 +33,7 @@ from .config import (
     parse_override,
 )
 from .errors import FGQError, UsageError
-from .reporting import progress_bar, write_atomically, write_text_atomically
+from .reporting import output_folder, progress_bar, write_atomically, write_text_atomically
 from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
 
 if TYPE_CHECKING:
@@ -697,6 +697,7 @@ def _report(args: argparse.Namespace) -> int:
     progress = _progress_printer()
     if args.data:
         _calibrate_apart(args)
+    output_folder(Path(args.out))  # before minutes of sweeping, not after
     model, spec, quant, _, calibration = _model_inputs(args)
     layers = layer_costs(quantize(model, spec, quant, calibration, progress), spec.input_shape)
     report = ModelReport(spec.name, quant.summary(), layers, float32_bytes(layers), SpeedupModel())

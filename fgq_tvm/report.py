@@ -33,7 +33,7 @@ from .config import SWEEP_ACT_BITS, SWEEP_GROUP_SIZES, QuantConfig
 from .evaluate import Accuracy, evaluate_models, torch_predictor
 from .quant.layers import QuantizedLayer
 from .quant.quantize import QuantizedModel, ReferenceLayer
-from .reporting import write_atomically, write_text_atomically
+from .reporting import output_folder, write_atomically, write_text_atomically
 
 FP32_BITS = 32
 Progress = Callable[[str], None]
@@ -453,8 +453,14 @@ def plot_sweep(report: ModelReport, path: Path) -> None:
 
 def write_report(report: ModelReport, out_dir: Path) -> list[Path]:
     """``<model>.md``, ``<model>.json`` and (with a sweep) ``<model>-sweep.png`` in
-    ``out_dir``, each written atomically; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``out_dir``, each written atomically; returns their paths.
+
+    Raises
+    ------
+    FGQError
+        ``out_dir`` exists and is not a folder, or cannot be created.
+    """
+    output_folder(out_dir)
     paths = []
     plot_name = None
     if report.sweep:

@@ -19,6 +19,22 @@ def progress_bar(done: int, total: int) -> str:
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total}"
 
 
+def output_folder(path: Path) -> Path:
+    """``path``, created with its parents if missing.
+
+    Raises
+    ------
+    FGQError
+        ``path`` exists and is not a folder, or cannot be created.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise FGQError(f"cannot create the output folder {path} ({reason})") from None
+    return path
+
+
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` by calling ``write`` on a temporary file beside it, then renaming it into
     place (with the permissions a new file gets): no reader ever sees half a file, and a failed

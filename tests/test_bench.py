@@ -12,7 +12,7 @@ from helpers import fgq_tvm
 
 from fgq_tvm import bench
 from fgq_tvm.bench import BenchResult, LayerResult, PeerResult
-from fgq_tvm.errors import UsageError
+from fgq_tvm.errors import FGQError, UsageError
 from fgq_tvm.target import parse_target
 
 CPUINFO = """processor\t: 0
@@ -159,7 +159,7 @@ def test_json_and_markdown_carry_the_same_numbers():
 
 def test_write_results_refuses_a_file_as_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(bench.FGQError, match="cannot create"):
+    with pytest.raises(FGQError, match="cannot create"):
         bench.write_results(synthetic_result(), tmp_path / "file" / "sub")
     markdown, data = bench.write_results(synthetic_result(), tmp_path / "new")
     assert markdown.name == "toy.md" and json.loads(data.read_text())["model"] == "toy"

@@ -108,3 +108,13 @@ def test_report_with_a_sweep_on_cifar10(tmp_path):
     assert abs(full - n1["accuracy"]["top1"]) <= 0.05  # a scale per weight: near-lossless
     assert n1["accuracy"]["top1"] > n64["accuracy"]["top1"]
     assert n64["multiplications_eliminated"] > 0.9 and n64["bits_per_weight"] < 2.5
+
+
+def test_an_output_folder_that_is_a_file_is_one_error_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = fgq_tvm("report", "cifar_resnet20", "--out", tmp_path / "file" / "sub")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"fgq-tvm: error: cannot create the output folder {tmp_path}/file/sub (Not a directory)"
+    ], result.stderr
