@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 from .config import (
+    SCALE_MODES,
     SWEEP_ACT_BITS,
     SWEEP_GROUP_SIZES,
     QuantConfig,
@@ -368,10 +369,11 @@ def _add_model_arguments(sub) -> None:
     )
     quant.add_argument(
         "--scales",
-        choices=("float", "int8"),
+        choices=SCALE_MODES,
         default="int8",
         help="int8 group scales against one float scale per output channel (the full 8-bit "
-        "pipeline; default), or one float scale per group",
+        "pipeline; default), the same with one scale per sign and group (int8-asymmetric), "
+        "or one float scale per group",
     )
     quant.add_argument(
         "--method",
@@ -464,7 +466,7 @@ def _add_bench(commands) -> None:
     sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
     sub.add_argument("--group-size", default="4", metavar="N|channel", help="(default: 4)")
     sub.add_argument("--act-bits", default="8", metavar="8|4", help="(default: 8)")
-    sub.add_argument("--scales", choices=("float", "int8"), default="int8", help="as for compile")
+    sub.add_argument("--scales", choices=SCALE_MODES, default="int8", help="as for compile")
     sub.add_argument(
         "--peers",
         type=_peers,

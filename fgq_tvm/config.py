@@ -13,7 +13,8 @@ from typing import Literal
 from .errors import UsageError
 
 WeightMode = Literal["ternary", "int8", "float"]
-ScaleMode = Literal["float", "int8"]
+ScaleMode = Literal["int8-asymmetric", "int8", "float"]
+SCALE_MODES = ("int8-asymmetric", "int8", "float")
 
 MAX_GROUP_SIZE = 64
 SWEEP_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the group sizes `fgq-tvm report` sweeps
@@ -36,13 +37,19 @@ class LayerConfig:
         Bits of the layer's input activations (8 or 4).
     scales
         ``"float"``: one float scale per group. ``"int8"``: group scales quantized to int8
-        against one float scale per output channel (the full 8-bit pipeline; the default).
+        against one float scale per output channel (the full 8-bit pipeline).
+        ``"int8-asymmetric"``: as ``"int8"`` with two scales per group, one for its positive
+        and one for its negative weights (as in TTQ).
     """
 
     weights: WeightMode = "ternary"
     group_size: int | None = 4
     act_bits: int = 8
     scales: ScaleMode = "int8"
+
+    @property
+    def asymmetric_scales(self) -> bool:
+        return self.scales == "int8-asymmetric"
 
     def resolved_group_size(self, in_channels: int) -> int:
         """The group size for a layer with ``in_channels`` input channels."""

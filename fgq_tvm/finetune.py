@@ -32,12 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .quant.layers import QuantizedLayer
-from .quant.ternary import (
-    TernaryMethod,
-    dequantize_ternary,
-    quantize_int8_per_channel,
-    ternarize_groups,
-)
+from .quant.ternary import TernaryMethod, quantize_int8_per_channel, ternarize_groups
 
 Progress = Callable[[str], None]
 
@@ -93,17 +88,20 @@ class FinetuneResult:
 
 
 class TernaryWeight(nn.Module):
-    """Parametrization: the weight ternarized in groups (``method``: the solver of
-    :func:`~fgq_tvm.quant.ternary.ternarize_groups`), straight-through."""
+    """Parametrization: the weight ternarized in groups (``method`` and ``asymmetric``: as
+    :func:`~fgq_tvm.quant.ternary.ternarize_groups` takes them), straight-through."""
 
-    def __init__(self, group_size: int, method: TernaryMethod = "exact") -> None:
+    def __init__(
+        self, group_size: int, method: TernaryMethod = "exact", asymmetric: bool = False
+    ) -> None:
         super().__init__()
         self.group_size = group_size
         self.method = method
+        self.asymmetric = asymmetric
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        t, alpha = ternarize_groups(weight.detach(), self.group_size, self.method)
-        quantized = torch.from_numpy(dequantize_ternary(t, alpha, self.group_size))
+        groups = ternarize_groups(weight.detach(), self.group_size, self.method, self.asymmetric)
+        quantized = torch.from_numpy(groups.dequantize())
         return weight + (quantized.reshape(weight.shape) - weight).detach()
 
 
@@ -216,7 +214,7 @@ def _attach_quantizers(
     handles = []
     for name, layer in layers.items():
         module = model.get_submodule(name)
-        ternary = TernaryWeight(layer.group_size, method)
+        ternary = TernaryWeight(layer.group_size, method, layer.config.asymmetric_scales)
         quantizer = ternary if layer.is_ternary else Int8Weight()
         parametrize.register_parametrization(module, "weight", quantizer)
         handles.append(module.register_forward_pre_hook(_input_quantizer(layer)))

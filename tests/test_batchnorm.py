@@ -16,11 +16,9 @@ from fgq_tvm.quant.batchnorm import (
     correct_batchnorm,
     find_conv_bn_pairs,
     fold_batchnorm,
-    fold_ternary,
     reestimate_batchnorm,
 )
-from fgq_tvm.quant.layers import expand_groups
-from fgq_tvm.quant.ternary import dequantize_ternary, ternarize_groups
+from fgq_tvm.quant.ternary import ternarize_groups
 
 
 class LambdaLayer(nn.Module):
@@ -163,25 +161,28 @@ def test_fold_without_batchnorm_is_a_no_op():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_folding_keeps_the_ternary_structure_exactly():
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_folding_keeps_the_ternary_structure_exactly(asymmetric):
     torch.manual_seed(4)
     raw = torch.randn(6, 7, 3, 3)
-    t, alpha = ternarize_groups(raw, 4, "exact")
+    groups = ternarize_groups(raw, 4, "exact", asymmetric)
     conv = nn.Conv2d(7, 6, 3, bias=False)
     with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(dequantize_ternary(t, alpha, 4)))
+        conv.weight.copy_(torch.from_numpy(groups.dequantize()))
     model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(6)))
     with torch.no_grad():
         model[1].weight[0] = 0.0
         model[1].weight[1] = -abs(model[1].weight[1])
     factor, _ = batchnorm_affine(model[1])
     fold_batchnorm(model)
-    t_f, alpha_f = fold_ternary(t, alpha, factor)
-    assert t_f.dtype == np.int8 and alpha_f.dtype == np.float32
-    assert np.all(alpha_f >= 0) and not t_f[0].any()
-    np.testing.assert_array_equal(t_f[1], -t[1])
-    expected = t_f * expand_groups(alpha_f, 4, 7)
-    np.testing.assert_array_equal(model[0].weight.detach().numpy(), expected)
+    folded = groups.folded(factor)
+    assert folded.values.dtype == np.int8 and folded.positive.dtype == np.float32
+    assert np.all(folded.positive >= 0) and not folded.values[0].any()
+    np.testing.assert_array_equal(folded.values[1], -groups.values[1])
+    if asymmetric:  # a negative factor turns the negative weights positive
+        assert folded.positive[1] == pytest.approx(groups.negative[1] * abs(factor[1]))
+        assert folded.negative[1] == pytest.approx(groups.positive[1] * abs(factor[1]))
+    np.testing.assert_array_equal(model[0].weight.detach().numpy(), folded.dequantize())
 
 
 def test_reestimate_batchnorm_uses_a_cumulative_average():

@@ -23,7 +23,7 @@ from fgq_tvm.finetune import (
 )
 from fgq_tvm.models import build_model
 from fgq_tvm.quant.quantize import quantize_model
-from fgq_tvm.quant.ternary import dequantize_ternary, quantize_int8_per_channel, ternarize_groups
+from fgq_tvm.quant.ternary import quantize_int8_per_channel, ternarize_groups
 
 RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
 
@@ -31,8 +31,8 @@ RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
 def test_weight_quantizers_pass_gradients_straight_through():
     weight = torch.randn(6, 8, 3, 3, requires_grad=True)
     ternary = TernaryWeight(group_size=4)(weight)
-    t, alpha = ternarize_groups(weight.detach(), 4)
-    torch.testing.assert_close(ternary, torch.from_numpy(dequantize_ternary(t, alpha, 4)))
+    expected = ternarize_groups(weight.detach(), 4).dequantize()
+    torch.testing.assert_close(ternary, torch.from_numpy(expected))
     (ternary * torch.arange(ternary.numel()).reshape(ternary.shape)).sum().backward()
     torch.testing.assert_close(
         weight.grad, torch.arange(weight.numel()).reshape(weight.shape).float()

@@ -33,22 +33,28 @@ def test_hessian_columns_are_the_conv_inputs_in_r_s_c_order():
 
 
 def test_uncorrelated_inputs_give_the_exact_solution():
-    t, alpha = ternarize_gptq(WEIGHT, np.eye(108), group_size=4, damping=0.0)
-    t_exact, alpha_exact = ternarize_groups(WEIGHT, 4)
-    np.testing.assert_array_equal(t, t_exact)
-    np.testing.assert_allclose(alpha, alpha_exact, rtol=1e-6)
+    for asymmetric in (False, True):
+        groups = ternarize_gptq(WEIGHT, np.eye(108), 4, asymmetric, damping=0.0)
+        exact = ternarize_groups(WEIGHT, 4, asymmetric=asymmetric)
+        np.testing.assert_array_equal(groups.values, exact.values)
+        np.testing.assert_allclose(groups.positive, exact.positive, rtol=1e-6)
+        assert groups.asymmetric == asymmetric
+        if asymmetric:
+            np.testing.assert_allclose(groups.negative, exact.negative, rtol=1e-6)
 
 
 def test_correlated_inputs_lower_the_output_error():
     inputs = RNG.normal(size=(108, 108)) @ RNG.normal(size=(108, 4000))
 
-    def output_error(t, alpha):
-        error = rows(WEIGHT - t * np.repeat(alpha, 4, axis=1))
-        return np.sum((error @ inputs) ** 2)
+    def output_error(groups):
+        return np.sum((rows(WEIGHT - groups.dequantize()) @ inputs) ** 2)
 
-    compensated = ternarize_gptq(WEIGHT, inputs @ inputs.T / 4000, group_size=4)
-    assert set(np.unique(compensated[0])) <= {-1, 0, 1} and (compensated[1] >= 0).all()
-    assert output_error(*compensated) < 0.8 * output_error(*ternarize_groups(WEIGHT, 4))
+    for asymmetric in (False, True):
+        compensated = ternarize_gptq(WEIGHT, inputs @ inputs.T / 4000, 4, asymmetric)
+        assert set(np.unique(compensated.values)) <= {-1, 0, 1}
+        assert (compensated.positive >= 0).all()
+        plain = ternarize_groups(WEIGHT, 4, asymmetric=asymmetric)
+        assert output_error(compensated) < 0.8 * output_error(plain)
 
 
 def test_quantize_model_with_compensation():

@@ -8,10 +8,11 @@ both schedule families):
   exact integer sums;
 * the scheduled kernel's float output is bit-identical to :func:`reference_forward`, for the
   bitplane core (every encoding and schedule family) and for both integer dot cores (AVX-512
-  VNNI and AVX2) with their load-time weight pack (every encoding; signed activations for the
-  integer encodings; NCHW, NCHW16c and NCHW in, NCHW16c out; activation bytes in and out; built
-  for the host CPU, or for Haswell on the AVX2 core) and for the popcount core (1- to 4-bit
-  unsigned activations, groups of 64 and 128 channels, both ternary scale forms).
+  VNNI and AVX2) with their load-time weight pack (every encoding, int8 group scales one per
+  group or one per sign and group included; signed activations for the integer encodings;
+  NCHW, NCHW16c and NCHW in, NCHW16c out; activation bytes in and out; built for the host CPU,
+  or for Haswell on the AVX2 core) and for the popcount core (1- to 4-bit unsigned
+  activations, groups of 64 and 128 channels, both one-scale-per-group forms).
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ from fgq_tvm.target import host_target, parse_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 GROUP_SIZES = (1, 3, 4, 16, 64)
-ENCODINGS = ("ternary_group_scales", "ternary_int8_scales", "int8")
+ENCODINGS = (
+    "ternary_group_scales",
+    "ternary_int8_scales",
+    "ternary_asymmetric_int8_scales",
+    "int8",
+)
+INTEGER_SCALES = ("ternary_int8_scales", "ternary_asymmetric_int8_scales")
 SHAPES_PER_ENCODING = 70
 LAYOUTS = (PLAIN, BLOCKED, Layouts(NCHW, NCHW16C))
 
@@ -70,8 +77,10 @@ def random_layer(
     if encoding == "int8":
         group_size = channels
     weights = "int8" if encoding == "int8" else "ternary"
-    scales = "int8" if encoding == "ternary_int8_scales" else "float"
-    config = LayerConfig(weights, group_size, int(rng.choice([8, 4])), scales)
+    scales = {"ternary_int8_scales": "int8", "ternary_asymmetric_int8_scales": "int8-asymmetric"}
+    config = LayerConfig(
+        weights, group_size, int(rng.choice([8, 4])), scales.get(encoding, "float")
+    )
     act_scale = float(np.float32(rng.uniform(0.01, 0.2)))
     act = ActQuant(act_scale, config.act_bits, signed=bool(rng.integers(0, 2)))
     groups = -(-channels // group_size)
@@ -96,7 +105,12 @@ def random_layer(
         ),
         group_scale_q=(
             rng.integers(0, 128, scale_shape).astype(np.int8)
-            if encoding == "ternary_int8_scales"
+            if encoding in INTEGER_SCALES
+            else None
+        ),
+        negative_scale_q=(
+            rng.integers(0, 128, scale_shape).astype(np.int8)
+            if encoding == "ternary_asymmetric_int8_scales"
             else None
         ),
         channel_scale=(
@@ -372,3 +386,6 @@ def test_core_selection_rules():
         assert select_core(words, four_bit, "ternary_int8_scales", target) == core
     assert select_core(words, unsigned, "ternary_int8_scales", knights_mill) == "int16-dot-avx2"
     assert select_core(wide, four_bit, "ternary_int8_scales", knights_mill) == "int16-dot-avx2"
+    asymmetric = "ternary_asymmetric_int8_scales"  # one scale per group on the popcount core
+    assert select_core(words, four_bit, asymmetric, knights_mill) == "int16-dot-avx2"
+    assert select_core(words, four_bit, asymmetric, vnni) == "int8-dot-vnni"

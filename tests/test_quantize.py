@@ -11,7 +11,7 @@ from torch import nn
 
 from fgq_tvm.config import LayerConfig, LayerOverride, QuantConfig
 from fgq_tvm.errors import FGQError
-from fgq_tvm.quant.batchnorm import batchnorm_affine, fold_ternary
+from fgq_tvm.quant.batchnorm import batchnorm_affine
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer, expand_groups, reference_forward
 from fgq_tvm.quant.quantize import ReferenceLayer, quantize_model
 from fgq_tvm.quant.ternary import ternarize_groups
@@ -99,16 +99,30 @@ def test_int8_group_scales_are_the_default(small):
     assert torch.isfinite(result.reference(batches[0])).all()
 
 
+def test_asymmetric_records_hold_a_scale_per_sign(small):
+    model, batches = small
+    config = QuantConfig(scales="int8-asymmetric", batchnorm="keep")
+    conv = quantize_model(model, config, batches).layers["conv"]
+    assert conv.asymmetric_scales and conv.negative_scale_q.shape == conv.group_scale_q.shape
+    folded = ternarize_groups(model.conv.weight, 4, "exact", asymmetric=True)
+    folded = folded.folded(batchnorm_affine(model.bn2)[0])
+    positive_q, negative_q, beta = folded.quantized_scales()
+    np.testing.assert_array_equal(conv.weight, folded.values)
+    np.testing.assert_array_equal(conv.group_scale_q, positive_q)
+    np.testing.assert_array_equal(conv.negative_scale_q, negative_q)
+    np.testing.assert_array_equal(conv.channel_scale, beta)
+    assert not quantize_model(model, QuantConfig(), batches).layers["conv"].asymmetric_scales
+
+
 def test_ternary_records_are_the_folded_ternarization(small):
     model, batches = small
     result = quantize_model(model, QuantConfig(scales="float", batchnorm="keep"), batches)
-    t, alpha = ternarize_groups(model.conv.weight, 4, "exact")
-    t_f, alpha_f = fold_ternary(t, alpha, batchnorm_affine(model.bn2)[0])
-    np.testing.assert_array_equal(result.layers["conv"].weight, t_f)
-    np.testing.assert_array_equal(result.layers["conv"].group_scale, alpha_f)
-    t_same, alpha_same = ternarize_groups(model.same.weight, 4, "exact")
-    np.testing.assert_array_equal(result.layers["same"].weight, t_same)
-    np.testing.assert_array_equal(result.layers["same"].group_scale, alpha_same)
+    folded = ternarize_groups(model.conv.weight, 4, "exact").folded(batchnorm_affine(model.bn2)[0])
+    np.testing.assert_array_equal(result.layers["conv"].weight, folded.values)
+    np.testing.assert_array_equal(result.layers["conv"].group_scale, folded.positive)
+    same = ternarize_groups(model.same.weight, 4, "exact")
+    np.testing.assert_array_equal(result.layers["same"].weight, same.values)
+    np.testing.assert_array_equal(result.layers["same"].group_scale, same.positive)
     np.testing.assert_array_equal(result.layers["same"].bias, model.same.bias.detach().numpy())
 
 
@@ -176,7 +190,7 @@ def test_resnet18_layers(resnet18):
     assert torch.isfinite(result.reference(batches[0])).all()
 
 
-@pytest.mark.parametrize("scales", ["float", "int8"])
+@pytest.mark.parametrize("scales", ["float", "int8", "int8-asymmetric"])
 def test_group_size_one_reference_is_close_to_the_float_model(resnet18, scales):
     """With N = 1 every weight is its own group: ternarization is lossless (and the int8 scales
     nearly so), so only the 8-bit activations separate the reference from the float model."""
@@ -209,6 +223,11 @@ def loop_reference(layer: QuantizedLayer, x: np.ndarray) -> np.ndarray:
             )
             if layer.uses_group_scales:
                 total += float(layer.group_scale[k, g, r, s]) * psum
+            elif layer.asymmetric_scales:
+                t = layer.weight[k, chans, r, s].astype(np.int64)
+                pixels = x_q[b, chans, oh * sh + r * dh, ow * sw + s * dw]
+                total += int(layer.group_scale_q[k, g, r, s]) * int(pixels[t > 0].sum())
+                total -= int(layer.negative_scale_q[k, g, r, s]) * int(pixels[t < 0].sum())
             else:
                 scale = 1 if layer.group_scale_q is None else int(layer.group_scale_q[k, g, r, s])
                 total += scale * psum
@@ -220,8 +239,11 @@ def loop_reference(layer: QuantizedLayer, x: np.ndarray) -> np.ndarray:
     return y
 
 
+KINDS = ("float", "int8 scales", "int8", "asymmetric int8 scales")
+
+
 def tiny_layer(kind: str) -> QuantizedLayer:
-    rng = np.random.default_rng({"float": 0, "int8 scales": 1, "int8": 2}[kind])
+    rng = np.random.default_rng(KINDS.index(kind))
     weights = "int8" if kind == "int8" else "ternary"
     group_size = 5 if kind == "int8" else 2
     fields = {}
@@ -233,8 +255,10 @@ def tiny_layer(kind: str) -> QuantizedLayer:
         fields["group_scale"] = rng.uniform(0.1, 1.0, (3, 3, 3, 3)).astype(np.float32)
     else:
         fields["channel_scale"] = rng.uniform(0.01, 0.1, 3).astype(np.float32)
-    if kind == "int8 scales":
+    if kind.endswith("int8 scales"):
         fields["group_scale_q"] = rng.integers(0, 128, (3, 3, 3, 3)).astype(np.int8)
+    if kind == "asymmetric int8 scales":
+        fields["negative_scale_q"] = rng.integers(0, 128, (3, 3, 3, 3)).astype(np.int8)
     return QuantizedLayer(
         name="tiny",
         op="conv2d",
@@ -249,7 +273,7 @@ def tiny_layer(kind: str) -> QuantizedLayer:
     )
 
 
-@pytest.mark.parametrize("kind", ["float", "int8 scales", "int8"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_reference_forward_matches_a_loop(kind):
     layer = tiny_layer(kind)
     x = np.random.default_rng(9).standard_normal((2, 5, 6, 7)).astype(np.float32) * 3

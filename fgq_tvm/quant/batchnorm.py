@@ -72,8 +72,8 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None)
     """Fold each BatchNorm2d into the Conv2d before it, in place, using the running statistics.
 
     The conv gets ``weight * factor`` and ``bias * factor + shift`` (a bias is added where it had
-    none) and the BatchNorm is replaced by ``nn.Identity``. A conv weight of the ternary form
-    ``t * alpha`` stays exactly ``t_f * alpha_f`` with :func:`fold_ternary`'s values.
+    none) and the BatchNorm is replaced by ``nn.Identity``. A ternary conv weight
+    becomes exactly the weight of :meth:`~fgq_tvm.quant.ternary.TernaryGroups.folded`.
 
     Parameters
     ----------
@@ -95,32 +95,6 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None)
         _scale_conv(model.get_submodule(conv_name), factor, shift)
         model.set_submodule(bn_name, nn.Identity())
     return model
-
-
-def fold_ternary(
-    t: np.ndarray, alpha: np.ndarray, factor: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale a ternary weight ``t * alpha`` by a per-output-channel factor, keeping its form.
-
-    Parameters
-    ----------
-    t
-        int8 ternary values ``[K, C, ...]``.
-    alpha
-        float32 group scales ``[K, G, ...]``.
-    factor
-        float64 ``[K]`` per-output-channel factor (:func:`batchnorm_affine`).
-
-    Returns
-    -------
-    t_f, alpha_f
-        int8 ``t * sign(factor)`` and float32 ``alpha * |factor|`` (rounded once, from float64),
-        so that ``t_f * alpha_f`` equals the float32 product that :func:`fold_batchnorm` computes
-        for the weight ``t * alpha``.
-    """
-    t_f = t * _per_channel(np.sign(factor), t.ndim)
-    alpha_f = alpha.astype(np.float64) * _per_channel(np.abs(factor), alpha.ndim)
-    return t_f.astype(np.int8), alpha_f.astype(np.float32)
 
 
 def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:

@@ -6,8 +6,9 @@ adjacent columns. Its calibration inputs, unfolded to one column per output posi
 order (``X [D, P]``), give the output error of a weight error ``E`` as ``||E X||^2``, whose
 Hessian is ``H = X X^T`` (:class:`HessianObserver`). :func:`ternarize_gptq` visits the groups in
 column order. At each group it solves the group's kept set and scale ``alpha`` with the exact
-solver on the weights as updated so far; then column by column it rounds each weight to
-``{-alpha, 0, alpha}`` (``t = sign(w)`` where ``|w| > alpha / 2``) and pushes the rounding error
+solver on the weights as updated so far (with asymmetric scales, one ``alpha`` per sign); then
+column by column it rounds each weight to the nearest of ``{-alpha, 0, alpha}`` (``t = sign(w)``
+where ``|w| > alpha / 2``, ``alpha`` of ``w``'s sign) and pushes the rounding error
 onto the columns not yet quantized through the upper Cholesky factor of ``H^-1``, which makes
 the later columns compensate it. Rows are independent, so a per-row factor (a folded BatchNorm)
 does not change the result.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ternary import ternarize_groups
+from .ternary import TernaryGroups, ternarize_groups
 
 DAMPING = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's default)
 
@@ -48,8 +49,12 @@ class HessianObserver:
 
 
 def ternarize_gptq(
-    weight: np.ndarray, hessian: np.ndarray, group_size: int, damping: float = DAMPING
-) -> tuple[np.ndarray, np.ndarray]:
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    group_size: int,
+    asymmetric: bool = False,
+    damping: float = DAMPING,
+) -> TernaryGroups:
     """Ternarize ``weight [K, C, R, S]`` in groups of ``group_size`` channels, compensating
     each column's rounding error on the columns after it (see the module docstring).
 
@@ -61,40 +66,48 @@ def ternarize_gptq(
         ``[D, D]`` input Hessian in ``(r, s, c)`` column order (:class:`HessianObserver`).
     group_size
         Channels per group.
+    asymmetric
+        One scale per sign and group (see :func:`~fgq_tvm.quant.ternary.ternarize_groups`).
     damping
         Fraction of the mean diagonal added to the diagonal before inversion.
 
     Returns
     -------
-    t, alpha
-        As :func:`~fgq_tvm.quant.ternary.ternarize_groups`: int8 ``[K, C, R, S]`` and float32
-        ``[K, G, R, S]``.
+    TernaryGroups
+        As :func:`~fgq_tvm.quant.ternary.ternarize_groups` returns.
     """
     k, c, r, s = weight.shape
     rows = weight.transpose(0, 2, 3, 1).reshape(k, r * s * c).astype(np.float64)
     inverse_factor = _inverse_cholesky(hessian, rows, damping)
     t = np.zeros_like(rows, dtype=np.int8)
     groups = -(-c // group_size)
-    alpha = np.zeros((k, r * s, groups), dtype=np.float64)
+    signs = 2 if asymmetric else 1
+    scales = np.zeros((signs, k, r * s, groups), dtype=np.float64)
     for position in range(r * s):
         for group in range(groups):
             start = position * c + group * group_size
             stop = position * c + min(c, (group + 1) * group_size)
-            _, group_alpha = ternarize_groups(rows[:, start:stop], stop - start)
-            scale = group_alpha[:, 0].astype(np.float64)
-            alpha[:, position, group] = scale
+            solved = ternarize_groups(rows[:, start:stop], stop - start, asymmetric=asymmetric)
+            positive = solved.positive[:, 0].astype(np.float64)
+            negative = positive if solved.negative is None else solved.negative[:, 0]
+            scales[:, :, position, group] = (positive, negative)[:signs]
             for column in range(start, stop):
-                t[:, column] = _round_ternary(rows[:, column], scale)
-                error = (rows[:, column] - t[:, column] * scale) / inverse_factor[column, column]
+                t[:, column], value = _round_ternary(rows[:, column], positive, negative)
+                error = (rows[:, column] - value) / inverse_factor[column, column]
                 rows[:, column + 1 :] -= np.outer(error, inverse_factor[column, column + 1 :])
     t4 = t.reshape(k, r, s, c).transpose(0, 3, 1, 2)
-    alpha4 = alpha.reshape(k, r, s, groups).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(t4), np.ascontiguousarray(alpha4.astype(np.float32))
+    scales4 = scales.reshape(signs, k, r, s, groups).transpose(0, 1, 4, 2, 3).astype(np.float32)
+    scales4 = np.ascontiguousarray(scales4)
+    negative4 = scales4[1] if asymmetric else None
+    return TernaryGroups(np.ascontiguousarray(t4), scales4[0], negative4, group_size)
 
 
-def _round_ternary(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The nearest of ``{-scale, 0, scale}`` per row, as ``t``."""
-    return (np.sign(values) * (np.abs(values) > scale / 2)).astype(np.int8)
+def _round_ternary(
+    values: np.ndarray, positive: np.ndarray, negative: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest of ``{-negative, 0, positive}`` per row: ``t`` and the value."""
+    t = ((values > positive / 2).astype(np.int8) - (values < -negative / 2)).astype(np.int8)
+    return t, np.where(t > 0, positive, 0.0) - np.where(t < 0, negative, 0.0)
 
 
 def _inverse_cholesky(hessian: np.ndarray, rows: np.ndarray, damping: float) -> np.ndarray:

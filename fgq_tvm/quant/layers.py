@@ -10,9 +10,10 @@ numbers (DESIGN.md, "The arithmetic"):
   psum[k,g,r,s]) + bias`` where ``psum`` is the exact integer sum of ``t * x_q`` over the
   group's channels; the scale sum runs in float64 so that the summation order of the compiled
   kernel and of the reference do not change the float32 result;
-* integer-weight layers (ternary with int8 scales, where the weight is ``t * alpha_q``, and 8-bit
-  weight layers): ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` with ``acc`` the exact int32
-  sum of ``w * x_q`` and ``out_scale = f32(s_x) * f32(channel_scale)`` in float32. Products are
+* integer-weight layers (ternary with int8 scales, where the weight is ``t * alpha_q``, with
+  ``alpha_q`` of the weight's sign where the scales are asymmetric, and 8-bit weight layers):
+  ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` with ``acc`` the exact int32 sum of
+  ``w * x_q`` and ``out_scale = f32(s_x) * f32(channel_scale)`` in float32. Products are
   rounded to float32 once, so a compiler's fused multiply-add cannot change the result.
 """
 
@@ -107,7 +108,11 @@ class QuantizedLayer:
     group_scale
         float32 ``[K, G, R, S]``: ternary layers with float scales, ``alpha``.
     group_scale_q
-        int8 ``[K, G, R, S]``: ternary layers with int8 scales, ``alpha_q`` in 0..127.
+        int8 ``[K, G, R, S]``: ternary layers with int8 scales, ``alpha_q`` in 0..127 (with
+        asymmetric scales, that of the ``t = 1`` weights).
+    negative_scale_q
+        int8 ``[K, G, R, S]``: ternary layers with asymmetric int8 scales, ``alpha_q`` of the
+        ``t = -1`` weights; ``None`` where one scale serves both signs.
     channel_scale
         float32 ``[K]``: the per-output-channel weight scale of int8 layers, or ``beta`` of ternary
         layers with int8 scales.
@@ -126,6 +131,7 @@ class QuantizedLayer:
     bias: np.ndarray
     group_scale: np.ndarray | None = None
     group_scale_q: np.ndarray | None = None
+    negative_scale_q: np.ndarray | None = None
     channel_scale: np.ndarray | None = None
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
@@ -144,12 +150,17 @@ class QuantizedLayer:
     def num_groups(self) -> int:
         return -(-self.weight.shape[1] // self.group_size)
 
+    @property
+    def asymmetric_scales(self) -> bool:
+        return self.negative_scale_q is not None
+
     def integer_weight(self) -> np.ndarray:
         """int32 ``[K, C, R, S]`` integer-form weights: ``t * alpha_q`` or the int8 weights."""
         weight = self.weight.astype(np.int32)
-        if self.group_scale_q is not None:
-            weight = weight * expand_groups(self.group_scale_q, self.group_size, weight.shape[1])
-        return weight
+        if self.group_scale_q is None:
+            return weight
+        scales = signed_scales(weight, self.group_scale_q, self.negative_scale_q, self.group_size)
+        return weight * scales.astype(np.int32)
 
     def out_scale(self) -> np.ndarray:
         """float32 ``[K]`` output scale of the integer forms: ``f32(s_x) * channel_scale``."""
@@ -161,6 +172,18 @@ class QuantizedLayer:
 def expand_groups(per_group: np.ndarray, group_size: int, channels: int) -> np.ndarray:
     """Repeat ``[K, G, ...]`` per-group values to ``[K, C, ...]`` per-channel values."""
     return np.repeat(per_group, group_size, axis=1)[:, :channels]
+
+
+def signed_scales(
+    t: np.ndarray, positive: np.ndarray, negative: np.ndarray | None, group_size: int
+) -> np.ndarray:
+    """Each weight's scale, ``[K, C, ...]``: its group's ``negative`` where ``t < 0``, else
+    ``positive`` (per group ``[K, G, ...]``; ``negative=None``: ``positive`` everywhere)."""
+    channels = t.shape[1]
+    scales = expand_groups(positive, group_size, channels)
+    if negative is None:
+        return scales
+    return np.where(t < 0, expand_groups(negative, group_size, channels), scales)
 
 
 def reference_forward(layer: QuantizedLayer, x):

@@ -14,8 +14,9 @@
 4. Calibrate the input range of every quantized layer on the calibration batches (ternary
    weights, float activations).
 5. Put the original weights back and fold BatchNorm: that is ``folded_model``. A ternary
-   layer's record is folded without re-ternarizing (``t_f = t * sign(factor)``,
-   ``alpha_f = alpha * |factor|``); an int8 layer quantizes its folded float weight.
+   layer's record is folded without re-ternarizing (``t_f = t * sign(factor)``, scales
+   ``* |factor|``: :meth:`TernaryGroups.folded`); an int8 layer quantizes its folded float
+   weight.
 6. Build one :class:`~fgq_tvm.quant.layers.QuantizedLayer` per quantized layer and the
    ``reference`` model, whose quantized layers compute :func:`reference_forward` and whose
    average-pooling modules sum in float64 (:class:`Float64Average`).
@@ -39,19 +40,13 @@ from .batchnorm import (
     correct_batchnorm,
     find_conv_bn_pairs,
     fold_batchnorm,
-    fold_ternary,
     reestimate_batchnorm,
 )
 from .calibration import calibrate_inputs, make_act_quant
 from .gptq import HessianObserver, ternarize_gptq
 from .layers import ActQuant, QuantizedLayer, reference_forward
 from .observe import observe_inputs, run_hooked
-from .ternary import (
-    dequantize_ternary,
-    quantize_group_scales,
-    quantize_int8_per_channel,
-    ternarize_groups,
-)
+from .ternary import TernaryGroups, quantize_int8_per_channel, ternarize_groups
 
 Progress = Callable[[str], None]
 
@@ -243,23 +238,25 @@ def _weight4d(module: nn.Module) -> np.ndarray:
     return weight.reshape(weight.shape + (1, 1)) if weight.ndim == 2 else weight
 
 
-def _ternarize(plans: dict[str, _Plan], method: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``name -> (t, alpha)`` of the ternary layers' raw weights."""
+def _ternarize(plans: dict[str, _Plan], method: str) -> dict[str, TernaryGroups]:
+    """The ternary layers' raw weights, ternarized."""
     result = {}
     for name, plan in plans.items():
         if plan.config.weights == "ternary":
             weight = _weight4d(plan.module)
             group_size = plan.config.resolved_group_size(weight.shape[1])
-            result[name] = ternarize_groups(weight, group_size, method)
+            asymmetric = plan.config.asymmetric_scales
+            result[name] = ternarize_groups(weight, group_size, method, asymmetric)
     return result
 
 
 def _ternarize_compensating(
     model: nn.Module, plans: dict[str, _Plan], batches: list[torch.Tensor]
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, TernaryGroups], dict[str, torch.Tensor]]:
     """:func:`~fgq_tvm.quant.gptq.ternarize_gptq` on each ternary layer in module order, its
     Hessian taken from the calibration inputs it sees with the layers before it already
-    ternary (their weights swapped in as it goes); returns ``(t, alpha)`` and the originals."""
+    ternary (their weights swapped in as it goes); returns the ternary weights and the
+    originals."""
     ternary, originals = {}, {}
     for name, plan in plans.items():
         if plan.config.weights != "ternary":
@@ -268,21 +265,21 @@ def _ternarize_compensating(
         observe_inputs(model, plan.module, batches, observer.observe)
         weight = _weight4d(plan.module)
         group_size = plan.config.resolved_group_size(weight.shape[1])
-        ternary[name] = ternarize_gptq(weight, observer.result(), group_size)
+        hessian, asymmetric = observer.result(), plan.config.asymmetric_scales
+        ternary[name] = ternarize_gptq(weight, hessian, group_size, asymmetric)
         originals |= _swap_weights({name: plan}, {name: ternary[name]})
     return ternary, originals
 
 
 def _swap_weights(
-    plans: dict[str, _Plan], ternary: dict[str, tuple[np.ndarray, np.ndarray]]
+    plans: dict[str, _Plan], ternary: dict[str, TernaryGroups]
 ) -> dict[str, torch.Tensor]:
-    """Put ``t * alpha`` into the ternary layers; returns their original weights."""
+    """Put the dequantized ternary weights into their layers; returns the original weights."""
     originals = {}
-    for name, (t, alpha) in ternary.items():
+    for name, groups in ternary.items():
         module = plans[name].module
-        group_size = plans[name].config.resolved_group_size(t.shape[1])
         originals[name] = module.weight.detach().clone()
-        ternary_weight = torch.from_numpy(dequantize_ternary(t, alpha, group_size))
+        ternary_weight = torch.from_numpy(groups.dequantize())
         with torch.no_grad():
             module.weight.copy_(ternary_weight.reshape(module.weight.shape))
     return originals
@@ -298,7 +295,7 @@ def _build_layer(
     name: str,
     plan: _Plan,
     act: ActQuant,
-    ternary: tuple[np.ndarray, np.ndarray] | None,
+    ternary: TernaryGroups | None,
     factor: np.ndarray | None,
 ) -> QuantizedLayer:
     """The record of one layer; ``plan.module`` holds the folded float weight and bias."""
@@ -310,12 +307,13 @@ def _build_layer(
         fields["weight"], fields["channel_scale"] = quantize_int8_per_channel(weight)
         fields["group_size"] = channels
     else:
-        t, alpha = ternary if factor is None else fold_ternary(*ternary, factor)
-        fields["weight"], fields["group_size"] = t, plan.config.resolved_group_size(channels)
-        if plan.config.scales == "int8":
-            fields["group_scale_q"], fields["channel_scale"] = quantize_group_scales(alpha)
+        folded = ternary if factor is None else ternary.folded(factor)
+        fields["weight"], fields["group_size"] = folded.values, folded.group_size
+        if plan.config.scales == "float":
+            fields["group_scale"] = folded.positive
         else:
-            fields["group_scale"] = alpha
+            scales = ("group_scale_q", "negative_scale_q", "channel_scale")
+            fields.update(zip(scales, folded.quantized_scales(), strict=True))
     is_conv = isinstance(module, nn.Conv2d)
     return QuantizedLayer(
         name=name,

@@ -7,12 +7,13 @@ multiple of ``N`` the last group is shorter. All solvers work on every group of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from .layers import expand_groups
+from .layers import signed_scales
 
 TernaryMethod = Literal["exact", "twn"]
 
@@ -20,9 +21,80 @@ TWN_THRESHOLD = 0.7
 INT8_MAX = 127
 
 
+@dataclass(frozen=True, eq=False)
+class TernaryGroups:
+    """A weight ternarized in groups: the values ``t`` and the scales that give them magnitude.
+
+    Attributes
+    ----------
+    values
+        int8 ``t`` in {-1, 0, 1}, ``[K, C, R, S]`` (``[K, C]`` for a linear weight).
+    positive
+        float32 non-negative group scales ``[K, G, R, S]`` (``[K, G]``): the magnitude of the
+        group's ``t = 1`` weights, and of all its weights when :attr:`negative` is ``None``.
+    negative
+        float32 ``[K, G, R, S]``: the magnitude of the group's ``t = -1`` weights (asymmetric
+        scales, as in TTQ), or ``None`` (one scale per group).
+    group_size
+        Input channels per group.
+    """
+
+    values: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray | None
+    group_size: int
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.negative is not None
+
+    def dequantize(self) -> np.ndarray:
+        """float32 weight: each ``t`` times the scale of its group and sign."""
+        scales = signed_scales(self.values, self.positive, self.negative, self.group_size)
+        return (self.values * scales).astype(np.float32)
+
+    def folded(self, factor: np.ndarray) -> TernaryGroups:
+        """The weight scaled by a per-output-channel ``factor`` (float64 ``[K]``, a folded
+        BatchNorm's), in ternary form.
+
+        ``t_f = t * sign(factor)``, scales ``* |factor|`` (rounded once, from float64), and where
+        ``factor < 0`` the positive and negative scales trade places, so that the dequantized
+        weight equals the float32 product ``fold_batchnorm`` computes for :meth:`dequantize`'s.
+        """
+        flip = _per_channel(factor < 0, self.values.ndim)
+        values = (self.values * _per_channel(np.sign(factor), self.values.ndim)).astype(np.int8)
+        magnitude = _per_channel(np.abs(factor), self.values.ndim)
+        positive = self.positive.astype(np.float64) * magnitude
+        if self.negative is None:
+            return TernaryGroups(values, positive.astype(np.float32), None, self.group_size)
+        negative = self.negative.astype(np.float64) * magnitude
+        positive, negative = np.where(flip, negative, positive), np.where(flip, positive, negative)
+        return TernaryGroups(
+            values, positive.astype(np.float32), negative.astype(np.float32), self.group_size
+        )
+
+    def quantized_scales(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The group scales in int8 against one float scale per output channel.
+
+        Returns
+        -------
+        positive_q, negative_q, beta
+            int8 ``round(scale / beta)`` in 0..127 (``negative_q`` is ``None`` for symmetric
+            scales), and float32 ``beta[k]``: the largest scale of filter ``k`` (either sign)
+            over 127, 1 for a filter whose scales are all zero.
+        """
+        scales = [self.positive] if self.negative is None else [self.positive, self.negative]
+        beta = _channel_scale(np.concatenate(scales, axis=1))
+        quantized = [_quantize_scales(scale, beta) for scale in scales]
+        return quantized[0], (quantized[1] if self.asymmetric else None), beta
+
+
 def ternarize_groups(
-    weight: np.ndarray | torch.Tensor, group_size: int, method: TernaryMethod = "exact"
-) -> tuple[np.ndarray, np.ndarray]:
+    weight: np.ndarray | torch.Tensor,
+    group_size: int,
+    method: TernaryMethod = "exact",
+    asymmetric: bool = False,
+) -> TernaryGroups:
     """Ternarize a conv or linear weight in groups of ``group_size`` input channels.
 
     Parameters
@@ -35,59 +107,34 @@ def ternarize_groups(
         ``"exact"``: the L2-optimal solution (sort ``|w|`` descending, keep the ``k`` largest that
         maximise ``(sum of top k)^2 / k``, ``alpha`` = their mean). ``"twn"``: keep
         ``|w| > 0.7 * mean|w|`` of the group, ``alpha`` = mean of the kept ``|w|``.
+    asymmetric
+        Solve the group's positive and negative weights apart, each with its own scale (the
+        L2 optimum of that form: a positive weight never takes ``t = -1``). TWN keeps the same
+        weights either way and averages each sign's magnitudes apart.
 
     Returns
     -------
-    t, alpha
-        int8 ternary values in {-1, 0, 1} with the shape of ``weight``, and float32 non-negative
-        group scales ``[K, G, R, S]`` (``[K, G]`` for a linear weight). A group with no kept
-        weight (all zero) has ``t = 0`` and ``alpha = 0``.
+    TernaryGroups
+        A group with no kept weight of a sign (all zero) has ``t = 0`` and that scale ``0``.
     """
     w = _as_float64(weight)
     if w.ndim not in (2, 4):
         raise ValueError(f"expected a [K, C] or [K, C, R, S] weight, got shape {w.shape}")
     if group_size < 1:
         raise ValueError(f"group size must be positive, got {group_size}")
+    if method not in ("exact", "twn"):
+        raise ValueError(f"unknown ternarization method {method!r}: use 'exact' or 'twn'")
     w4 = w.reshape(w.shape + (1, 1)) if w.ndim == 2 else w
     groups = _to_groups(w4, group_size)
-    if method == "exact":
-        keep, alpha = _solve_exact(np.abs(groups))
-    elif method == "twn":
-        keep, alpha = _solve_twn(np.abs(groups), _group_lengths(w4.shape[1], group_size))
-    else:
-        raise ValueError(f"unknown ternarization method {method!r}: use 'exact' or 'twn'")
+    signs = (groups > 0, groups < 0) if asymmetric else (groups != 0,)
+    lengths = _group_lengths(w4.shape[1], group_size)
+    solved = [_solve(groups, sign, method, lengths) for sign in signs]
+    keep = np.logical_or.reduce([kept for kept, _ in solved])
+    scales = [scale.astype(np.float32) for _, scale in solved]
     t = _from_groups(np.sign(groups) * keep, w4.shape[1]).astype(np.int8)
-    alpha = alpha.astype(np.float32)
     if w.ndim == 2:
-        return t[:, :, 0, 0], alpha[:, :, 0, 0]
-    return t, alpha
-
-
-def dequantize_ternary(t: np.ndarray, alpha: np.ndarray, group_size: int) -> np.ndarray:
-    """float32 weight ``t * alpha`` (``alpha`` expanded from groups to channels), any rank."""
-    return (t * expand_groups(alpha, group_size, t.shape[1])).astype(np.float32)
-
-
-def quantize_group_scales(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize group scales to int8 against one float scale per output channel.
-
-    Parameters
-    ----------
-    alpha
-        float non-negative group scales ``[K, G, R, S]`` (any rank with ``K`` first).
-
-    Returns
-    -------
-    alpha_q, beta
-        int8 ``alpha_q = round(alpha / beta)`` in 0..127 with the shape of ``alpha``, and float32
-        ``beta[k] = max(alpha[k]) / 127`` (1 for a filter whose scales are all zero).
-    """
-    alpha = np.asarray(alpha, dtype=np.float32)
-    if np.any(alpha < 0):
-        raise ValueError("group scales must be non-negative")
-    beta = _channel_scale(alpha)
-    alpha_q = np.clip(np.rint(alpha / _per_channel(beta, alpha.ndim)), 0, INT8_MAX)
-    return alpha_q.astype(np.int8), beta
+        t, scales = t[:, :, 0, 0], [scale[:, :, 0, 0] for scale in scales]
+    return TernaryGroups(t, scales[0], scales[1] if asymmetric else None, group_size)
 
 
 def quantize_int8_per_channel(weight: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +194,25 @@ def _group_lengths(channels: int, group_size: int) -> np.ndarray:
     return np.minimum(group_size, channels - starts).reshape(1, -1, 1, 1)
 
 
+def _quantize_scales(scale: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """int8 ``round(scale / beta)`` per output channel, in 0..127."""
+    if np.any(scale < 0):
+        raise ValueError("group scales must be non-negative")
+    quantized = np.rint(scale.astype(np.float32) / _per_channel(beta, scale.ndim))
+    return np.clip(quantized, 0, INT8_MAX).astype(np.int8)
+
+
+def _solve(
+    groups: np.ndarray, sign: np.ndarray, method: TernaryMethod, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kept set (within ``sign``, a mask of the weights this scale serves) and the scale of
+    every group (last axis) of ``groups``."""
+    if method == "exact":
+        keep, scale = _solve_exact(np.abs(groups * sign))
+        return keep & sign, scale
+    return _solve_twn(np.abs(groups), sign, lengths)
+
+
 def _solve_exact(magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The L2-optimal kept set and scale of every group (last axis).
 
@@ -164,10 +230,13 @@ def _solve_exact(magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranks <= best[..., None], alpha
 
 
-def _solve_twn(magnitude: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """TWN's kept set and scale per group; ``lengths`` are the groups' unpadded sizes."""
+def _solve_twn(
+    magnitude: np.ndarray, sign: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """TWN's kept set within ``sign`` and its scale per group; the threshold comes from all of
+    the group's weights (``lengths``: the groups' unpadded sizes)."""
     delta = TWN_THRESHOLD * magnitude.sum(axis=-1) / lengths
-    keep = magnitude > delta[..., None]
+    keep = (magnitude > delta[..., None]) & sign
     kept = keep.sum(axis=-1)
     alpha = (magnitude * keep).sum(axis=-1) / np.maximum(kept, 1)
     return keep, alpha

@@ -70,7 +70,9 @@ def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
     """The kernel variant that computes ``layer``."""
     if not layer.is_ternary:
         return "int8"
-    return "ternary_group_scales" if layer.uses_group_scales else "ternary_int8_scales"
+    if layer.uses_group_scales:
+        return "ternary_group_scales"
+    return "ternary_asymmetric_int8_scales" if layer.asymmetric_scales else "ternary_int8_scales"
 
 
 def kernel_arguments(layer: QuantizedLayer, core: Core) -> list[np.ndarray]:
@@ -87,8 +89,11 @@ def kernel_arguments(layer: QuantizedLayer, core: Core) -> list[np.ndarray]:
         weights = list(pack_bitplanes(layer.weight, layer.group_size))
     if encoding == "ternary_group_scales":
         return [*weights, to_kernel_layout(layer.group_scale.astype(np.float32)), bias]
-    alpha_q = to_kernel_layout(layer.group_scale_q.astype(np.int8))
-    return [*weights, alpha_q, layer.out_scale(), bias]
+    scales = [layer.group_scale_q]
+    if layer.asymmetric_scales:
+        scales.append(layer.negative_scale_q)
+    scales = [to_kernel_layout(scale.astype(np.int8)) for scale in scales]
+    return [*weights, *scales, layer.out_scale(), bias]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ One PrimFunc computes one layer from its float32 input to its float32 output:
      ``psum = sum_{c in g} t[k, c, r, s] * xq[c, ...]`` is an exact integer (held in float32:
      ``|psum| <= 64 * 255 < 2^24``), then ``acc += f64(alpha[k, g, r, s]) * psum`` in float64
      and ``y = f32(acc * s_x) + bias``;
-   * ``integer`` (ternary weights with int8 scales, ``w = t * alpha_q``, or 8-bit weights):
+   * ``integer`` (ternary weights with int8 scales, ``w = t * alpha_q``, where asymmetric
+     scales give ``t = 1`` and ``t = -1`` their own ``alpha_q``; or 8-bit weights):
      ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias`` (the
      product in float64, so no fused multiply-add can change the float32 rounding).
 
@@ -56,7 +57,10 @@ from .layout import (
     element,
 )
 
-WeightEncoding = Literal["ternary_group_scales", "ternary_int8_scales", "int8"]
+WeightEncoding = Literal[
+    "ternary_group_scales", "ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8"
+]
+ASYMMETRIC = "ternary_asymmetric_int8_scales"  # int8 scales, one per sign and group
 TernaryStorage = Literal["bitplanes", "base3"]
 WORD_BITS = 32
 TRITS_PER_BYTE = 5  # 3^5 = 243 values fit a byte
@@ -245,8 +249,9 @@ def decode_trit(trits: te.Tensor, k, c, r, s):
 class LayerArguments:
     """The placeholders of a layer's kernel (either core) and how to read its weights.
 
-    ``weights`` is ``(w,)`` for int8 layers; for ternary layers ``(plus, minus, alpha)``
-    (``storage="bitplanes"``) or ``(trits, alpha)`` (``"base3"``).
+    ``weights`` is ``(w,)`` for int8 layers; for ternary layers ``(plus, minus, *scales)``
+    (``storage="bitplanes"``) or ``(trits, *scales)`` (``"base3"``), where ``scales`` is
+    ``(alpha,)``, or ``(alpha_q, negative_q)`` for the asymmetric encoding.
     """
 
     shape: Conv2dShape
@@ -257,8 +262,9 @@ class LayerArguments:
 
     @property
     def group_scale(self) -> te.Tensor:
-        """``alpha`` of a ternary layer: float32 or int8 ``[R, S, G, K]``."""
-        return self.weights[-1]
+        """``alpha`` of a ternary layer: float32 or int8 ``[R, S, G, K]`` (asymmetric: that of
+        ``t = 1``)."""
+        return self.weights[-2] if self.encoding == ASYMMETRIC else self.weights[-1]
 
     def ternary(self, r, s, c, k):
         """``t[k, c, r, s]`` (int32); zero on padding channels."""
@@ -274,8 +280,13 @@ class LayerArguments:
             channels = self.shape.in_channels
             value = self.weights[0][r, s, tirx.min(c, channels - 1), k].astype("int32")
             return tirx.if_then_else(c < channels, value, 0)
-        alpha_q = self.group_scale[r, s, c // self.shape.group_size, k].astype("int32")
-        return self.ternary(r, s, c, k) * alpha_q
+        group = c // self.shape.group_size
+        t = self.ternary(r, s, c, k)
+        alpha_q = self.group_scale[r, s, group, k].astype("int32")
+        if self.encoding == ASYMMETRIC:
+            negative_q = self.weights[-1][r, s, group, k].astype("int32")
+            alpha_q = tirx.if_then_else(t < 0, negative_q, alpha_q)
+        return t * alpha_q
 
 
 def layer_arguments(
@@ -290,15 +301,17 @@ def layer_arguments(
         return LayerArguments(shape, encoding, x, (weight,))
     scale_dims = (k_h, k_w, shape.num_groups, shape.out_channels)
     scale_dtype = "float32" if encoding == "ternary_group_scales" else "int8"
-    alpha = te.placeholder(scale_dims, scale_dtype, name="alpha")
+    scales = [te.placeholder(scale_dims, scale_dtype, name="alpha")]
+    if encoding == ASYMMETRIC:
+        scales.append(te.placeholder(scale_dims, scale_dtype, name="negative_alpha"))
     if storage == "base3":
         byte_dims = (k_h, k_w, -(-shape.padded_channels // TRITS_PER_BYTE), shape.out_channels)
         trits = te.placeholder(byte_dims, "uint8", name="trits")
-        return LayerArguments(shape, encoding, x, (trits, alpha), storage)
+        return LayerArguments(shape, encoding, x, (trits, *scales), storage)
     plane_dims = (k_h, k_w, shape.words, shape.out_channels)
     plus = te.placeholder(plane_dims, "uint32", name="plus")
     minus = te.placeholder(plane_dims, "uint32", name="minus")
-    return LayerArguments(shape, encoding, x, (plus, minus, alpha), storage)
+    return LayerArguments(shape, encoding, x, (plus, minus, *scales), storage)
 
 
 def _decoded_weights(args: LayerArguments) -> te.Tensor:
@@ -464,6 +477,8 @@ def conv2d_compute(
     * ``ternary_group_scales``: ``x, plus, minus, alpha (f32 [R,S,G,K]), bias``;
     * ``ternary_int8_scales``: ``x, plus, minus, alpha_q (i8 [R,S,G,K]), out_scale (f32 [K]),
       bias``;
+    * ``ternary_asymmetric_int8_scales``: as ``ternary_int8_scales`` with ``negative_q`` (i8
+      ``[R,S,G,K]``, the scales of ``t = -1``) after ``alpha_q``;
     * ``int8``: ``x, weight (i8 [R,S,C,K]), out_scale, bias``;
 
     then ``residual`` (float32, the output's shape) if the epilogue adds one.

@@ -9,7 +9,8 @@ int32 output lanes per vector, ``D`` channels per activation word):
 * ``int16-dot-avx2`` (AVX2 without VNNI, :data:`~fgq_tvm.schedules.intrinsics_x86.AVX2_DOT`):
   ``vpmaddwd``, 8 x 2, activations and weights widened to int16.
 
-For the integer weight encodings (``ternary_int8_scales``: ``w = t * alpha_q``; ``int8``) the
+For the integer weight encodings (``ternary_int8_scales``: ``w = t * alpha_q``, and its
+asymmetric form with ``alpha_q`` per sign; ``int8``) the
 layer is ``acc = sum w * xq`` in int32 and ``y = f32(f64(acc) * f64(out_scale[k])) + bias``; for
 ternary weights with float group scales (groups of a multiple of ``D`` channels, unsigned
 activations) each group's integer sum ``psum`` comes from the dot core and
@@ -69,10 +70,15 @@ from .conv2d import (
 from .intrinsics_x86 import AVX2_DOT, VNNI_DOT, DotInstruction
 from .layout import CHANNEL_BLOCK, NCHW, PLAIN, Layouts, activation_placeholder, element
 
-INTEGER_ENCODINGS = ("ternary_int8_scales", "int8")
+INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
 DOT_INSTRUCTIONS = (VNNI_DOT, AVX2_DOT)
 # Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
-PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 2, "ternary_group_scales": 1}
+PACKED_ARGUMENTS = {
+    "int8": 1,
+    "ternary_int8_scales": 2,
+    "ternary_asymmetric_int8_scales": 3,
+    "ternary_group_scales": 1,
+}
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
 
 

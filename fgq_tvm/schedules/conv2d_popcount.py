@@ -1,10 +1,10 @@
 """Ternary conv2d and dense on the bitplane popcount core (AVX-512 VPOPCNTDQ): compute,
 schedule, knobs.
 
-For unsigned activations of at most :data:`MAX_BITS` bits and ternary weights in groups of a
-multiple of 64 channels, a group's integer sum is popcount arithmetic (DESIGN.md, "The
-kernels"): with ``X_p`` the 64-bit word of bit ``p`` of 64 channels' activations and ``P``, ``M``
-the words of the channels whose weight is +1 and -1,
+For unsigned activations of at most :data:`MAX_BITS` bits and ternary weights with one scale
+per group, in groups of a multiple of 64 channels, a group's integer sum is popcount arithmetic
+(DESIGN.md, "The kernels"): with ``X_p`` the 64-bit word of bit ``p`` of 64 channels'
+activations and ``P``, ``M`` the words of the channels whose weight is +1 and -1,
 
     ``psum[k, g, r, s] = sum_words sum_p 2^p (popcount(X_p & P) - popcount(X_p & M))``
 
@@ -96,10 +96,12 @@ def available(target) -> bool:
 
 
 def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
-    """Ternary weights in groups of whole 64-channel words, unsigned activations of at most
-    :data:`MAX_BITS` bits."""
-    ternary = encoding != "int8"
-    return ternary and shape.group_size % WORD_BITS == 0 and not act.signed and act.bits <= MAX_BITS
+    """Ternary weights with one scale per group (float or int8), in groups of whole 64-channel
+    words, on unsigned activations of at most :data:`MAX_BITS` bits."""
+    one_scale = encoding in ("ternary_group_scales", "ternary_int8_scales")
+    return (
+        one_scale and shape.group_size % WORD_BITS == 0 and not act.signed and act.bits <= MAX_BITS
+    )
 
 
 def _words(shape: Conv2dShape) -> int:

@@ -8,7 +8,8 @@ Cores:
   groups of a multiple of their word (4 or 2 channels) on unsigned activations. Their weights
   are packed into the dot instruction's layout once, when the module is loaded (the ``pack``
   PrimFunc);
-* ``popcount-vpopcntdq`` (:mod:`~fgq_tvm.schedules.conv2d_popcount`): ternary weights in
+* ``popcount-vpopcntdq`` (:mod:`~fgq_tvm.schedules.conv2d_popcount`): ternary weights with
+  one scale per group (not asymmetric ones, which go to a dot core) in
   groups of whole 64-channel words on unsigned activations of at most 4 bits, on a target with
   AVX-512 VPOPCNTDQ but no VNNI (bit masks packed at load time; NCHW only). Where VNNI is
   there, its dot core is 2.8-6.1x faster on every such ResNet-18 layer (4-bit activations,
