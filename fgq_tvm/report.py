@@ -5,11 +5,13 @@ Per quantized layer (:func:`layer_costs`):
 
 * multiplications eliminated: a ternary layer multiplies once per group of ``N`` add/subtract
   terms (its group scale), so it eliminates ``1 - G / C`` of its multiplications (``G`` groups
-  over ``C`` input channels: ``1 - 1/N`` when ``N`` divides ``C``); 8-bit and float layers
-  eliminate none. The model's share is weighted by each layer's multiply-accumulates (MACs).
-* bits per weight: 2 per ternary value, plus its group scales (8 bits each for int8 scales and
-  32 per output channel for their float scale ``beta``; 32 each for float scales); 8 plus 32
-  per output channel for 8-bit layers; 32 for float layers. Biases count in the model bytes.
+  over ``C`` input channels: ``1 - 1/N`` when ``N`` divides ``C``), and with asymmetric scales
+  twice per group (``1 - 2G / C``); 8-bit and float layers eliminate none. The model's share is
+  weighted by each layer's multiply-accumulates (MACs).
+* bits per weight: 2 per ternary value, plus its group scales (one or, asymmetric, two per
+  group; 8 bits each for int8 scales and 32 per output channel for their float scale ``beta``;
+  32 each for float scales); 8 plus 32 per output channel for 8-bit layers; 32 for float
+  layers. Biases count in the model bytes.
 * projected speed-up over FP32 (:class:`SpeedupModel`): the paper's accounting (Mellempudi et
   al., 2017), which projects about 9x at N=4 and 15x at N=64 with 8-bit activations.
 
@@ -116,9 +118,11 @@ def quantized_layer_cost(layer: QuantizedLayer, outputs_per_image: int) -> Layer
     k, c, r, s = layer.weight.shape
     weight_count = k * c * r * s
     if layer.is_ternary:
-        groups = k * layer.num_groups * r * s
-        scale_bits = 32 * groups if layer.uses_group_scales else 8 * groups + 32 * k
-        bits, eliminated = 2 * weight_count + scale_bits, 1 - layer.num_groups / c
+        scales_per_group = 2 if layer.asymmetric_scales else 1  # each one multiply per group
+        scales = k * layer.num_groups * r * s * scales_per_group
+        scale_bits = 32 * scales if layer.uses_group_scales else 8 * scales + 32 * k
+        eliminated = 1 - layer.num_groups * scales_per_group / c
+        bits = 2 * weight_count + scale_bits
     else:
         bits, eliminated = 8 * weight_count + 32 * k, 0.0
     return LayerCost(

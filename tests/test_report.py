@@ -62,6 +62,10 @@ def test_ternary_layer_costs_count_groups_and_scales():
     cost = quantized_layer_cost(int8_scales, outputs_per_image=25)
     assert cost.weight_bits == 2 * weights + 8 * 8 * 3 * 9 + 32 * 8
     assert cost.bits_per_weight == pytest.approx(cost.weight_bits / weights)
+    asymmetric = replace(int8_scales, negative_scale_q=np.ones((8, 3, 3, 3), np.int8))
+    cost = quantized_layer_cost(asymmetric, outputs_per_image=25)
+    assert cost.multiplications_eliminated == pytest.approx(1 - 2 * 3 / 10)
+    assert cost.weight_bits == 2 * weights + 2 * 8 * 8 * 3 * 9 + 32 * 8
 
 
 def test_int8_and_float_layers_eliminate_nothing():
