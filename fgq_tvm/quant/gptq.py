@@ -10,8 +10,10 @@ solver on the weights as updated so far (with asymmetric scales, one ``alpha`` p
 column by column it rounds each weight to the nearest of ``{-alpha, 0, alpha}`` (``t = sign(w)``
 where ``|w| > alpha / 2``, ``alpha`` of ``w``'s sign) and pushes the rounding error
 onto the columns not yet quantized through the upper Cholesky factor of ``H^-1``, which makes
-the later columns compensate it. Rows are independent, so a per-row factor (a folded BatchNorm)
-does not change the result.
+the later columns compensate it. As in GPTQ, the updates are lazy: within a block of about
+:data:`BLOCK_COLUMNS` columns (whole groups) each error reaches the block's later columns at
+once, and the columns after the block get the whole block's errors in one matrix product. Rows
+are independent, so a per-row factor (a folded BatchNorm) does not change the result.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from .ternary import TernaryGroups, ternarize_groups
 
 DAMPING = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's default)
+BLOCK_COLUMNS = 128  # columns whose error updates are applied to the later columns at once
 
 
 class HessianObserver:
@@ -80,26 +83,53 @@ def ternarize_gptq(
     rows = weight.transpose(0, 2, 3, 1).reshape(k, r * s * c).astype(np.float64)
     inverse_factor = _inverse_cholesky(hessian, rows, damping)
     t = np.zeros_like(rows, dtype=np.int8)
-    groups = -(-c // group_size)
+    spans = _group_spans(c, group_size, r * s)
     signs = 2 if asymmetric else 1
-    scales = np.zeros((signs, k, r * s, groups), dtype=np.float64)
-    for position in range(r * s):
-        for group in range(groups):
-            start = position * c + group * group_size
-            stop = position * c + min(c, (group + 1) * group_size)
+    scales = np.zeros((signs, k, len(spans)), dtype=np.float64)
+    for block in _blocks(spans):
+        first, last = spans[block[0]][0], spans[block[-1]][1]
+        errors = np.zeros((k, last - first))
+        for index in block:
+            start, stop = spans[index]
             solved = ternarize_groups(rows[:, start:stop], stop - start, asymmetric=asymmetric)
             positive = solved.positive[:, 0].astype(np.float64)
             negative = positive if solved.negative is None else solved.negative[:, 0]
-            scales[:, :, position, group] = (positive, negative)[:signs]
+            scales[:, :, index] = (positive, negative)[:signs]
             for column in range(start, stop):
                 t[:, column], value = _round_ternary(rows[:, column], positive, negative)
                 error = (rows[:, column] - value) / inverse_factor[column, column]
-                rows[:, column + 1 :] -= np.outer(error, inverse_factor[column, column + 1 :])
+                rows[:, column + 1 : last] -= np.outer(
+                    error, inverse_factor[column, column + 1 : last]
+                )
+                errors[:, column - first] = error
+        rows[:, last:] -= errors @ inverse_factor[first:last, last:]
     t4 = t.reshape(k, r, s, c).transpose(0, 3, 1, 2)
+    groups = len(spans) // (r * s)
     scales4 = scales.reshape(signs, k, r, s, groups).transpose(0, 1, 4, 2, 3).astype(np.float32)
     scales4 = np.ascontiguousarray(scales4)
     negative4 = scales4[1] if asymmetric else None
     return TernaryGroups(np.ascontiguousarray(t4), scales4[0], negative4, group_size)
+
+
+def _group_spans(channels: int, group_size: int, positions: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` columns of every group, in column order."""
+    return [
+        (position * channels + start, position * channels + min(channels, start + group_size))
+        for position in range(positions)
+        for start in range(0, channels, group_size)
+    ]
+
+
+def _blocks(spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Consecutive groups (indices into ``spans``) gathered into blocks of at least
+    :data:`BLOCK_COLUMNS` columns (the last may be shorter)."""
+    blocks, current = [], []
+    for index, (start, _) in enumerate(spans):
+        if current and start - spans[current[0]][0] >= BLOCK_COLUMNS:
+            blocks.append(current)
+            current = []
+        current.append(index)
+    return [*blocks, current]
 
 
 def _round_ternary(
