@@ -29,7 +29,7 @@ def test_hessian_columns_are_the_conv_inputs_in_r_s_c_order():
     weight = rows(conv.weight.detach().numpy())
     # ||W X||^2 / P from the Hessian equals the mean squared output
     energy = np.einsum("kd,de,ke->", weight, observer.result(), weight)
-    np.testing.assert_allclose(energy, (y**2).sum() / y.shape[1], rtol=1e-10)
+    np.testing.assert_allclose(energy, (y**2).sum() / y.shape[1], rtol=1e-6)  # float32 products
 
 
 def test_uncorrelated_inputs_give_the_exact_solution():
