@@ -92,15 +92,15 @@ class QuantConfig:
     group_size, act_bits, scales
         Defaults for every ternary layer (see :class:`LayerConfig`).
     method
-        Ternarization rule: ``"exact"`` (the L2-optimal per-group solver), ``"twn"``
-        (threshold 0.7 * mean |w|) or ``"gptq"`` (the exact solver with each rounding error
-        compensated on the layer's later weights, :mod:`fgq_tvm.quant.gptq`).
+        Ternarization rule: ``"gptq"`` (the default: the exact solver with each rounding error
+        compensated on the layer's later weights, :mod:`fgq_tvm.quant.gptq`), ``"exact"``
+        (the L2-optimal per-group solver alone) or ``"twn"`` (threshold 0.7 * mean |w|).
     first_last
         Weight mode of the first conv and the last linear layer (``"int8"`` by default).
     first_last_act_bits
         Activation bits of the first and the last layer.
     calibration
-        ``"max"``, ``"percentile"`` or ``"mse"`` activation range estimation
+        ``"mse"`` (the default), ``"max"`` or ``"percentile"`` activation range estimation
         (:mod:`fgq_tvm.quant.calibration`).
     percentile
         The percentile used when ``calibration == "percentile"``.
@@ -117,10 +117,10 @@ class QuantConfig:
     group_size: int | None = 4
     act_bits: int = 8
     scales: ScaleMode = "int8"
-    method: Literal["exact", "twn", "gptq"] = "exact"
+    method: Literal["exact", "twn", "gptq"] = "gptq"
     first_last: WeightMode = "int8"
     first_last_act_bits: int = 8
-    calibration: Literal["max", "percentile", "mse"] = "max"
+    calibration: Literal["max", "percentile", "mse"] = "mse"
     percentile: float = 99.99
     batchnorm: Literal["correct", "reestimate", "keep"] = "correct"
     overrides: tuple[LayerOverride, ...] = ()

@@ -86,6 +86,7 @@ def _runs_here(feature: str):
     ("target", "config"),
     [
         pytest.param(TARGET, {"group_size": 64, "act_bits": 4}, id="host-n64-a4"),
+        pytest.param(TARGET, {"group_size": 4, "scales": "int8-asymmetric"}, id="asymmetric"),
         pytest.param(
             "llvm -mcpu=haswell", {"group_size": 4, "act_bits": 8},
             id="avx2", marks=_runs_here("avx2"),
@@ -101,7 +102,7 @@ def test_int8_scale_pipeline_matches_reference(tmp_path, target, config):
     npz = data_dir() / "cifar10" / "cifar10_test_jpeg.npz"
     compiled, reference, spec = compile_and_load(
         "cifar_resnet20", tmp_path, weights=str(weights), calib=str(npz), batch=50,
-        target=target, scales="int8", **config,
+        target=target, **{"scales": "int8", **config},
     )  # fmt: skip
     images, _ = load_npz_split(npz, "eval", spec, limit=500)
     close, same_top1 = compare(compiled, reference, images, 50)

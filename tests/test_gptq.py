@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fgq_tvm.config import QuantConfig
+from fgq_tvm.quant import quantize
 from fgq_tvm.quant.gptq import HessianObserver, ternarize_gptq
 from fgq_tvm.quant.quantize import quantize_model
 from fgq_tvm.quant.ternary import ternarize_groups
@@ -70,3 +71,20 @@ def test_quantize_model_with_compensation():
     assert len(ternary) == 2
     assert all(set(np.unique(layer.weight)) <= {-1, 0, 1} for layer in ternary)
     assert torch.isfinite(result.reference(batches[0])).all()
+
+
+def test_one_pass_over_the_batches_per_run_of_layers():
+    convs = [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(8)]
+    model = nn.Sequential(*[m for conv in convs for m in (conv, nn.ReLU())]).eval()
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    calls = []
+    convs[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def passes(method: str) -> int:
+        calls.clear()
+        quantize_model(model, QuantConfig(method=method, batchnorm="keep"), batches)
+        return len(calls)
+
+    ternary_layers = len(convs) - 2  # the first and the last stay int8
+    runs = -(-ternary_layers // quantize.LAYERS_PER_PASS)
+    assert passes("gptq") - passes("exact") == runs * len(batches)

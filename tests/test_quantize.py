@@ -101,7 +101,7 @@ def test_int8_group_scales_are_the_default(small):
 
 def test_asymmetric_records_hold_a_scale_per_sign(small):
     model, batches = small
-    config = QuantConfig(scales="int8-asymmetric", batchnorm="keep")
+    config = QuantConfig(scales="int8-asymmetric", method="exact", batchnorm="keep")
     conv = quantize_model(model, config, batches).layers["conv"]
     assert conv.asymmetric_scales and conv.negative_scale_q.shape == conv.group_scale_q.shape
     folded = ternarize_groups(model.conv.weight, 4, "exact", asymmetric=True)
@@ -116,7 +116,8 @@ def test_asymmetric_records_hold_a_scale_per_sign(small):
 
 def test_ternary_records_are_the_folded_ternarization(small):
     model, batches = small
-    result = quantize_model(model, QuantConfig(scales="float", batchnorm="keep"), batches)
+    config = QuantConfig(scales="float", method="exact", batchnorm="keep")
+    result = quantize_model(model, config, batches)
     folded = ternarize_groups(model.conv.weight, 4, "exact").folded(batchnorm_affine(model.bn2)[0])
     np.testing.assert_array_equal(result.layers["conv"].weight, folded.values)
     np.testing.assert_array_equal(result.layers["conv"].group_scale, folded.positive)

@@ -3,44 +3,49 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 
 class _Reached(Exception):
-    """Ends a forward pass once the watched module has been given its input."""
+    """Ends a forward pass once every watched module has been given its input."""
 
 
 def observe_inputs(
     model: nn.Module,
-    module: nn.Module,
+    observers: Mapping[nn.Module, Callable[[torch.Tensor], None]],
     batches: Iterable[torch.Tensor],
-    observe: Callable[[torch.Tensor], None],
 ) -> int:
-    """Run ``model`` on each batch until ``module`` is called, and pass its first input to
-    ``observe``; the rest of each forward pass is skipped. Returns the number of batches that
-    reached ``module``.
+    """Run ``model`` on each batch until every module of ``observers`` has been called, and
+    pass each module's first input to its observer; the rest of each forward pass is skipped.
+    Returns the number of batches that reached every module.
 
-    Only the first call of ``module`` in a forward pass is observed.
+    Only the first call of a module in a forward pass is observed.
     """
-    reached = 0
+    reached, pending = 0, set()
 
-    def stop(_module, args):
+    def watch(module, args):
         nonlocal reached
-        observe(args[0].detach())
-        reached += 1
-        raise _Reached
+        if module not in pending:
+            return
+        observers[module](args[0].detach())
+        pending.discard(module)
+        if not pending:
+            reached += 1
+            raise _Reached
 
-    handle = module.register_forward_pre_hook(stop)
+    handles = [module.register_forward_pre_hook(watch) for module in observers]
     try:
         with torch.no_grad():
             for batch in batches:
+                pending = set(observers)
                 with contextlib.suppress(_Reached):
                     model(batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return reached
 
 
