@@ -48,6 +48,11 @@ class TernaryGroups:
     def asymmetric(self) -> bool:
         return self.negative is not None
 
+    @property
+    def _scales(self) -> list[np.ndarray]:
+        """The positive scales, then the negative ones if there are any."""
+        return [self.positive] if self.negative is None else [self.positive, self.negative]
+
     def dequantize(self) -> np.ndarray:
         """float32 weight: each ``t`` times the scale of its group and sign."""
         scales = signed_scales(self.values, self.positive, self.negative, self.group_size)
@@ -61,16 +66,16 @@ class TernaryGroups:
         ``factor < 0`` the positive and negative scales trade places, so that the dequantized
         weight equals the float32 product ``fold_batchnorm`` computes for :meth:`dequantize`'s.
         """
-        flip = _per_channel(factor < 0, self.values.ndim)
         values = (self.values * _per_channel(np.sign(factor), self.values.ndim)).astype(np.int8)
         magnitude = _per_channel(np.abs(factor), self.values.ndim)
-        positive = self.positive.astype(np.float64) * magnitude
-        if self.negative is None:
-            return TernaryGroups(values, positive.astype(np.float32), None, self.group_size)
-        negative = self.negative.astype(np.float64) * magnitude
-        positive, negative = np.where(flip, negative, positive), np.where(flip, positive, negative)
+        scaled = [
+            (scale.astype(np.float64) * magnitude).astype(np.float32) for scale in self._scales
+        ]
+        if self.asymmetric:
+            flip = _per_channel(factor < 0, self.values.ndim)
+            scaled = [np.where(flip, scaled[1], scaled[0]), np.where(flip, scaled[0], scaled[1])]
         return TernaryGroups(
-            values, positive.astype(np.float32), negative.astype(np.float32), self.group_size
+            values, scaled[0], scaled[1] if self.asymmetric else None, self.group_size
         )
 
     def quantized_scales(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -83,9 +88,8 @@ class TernaryGroups:
             scales), and float32 ``beta[k]``: the largest scale of filter ``k`` (either sign)
             over 127, 1 for a filter whose scales are all zero.
         """
-        scales = [self.positive] if self.negative is None else [self.positive, self.negative]
-        beta = _channel_scale(np.concatenate(scales, axis=1))
-        quantized = [_quantize_scales(scale, beta) for scale in scales]
+        beta = _channel_scale(np.concatenate(self._scales, axis=1))
+        quantized = [_quantize_scales(scale, beta) for scale in self._scales]
         return quantized[0], (quantized[1] if self.asymmetric else None), beta
 
 
