@@ -27,7 +27,6 @@ Verification
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import nn
 from .quant.batchnorm import fold_batchnorm
 from .reporting import progress_bar
 from .threads import thread_settings
-from .tuning import BUILD_TIMEOUT_S, open_database, quiet_metaschedule
+from .tuning import open_database, run_search, search_context
 
 FLOAT_DATABASE = "tvm-fp32"
 Progress = Callable[[str], None]
@@ -159,24 +158,11 @@ def _best_ms(database, workload: tvm.IRModule) -> float | None:
 
 
 def _search(task, target, trials: int, database, seed: int) -> None:
-    from tvm.s_tir import meta_schedule as ms
-
-    quiet_metaschedule()
-    with tempfile.TemporaryDirectory(prefix="fgq-tune-fp32-") as work_dir:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [task], work_dir, seed=seed
-        )
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=work_dir,
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 16),
-            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-            runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
-            database=database,
-            cost_model="xgb",
-        )
+    """MetaSchedule's default space and evolutionary search over one fused function."""
+    context = search_context(
+        task.dispatched[0], target, task.task_name, "post-order-apply", "evolutionary", seed
+    )
+    run_search(context, trials, database)
 
 
 def _progress_line(index: int, total: int, result: FloatTaskResult) -> str:

@@ -60,6 +60,7 @@ COMPARISONS = "default_comparisons.json"  # beside MetaSchedule's files, one JSO
 COMPARISON_ROUNDS = 20
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
 BUILD_TIMEOUT_S = 300  # a busy 2-core machine builds a candidate in seconds to minutes
+SEARCH_LOGGER = "fgq_tvm.tuning.search"  # where MetaSchedule's messages during a search go
 Progress = Callable[[str], None]
 
 
@@ -323,34 +324,59 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
     """MetaSchedule's evolutionary search over the task's schedule space."""
     from tvm.s_tir import meta_schedule as ms
 
-    quiet_metaschedule()
+    space = ms.space_generator.ScheduleFn(
+        schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
+    )
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
+    )
+    context = search_context(task.workload(), target, "main", space, strategy, seed)
+    callbacks = [recorder, ms.measure_callback.UpdateCostModel()]
+    run_search(context, trials, database, callbacks)
+
+
+def search_context(workload: tvm.IRModule, target, name: str, space, strategy, seed: int):
+    """A MetaSchedule task (``TuneContext``) of ``workload`` that logs to :data:`SEARCH_LOGGER`.
+
+    MetaSchedule's own ways to make one (``tune_tir``, ``tune_relax``,
+    ``extracted_tasks_to_tune_contexts``) reconfigure the whole process's logging with
+    ``logging.config.dictConfig``: that closes every handler in the process, and fails on a
+    handler without a name on MetaSchedule's logger (pytest 9.2 adds one to each logger that
+    does not propagate). A search must neither depend on nor change how the application that
+    runs it configured logging, so it gets a plain logger: MetaSchedule's messages propagate to
+    the application's handlers (warnings and above only, unless the application asks for more).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.TuneContext(
+        mod=workload,
+        target=target,
+        space_generator=space,
+        search_strategy=strategy,
+        task_name=name,
+        rand_state=ms.utils.fork_seed(seed, n=1)[0],
+        logger=logging.getLogger(SEARCH_LOGGER),
+    ).clone()
+
+
+def run_search(context, trials: int, database, measure_callbacks="default") -> None:
+    """Measure up to ``trials`` candidates of the task ``context`` (:func:`search_context`) on
+    this machine, committing them to ``database`` through ``measure_callbacks``."""
+    from tvm.s_tir import meta_schedule as ms
+
     with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
-        ms.tune_tir(
-            task.workload(),
-            target,
-            work_dir,
+        ms.tune.tune_tasks(
+            tasks=[context],
+            task_weights=[1.0],
+            work_dir=work_dir,
             max_trials_global=trials,
             num_trials_per_iter=min(trials, 16),
-            space=ms.space_generator.ScheduleFn(
-                schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
-            ),
             builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
             runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
             database=database,
             cost_model="xgb",
-            strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION
-            ),
-            measure_callbacks=[recorder, ms.measure_callback.UpdateCostModel()],
-            seed=seed,
+            measure_callbacks=measure_callbacks,
         )
-
-
-def quiet_metaschedule() -> None:
-    """Keep MetaSchedule's console to warnings for the next search. Each search configures its
-    console handler at the level its logger has then, and leaves that logger at DEBUG: without
-    this, every search after the first prints its whole log."""
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
 
 
 def _progress_line(index: int, total: int, result: TaskResult) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
 from dataclasses import replace
 
@@ -117,6 +118,40 @@ def test_wrong_candidates_are_never_recorded(tmp_path, monkeypatch):
     (result,) = tune([TASK], HOST, trials=2, folder=tmp_path)
     assert result.best_ms is None and result.rejected == result.trials >= 1
     assert records(tmp_path) == []
+
+
+class _Collecting(logging.Handler):
+    """A handler without a name, like those pytest 9.2 adds to loggers that do not propagate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _logging_state(logger: logging.Logger) -> tuple:
+    root = logging.getLogger()
+    return list(logger.handlers), logger.level, logger.propagate, list(root.handlers), root.level
+
+
+def test_searches_neither_depend_on_nor_change_the_applications_logging(tmp_path):
+    """MetaSchedule's tune_tir configured logging anew for every search and failed on an
+    unnamed handler on its logger (issue 13: the second search of a pytest 9.2 session)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = _Collecting()
+    logger.addHandler(handler)
+    try:
+        before = _logging_state(logger)
+        for _ in range(2):
+            (result,) = tune([TASK], HOST, trials=1, folder=tmp_path)
+            assert result.trials == 1 and result.comparison is not None
+        assert _logging_state(logger) == before
+        logger.warning("the application's handler still works")
+        assert handler.messages[-1] == "the application's handler still works"
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_unreadable_database_is_a_one_line_error(tmp_path):
