@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FGQError, UsageError
+from .errors import FGQError, UsageError, brief
 from .models import ModelSpec
 
 SPLITS = ("calib", "eval", "all")
@@ -46,12 +46,6 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _reason(exc: Exception) -> str:
-    """The exception's type and first sentence, shortened, for a one-line error."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].split('. ')[0][:100]}" if lines else type(exc).__name__
-
-
 def _read_arrays(path: Path, keys: tuple[str, ...]) -> np.ndarray | dict[str, np.ndarray]:
     """Read a ``.npy`` array, or those of ``keys`` that an ``.npz`` holds, without pickles.
 
@@ -67,7 +61,7 @@ def _read_arrays(path: Path, keys: tuple[str, ...]) -> np.ndarray | dict[str, np
         return data
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise FGQError(
-            f"cannot read {path} ({_reason(exc)}); expected a NumPy .npz in the CIFAR-10 format "
+            f"cannot read {path} ({brief(exc)}); expected a NumPy .npz in the CIFAR-10 format "
             "or a .npy batch"
         ) from exc
 
@@ -359,7 +353,7 @@ def _image_folder(path: Path, spec: ModelSpec, limit: int | None) -> LabelledIma
     try:
         folder = datasets.ImageFolder(str(path), transform=preprocess)
     except (FileNotFoundError, OSError) as error:
-        reason = _reason(error)
+        reason = brief(error)
         raise FGQError(f"{path} is no image folder ({reason}): {IMAGE_FOLDER_HINT}") from None
     indices = _subset(np.arange(len(folder)), limit)
     if len(folder.classes) > spec.num_classes:

@@ -11,3 +11,10 @@ class UsageError(FGQError):
     """A malformed command line option; the CLI exits with status 2."""
 
     exit_code = 2
+
+
+def brief(error: BaseException) -> str:
+    """The exception's type and first sentence, shortened, for a one-line error."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].split(". ")[0][:100] if lines else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 
-from .errors import FGQError, UsageError
+from .errors import FGQError, UsageError, brief
+from .exported_archive import load_exported_program
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,12 +157,6 @@ def _spec(name: str, num_classes: int) -> ModelSpec:
     return ModelSpec(name=name, input_shape=(1, 3, side, side), num_classes=num_classes)
 
 
-def _reason(exc: Exception) -> str:
-    """The exception's type and first sentence, shortened, for a one-line error."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].split('. ')[0][:100]}" if lines else type(exc).__name__
-
-
 def _is_state_dict(obj: object) -> bool:
     return (
         isinstance(obj, dict)
@@ -176,10 +172,12 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FGQError(f"weights file {path} does not exist; pass the path of a saved state dict")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickles it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FGQError(
-            f"cannot load weights file {path} ({_reason(exc)}); pass a file written by "
+            f"cannot load weights file {path} ({brief(exc)}); pass a file written by "
             "torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(obj, dict):
@@ -596,14 +594,7 @@ def _with_layer_modules(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _load_exported(path: Path) -> tuple[nn.Module, ModelSpec]:
     """Load a ``torch.export.save`` file as a module and the spec its metadata describes."""
-    if not path.is_file():
-        raise FGQError(f"exported program {path} does not exist; write it with torch.export.save")
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise FGQError(
-            f"cannot load exported program {path} ({_reason(exc)}); write it with torch.export.save"
-        ) from exc
+    program = load_exported_program(path)
     return _with_layer_modules(program.module()), _exported_spec(program, path)
 
 
@@ -638,12 +629,17 @@ def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, Model
     UsageError
         Unknown model name, or ``weights`` given with a ``.pt2`` file.
     FGQError
-        The weights or ``.pt2`` file is missing, unreadable or does not fit the model.
+        The weights or ``.pt2`` file is missing, unreadable or does not fit the model, a
+        ``.pt2`` file holds content that would run code when loaded
+        (:func:`~fgq_tvm.exported_archive.load_exported_program`), or a weight or BatchNorm
+        statistic is not finite (:func:`check_finite`).
     """
     if name.endswith(".pt2"):
         if weights is not None:
             raise UsageError("--weights cannot be used with a .pt2 model; export it with weights")
-        return _load_exported(Path(name))
+        model, spec = _load_exported(Path(name))
+        check_finite(model, name)
+        return model, spec
     if name not in MODEL_NAMES:
         raise UsageError(
             f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} or a .pt2 file"
@@ -653,4 +649,29 @@ def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, Model
         model = _construct(name, num_classes)
     else:
         model, num_classes = _load_weights(name, Path(weights))
+        check_finite(model, weights)
     return model.eval(), _spec(name, num_classes)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse weights and BatchNorm statistics that are not finite, and negative variances:
+    quantization would carry them into every output without a word.
+
+    Raises
+    ------
+    FGQError
+        Naming the first such tensor of ``model`` (loaded from ``source``).
+    """
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        what = f"{bad} non-finite values (NaN or Inf)"
+        if not bad and key.endswith("running_var"):
+            bad = int((tensor < 0).sum())
+            what = f"{bad} negative variances"
+        if bad:
+            raise FGQError(
+                f"{source}: tensor {key!r} holds {what} of {tensor.numel()}; fix the weights "
+                "(a diverged training run or a damaged file?)"
+            )

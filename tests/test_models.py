@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,43 @@ def test_corrupt_and_truncated_weights(tmp_path: Path) -> None:
         assert "cannot load weights file" in message
 
 
+def test_a_raw_pickle_is_refused_in_one_line_without_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "raw.pkl"
+    path.write_bytes(pickle.dumps({"conv1.weight": [1.0, 2.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert "cannot load weights file" in one_line_error(FGQError, "cifar_resnet20", str(path))
+    assert not shown
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("bn1.running_var", float("inf"), "1 non-finite"),
+        ("layer2.0.conv1.weight", float("nan"), "1 non-finite"),
+        ("layer3.1.bn2.running_var", -1.0, "1 negative variances"),
+    ],
+)
+def test_non_finite_weights_are_named(tmp_path: Path, key: str, value: float, problem: str) -> None:
+    """Inf in a running variance compiled into a module that ignored its input; a NaN weight
+    failed far from its cause, in activation calibration."""
+    state = torch.load(checkpoint("cifar_resnet20"), map_location="cpu", weights_only=True)
+    state = {name.removeprefix("module."): tensor for name, tensor in state["state_dict"].items()}
+    state[key].view(-1)[0] = value
+    torch.save(state, tmp_path / "bad.th")
+    message = one_line_error(FGQError, "cifar_resnet20", str(tmp_path / "bad.th"))
+    assert f"tensor {key!r} holds {problem}" in message
+
+
+def test_non_finite_weights_in_a_pt2_are_named(tmp_path: Path, resnet20) -> None:
+    model = copy.deepcopy(resnet20)
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("inf")
+    path = tmp_path / "inf.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 32, 32),)), path)
+    assert "'conv1.weight' holds 1 non-finite" in one_line_error(FGQError, str(path))
+
+
 def test_torch_file_without_state_dict(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     message = one_line_error(FGQError, "cifar_resnet20", str(tmp_path / "tensor.pt"))
@@ -177,4 +217,4 @@ def test_pt2_round_trip(tmp_path: Path, resnet20, exported) -> None:
 def test_pt2_missing_or_corrupt(tmp_path: Path) -> None:
     assert "does not exist" in one_line_error(FGQError, str(tmp_path / "none.pt2"))
     (tmp_path / "bad.pt2").write_bytes(b"not a zip")
-    assert "cannot load exported program" in one_line_error(FGQError, str(tmp_path / "bad.pt2"))
+    assert "not an intact .pt2" in one_line_error(FGQError, str(tmp_path / "bad.pt2"))
