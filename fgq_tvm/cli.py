@@ -12,12 +12,13 @@ runtime and NumPy: the modules that import PyTorch are imported inside ``compile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -33,8 +34,14 @@ from .config import (
     parse_group_size,
     parse_override,
 )
-from .errors import FGQError, UsageError
-from .reporting import output_folder, progress_bar, write_atomically, write_text_atomically
+from .errors import FGQError, Interrupted, UsageError
+from .reporting import (
+    output_file,
+    output_folder,
+    progress_bar,
+    write_atomically,
+    write_text_atomically,
+)
 from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
 
 if TYPE_CHECKING:
@@ -454,6 +461,11 @@ def _add_run(commands) -> None:
     sub.add_argument("module", metavar="MODULE", help="a .so written by fgq-tvm compile")
     sub.add_argument("--input", required=True, metavar="X.npy", help="normalised float32 batch")
     sub.add_argument("--output", metavar="Y.npy", help="where to save the logits")
+    sub.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="run inputs with NaN or infinite values (refused by default)",
+    )
 
 
 def _add_bench(commands) -> None:
@@ -587,15 +599,22 @@ def _compile(args: argparse.Namespace) -> int:
 def _model_and_target(args: argparse.Namespace):
     """``(model, spec, target)`` from the model and target options."""
     input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
-    target = parse_target(args.target if args.target else default_target())
+    target = _target(args.target)
     model, spec = _load_model(args.model, args.weights, input_shape)
     return model, spec, target
+
+
+def _target(text: str | None):
+    """The ``--target`` option parsed (:func:`~fgq_tvm.target.parse_target`; an empty one is
+    refused), or the host CPU when it was not given."""
+    return parse_target(default_target() if text is None else text)
 
 
 def _model_inputs(args: argparse.Namespace):
     """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
     quant = _quant_config(args)
     model, spec, target = _model_and_target(args)
+    quant.check_overrides(list(_layer_ops(model)))  # before loading the calibration images
     from .data import load_calibration
 
     calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
@@ -619,7 +638,8 @@ def _tune(args: argparse.Namespace) -> int:
         raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")
     folder = database_folder(target, Path(args.tuning_logs))
     progress(f"tune {len(tasks)} kernels, up to {args.trials} trials each, into {folder}")
-    results = tune(tasks, target, args.trials, folder, progress, threads=args.threads)
+    with _reporting_interrupts(folder):
+        results = tune(tasks, target, args.trials, folder, progress, threads=args.threads)
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
     return 0
@@ -632,13 +652,23 @@ def _tune_fp32(args: argparse.Namespace, progress) -> int:
     model, spec, target = _model_and_target(args)
     folder = float_folder(database_folder(target, Path(args.tuning_logs)))
     progress(f"tune {spec.name} in FP32, up to {args.trials} trials per task, into {folder}")
-    results = tune_float(
-        float_module(model, spec.input_shape), target, args.trials, folder, progress,
-        threads=args.threads,
-    )  # fmt: skip
+    with _reporting_interrupts(folder):
+        results = tune_float(
+            float_module(model, spec.input_shape), target, args.trials, folder, progress,
+            threads=args.threads,
+        )  # fmt: skip
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} functions have a tuned schedule in {folder}")
     return 0
+
+
+@contextlib.contextmanager
+def _reporting_interrupts(folder: Path) -> Iterator[None]:
+    """Report Ctrl-C during tuning as one line that says where the records are."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the records so far are in {folder}") from None
 
 
 def _calibrate_apart(args: argparse.Namespace) -> None:
@@ -658,6 +688,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_labelled_images
 
     progress = _progress_printer()
+    json_output = _checked_output(args.json) if args.json else None
     _calibrate_apart(args)
     model, spec, quant, target, calibration = _model_inputs(args)
     images = load_labelled_images(args.data, spec, args.split, args.images)
@@ -689,9 +720,9 @@ def _eval(args: argparse.Namespace) -> int:
         f"by {'the compiled module' if args.backend == 'tvm' else 'the PyTorch reference'}"
     )
     print(format_result(result, heading))
-    if args.json:
+    if json_output is not None:
         record = json.dumps(_eval_record(args, spec, images, result), indent=2) + "\n"
-        write_text_atomically(Path(args.json), record)
+        write_text_atomically(json_output, record)
     return 0
 
 
@@ -736,6 +767,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     progress = _progress_printer()
     output = _checked_output(args.output)
+    json_output = _checked_output(args.json) if args.json else None
     if args.distillation < 0:
         raise UsageError(f"--distillation {args.distillation} is negative: use 0 or more")
     if args.calib is None and Path(args.data).suffix == ".npz":
@@ -771,8 +803,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if Path(args.data).suffix == ".npz":
         tuned = quantize(result.model, spec, quant, calibration)
         record["accuracy"] = _finetune_accuracy(args, spec, model, quantized, tuned)
-    if args.json:
-        write_text_atomically(Path(args.json), json.dumps(record, indent=2) + "\n")
+    if json_output is not None:
+        write_text_atomically(json_output, json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -1019,11 +1051,14 @@ def _print_outputs(output: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """``fgq-tvm run``: run a module on a .npy batch, print the top-1 classes, save logits."""
-    output = _checked_output(args.output) if args.output else None
-    x = read_npy(args.input)
-    from .runtime import load
+    from .runtime import load, sidecar_path
 
-    logits = load(args.module)(x)
+    output = _checked_output(args.output) if args.output else None
+    if output is not None:
+        files = {"the module": args.module, "its sidecar": sidecar_path(args.module)}
+        _refuse_overwriting(args.output, {**files, "the input": args.input})
+    x = read_npy(args.input)
+    logits = load(args.module)(x, check_finite=not args.allow_nonfinite)
     if output is not None:
         write_atomically(output, lambda file: np.save(file, logits))
     print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))
@@ -1035,30 +1070,28 @@ def _run(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """``fgq-tvm bench``: compile, prepare the peers, time them, print and write the tables."""
+    from . import bench
+
     progress = _progress_printer()
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise FGQError(f"output {str(out_dir)!r} is a file; give a folder")
     quant = QuantConfig(
         group_size=parse_group_size(args.group_size),
         act_bits=parse_act_bits(args.act_bits),
         scales=args.scales,
     )
-    target = parse_target(args.target if args.target else default_target())
+    target = _target(args.target)
+    out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
     from .data import load_calibration
 
     calibration, warning = load_calibration(args.calib, spec, "calib", args.calib_images)
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-    from . import bench
-
     options = bench.BenchOptions(
         args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs)
     )
     note = bench.describe_calibration(spec, args.calib, len(calibration))
     result = bench.run_bench(model, spec, quant, calibration, target, options, note, progress)
-    paths = bench.write_results(result, out_dir or bench.default_out_dir(target))
+    paths = bench.write_results(result, out_dir)
     print(bench.format_markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
@@ -1088,13 +1121,33 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
 
 
 def _checked_output(text: str) -> Path:
-    """The output path, refused before any work if its folder is missing or it is a folder."""
-    path = Path(text)
-    if not path.parent.is_dir():
-        raise FGQError(f"output directory {str(path.parent)!r} does not exist: create it first")
-    if path.is_dir():
-        raise FGQError(f"output {str(path)!r} is a directory; give a file name")
-    return path
+    """The output path, refused before any work if it cannot be written
+    (:func:`~fgq_tvm.reporting.output_file`)."""
+    return output_file(Path(text))
+
+
+def _refuse_overwriting(output: str, files: dict[str, str | os.PathLike]) -> None:
+    """Refuse an ``output`` that names one of ``files`` (``description -> path``), also through
+    another spelling of the path, a symbolic or a hard link.
+
+    Raises
+    ------
+    UsageError
+        ``output`` is one of ``files``.
+    """
+    for description, path in files.items():
+        if _same_file(output, path):
+            raise UsageError(f"output {output!r} is {description}; give another file name")
+
+
+def _same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name one file (which need not exist)."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _print_error(message: str) -> None:

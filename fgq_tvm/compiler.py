@@ -12,16 +12,21 @@ parameters -> :class:`~fgq_tvm.relax_passes.LiftConstantComputations` (weight pa
 the module's ``prepare`` function, run at load time) -> LegalizeOps ->
 :class:`~fgq_tvm.relax_passes.ScheduleGraphOperators` -> ``tvm.compile`` -> ``export_library``.
 The ``.so`` is written under a temporary name and renamed, and a sidecar JSON beside it records
-what a user of the module needs to know (see :func:`sidecar_path`).
+what a user of the module needs to know (see :func:`sidecar_path`) and the module's SHA-256.
+Writers of one output take turns under a lock file beside it, ``.<output name>.lock`` (see
+:func:`_locked_output`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +52,8 @@ from .relax_passes import (
     layer_encoding,
 )
 from .relax_passes.legalize_quantized_layers import KernelSpec
-from .runtime import SIDECAR_FORMAT, sidecar_path
+from .reporting import output_file
+from .runtime import SIDECAR_FORMAT, module_digest, sidecar_path
 from .schedules.layout import NCHW16C
 from .schedules.select import dot_instruction
 
@@ -108,7 +114,7 @@ def compile_model(
     -------
     CompileResult
     """
-    _check_output_folder(Path(output))  # before the minutes of quantization
+    output_file(Path(output))  # before the minutes of quantization
     quantized = quantize(model, spec, quant, calibration, progress, calib_batch_size)
     return compile_quantized(quantized, spec, target, output, progress, tuning_logs)
 
@@ -123,11 +129,12 @@ def compile_quantized(
 ) -> CompileResult:
     """The second stage of :func:`compile_model`: lower, build and write ``quantized``."""
     report = progress or (lambda stage: None)
-    output = Path(output)
-    _check_output_folder(output)
+    output = output_file(Path(output))
     tuned = _tuned_schedules(tuning_logs, target, quantized.layers)
     report("export to Relax" + (f", tuned schedules from {tuned.folder}" if tuned else ""))
     mod = lower_to_relax(quantized, spec.input_shape, target, tuned)
+    if tuned is not None and tuned.unreadable:
+        report(f"warning: {tuned.unreadable}")
     if tuned is not None and tuned.failed:
         report(f"tuned schedules failed the check, defaults kept: {', '.join(tuned.failed)}")
     if tuned is not None and tuned.slower:
@@ -136,14 +143,9 @@ def compile_quantized(
     executable = _build(mod, target)
     kernels = kernel_info(mod, quantized.layers)
     sidecar = describe(quantized, spec, target, kernels, tuned.folder if tuned else None)
-    _write_outputs(output, executable, sidecar)
+    sidecar = _write_outputs(output, executable, sidecar)
     specs = {name: kernel.spec for name, kernel in kernels.items()}
     return CompileResult(output, sidecar, quantized, specs)
-
-
-def _check_output_folder(output: Path) -> None:
-    if not output.parent.is_dir():
-        raise FGQError(f"output directory {str(output.parent)!r} does not exist: create it first")
 
 
 def quantize(
@@ -261,23 +263,67 @@ def _build(mod, target):
         return tvm.compile(mod, target=target)
 
 
-def _write_outputs(output: Path, executable, sidecar: dict) -> None:
+def _write_outputs(output: Path, executable, sidecar: dict) -> dict:
     """Write the module and its sidecar under temporary names, then rename both into place.
 
     Nothing half-written is ever visible: if building either file fails, both temporaries are
-    removed. The sidecar is renamed first, so a new module never sits beside an old sidecar.
+    removed. The sidecar written (and returned) is ``sidecar`` with the SHA-256 of the module,
+    which :func:`fgq_tvm.runtime.load` checks. Writers of one output take turns
+    (:func:`_locked_output`), so concurrent compiles leave one compile's pair.
     """
     staged: list[Path] = []
+    with _locked_output(output):
+        try:
+            module = _stage(output, staged, mode=0o755)
+            executable.export_library(str(module), options=LINK_OPTIONS)
+            sidecar = {**sidecar, "module_sha256": module_digest(module)}
+            description = _stage(sidecar_path(output), staged, mode=0o644)
+            description.write_text(_json(sidecar))
+            os.replace(description, sidecar_path(output))
+            os.replace(module, output)
+        finally:
+            for path in staged:
+                path.unlink(missing_ok=True)
+    return sidecar
+
+
+@contextlib.contextmanager
+def _locked_output(output: Path) -> Iterator[None]:
+    """Hold the lock of ``output`` (``flock`` of ``.<name>.lock`` beside it) and remove the
+    temporaries a writer killed before it could clean up left of ``output`` (all of them are
+    stale: every live writer holds the lock while its temporaries exist).
+
+    The lock file stays: removing it could let two writers hold locks on different files.
+    """
+    lock = _lock_path(output)
     try:
-        module = _stage(output, staged, mode=0o755)
-        executable.export_library(str(module), options=LINK_OPTIONS)
-        description = _stage(sidecar_path(output), staged, mode=0o644)
-        description.write_text(_json(sidecar))
-        os.replace(description, sidecar_path(output))
-        os.replace(module, output)
+        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise FGQError(f"cannot open the lock file {lock} ({error.strerror or error})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _remove_temporaries(output)
+        yield
     finally:
-        for path in staged:
-            path.unlink(missing_ok=True)
+        os.close(descriptor)  # releases the lock
+
+
+def _lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.lock"
+
+
+def _remove_temporaries(output: Path) -> None:
+    """Remove the files :func:`_stage` names for ``output`` and its sidecar (``mkstemp``'s
+    names: eight random characters between a prefix and a suffix)."""
+    names = [
+        re.compile(re.escape(f".{path.name}.") + "[a-z0-9_]{8}" + re.escape(path.suffix))
+        for path in (output, sidecar_path(output))
+    ]
+    for path in output.parent.iterdir():
+        stale = any(name.fullmatch(path.name) for name in names) and path != _lock_path(output)
+        if stale and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _stage(path: Path, staged: list[Path], mode: int) -> Path:

@@ -7,6 +7,7 @@ for_layer` resolves it into the :class:`LayerConfig` of one conv or linear layer
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -20,6 +21,7 @@ MAX_GROUP_SIZE = 64
 SWEEP_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the group sizes `fgq-tvm report` sweeps
 SWEEP_ACT_BITS = (8, 4)
 ACT_BITS_CHOICES = (8, 4)
+LAYER_NAMES_SHOWN = 5  # layer names an error about a --layer pattern shows
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,24 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, override.pattern):
                 config = override.apply(config)
         return config
+
+    def check_overrides(self, names: Sequence[str]) -> None:
+        """Refuse an override whose pattern matches none of ``names``, the module paths of the
+        model's conv and linear layers (a misspelt pattern would change nothing, silently).
+
+        Raises
+        ------
+        UsageError
+            An override matches no layer.
+        """
+        for override in self.overrides:
+            if not any(fnmatch.fnmatchcase(name, override.pattern) for name in names):
+                shown = ", ".join(names[:LAYER_NAMES_SHOWN])
+                more = f", ... ({len(names)} in all; 'fgq-tvm report' lists them)"
+                raise UsageError(
+                    f"--layer pattern {override.pattern!r} matches no conv or linear layer of "
+                    f"the model: {shown}{more if len(names) > LAYER_NAMES_SHOWN else ''}"
+                )
 
     def summary(self) -> dict[str, object]:
         """The settings a reader of a result needs, as JSON-ready values."""

@@ -18,3 +18,9 @@ def brief(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     first = lines[0].split(". ")[0][:100] if lines else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class Interrupted(FGQError):
+    """Ctrl-C, reported with what was kept; the CLI exits with status 130 (128 + SIGINT)."""
+
+    exit_code = 130

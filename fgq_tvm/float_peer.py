@@ -38,7 +38,7 @@ from torch import nn
 from .quant.batchnorm import fold_batchnorm
 from .reporting import progress_bar
 from .threads import thread_settings
-from .tuning import open_database, run_search, search_context
+from .tuning import TUNE_REMEDY, open_database, run_search, search_context
 
 FLOAT_DATABASE = "tvm-fp32"
 Progress = Callable[[str], None]
@@ -128,7 +128,7 @@ def tune_float(
         Threads the candidates run with (those the module will run with).
     """
     report = progress or (lambda line: None)
-    database = open_database(folder)
+    database = open_database(folder, TUNE_REMEDY)
     target = with_cores(target, threads)
     tasks = float_tasks(mod, target)
     results = []
@@ -189,7 +189,7 @@ def build_float(mod: tvm.IRModule, target, folder: Path | None) -> FloatBuild:
     if folder is None or not Path(folder).is_dir():
         with target:
             return FloatBuild(tvm.compile(mod, target=target), 0, 0, None)
-    database = open_database(folder)
+    database = open_database(folder, "fix or move it, or bench with another --tuning-logs DIR")
     tasks = float_tasks(mod, target)
     tuned = sum(bool(_records(database, task.dispatched[0], 1)) for task in tasks)
     executable = ms.relax_integration.compile_relax(database, mod, target, params=None)

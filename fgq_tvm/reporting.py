@@ -20,19 +20,55 @@ def progress_bar(done: int, total: int) -> str:
 
 
 def output_folder(path: Path) -> Path:
-    """``path``, created with its parents if missing.
+    """``path``, created with its parents if missing, and checked to take new files.
 
     Raises
     ------
     FGQError
-        ``path`` exists and is not a folder, or cannot be created.
+        ``path`` exists and is not a folder, cannot be created, or takes no new files.
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         reason = error.strerror or str(error)
         raise FGQError(f"cannot create the output folder {path} ({reason})") from None
+    return writable_folder(path)
+
+
+def output_file(path: Path) -> Path:
+    """``path``, refused before any work if it cannot be written: its folder is missing or
+    takes no new files, or ``path`` is a folder.
+
+    Raises
+    ------
+    FGQError
+        ``path`` cannot be written.
+    """
+    if not path.parent.is_dir():
+        raise FGQError(f"output directory {str(path.parent)!r} does not exist: create it first")
+    if path.is_dir():
+        raise FGQError(f"output {str(path)!r} is a directory; give a file name")
+    writable_folder(path.parent)
     return path
+
+
+def writable_folder(folder: Path) -> Path:
+    """``folder``, once a file was created in it and removed: permission bits cannot tell
+    (root ignores them; read-only file systems and ``/proc`` refuse root too).
+
+    Raises
+    ------
+    FGQError
+        No file can be created in ``folder``.
+    """
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".fgq-tvm-probe-", dir=folder)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise FGQError(f"cannot write in the output folder {folder} ({reason})") from None
+    os.close(handle)
+    os.unlink(probe)
+    return folder
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -9,12 +9,18 @@ The module's ``prepare`` function (weights packed for the kernels) runs once, at
 result is passed to every call of ``main``. A module is compiled for one batch size,
 ``info["input"]["shape"][0]``. A :class:`CompiledModel` takes any batch whose size is a multiple
 of it and runs it in slices of that size.
+
+The sidecar records the SHA-256 of its module (:func:`module_digest`), and :func:`load` checks
+it before the library is opened: a module and a sidecar that two compiles wrote over each other
+are refused instead of run with the wrong description.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -24,7 +30,10 @@ import numpy as np
 
 from .errors import FGQError
 
-SIDECAR_FORMAT = "fgq-tvm-module/2"
+SIDECAR_FORMAT = "fgq-tvm-module/3"
+_FORMAT_NAME = SIDECAR_FORMAT.split("/")[0]
+_DIGEST = re.compile("[0-9a-f]{64}")  # a SHA-256 in hexadecimal
+_CHUNK = 1 << 20
 INPUT_DTYPE = np.dtype("float32")
 _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
@@ -64,7 +73,7 @@ class CompiledModel:
         self._vm = vm
         self._prepared = prepared
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, check_finite: bool = True) -> np.ndarray:
         """Run the network on ``x``.
 
         Parameters
@@ -73,6 +82,10 @@ class CompiledModel:
             float32 array of shape ``[k * B, C, H, W]``, where ``[B, C, H, W]`` is
             :attr:`input_shape` and ``k >= 1``, normalised as ``info["input"]`` says.
             Other dtypes (float64 included) are rejected rather than converted.
+        check_finite
+            Refuse ``x`` if it holds NaN or infinite values (the quantized network would turn
+            them into a confident class, NaN as if it were +inf). ``False`` skips the check.
+            Finite values of any size are accepted: activation quantization clamps them.
 
         Returns
         -------
@@ -82,9 +95,11 @@ class CompiledModel:
         Raises
         ------
         FGQError
-            Wrong shape or dtype, or the module fails to run.
+            Wrong shape or dtype, non-finite values, or the module fails to run.
         """
         self._check_input(x)
+        if check_finite:
+            _check_finite(x)
         import tvm
 
         batch = self.input_shape[0]
@@ -161,6 +176,20 @@ def _fits(x: np.ndarray, batch: int) -> bool:
     return len(x) > 0 and len(x) % batch == 0
 
 
+def _check_finite(x: np.ndarray) -> None:
+    """Refuse NaN and infinite inputs, saying how many there are and where the first is."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    count = finite.size - np.count_nonzero(finite)
+    first = [int(i) for i in np.unravel_index(np.argmin(finite), x.shape)]
+    raise FGQError(
+        f"input has {count} non-finite value{'s' if count > 1 else ''} (NaN or infinity), the "
+        f"first at {first}; fix the input, or skip this check with check_finite=False (fgq-tvm "
+        "run --allow-nonfinite)"
+    )
+
+
 def load(path: str | os.PathLike) -> CompiledModel:
     """Load a module written by ``fgq-tvm compile``.
 
@@ -176,15 +205,22 @@ def load(path: str | os.PathLike) -> CompiledModel:
     Raises
     ------
     FGQError
-        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format, the
-        file is not a loadable shared library (truncated, foreign, built for another machine),
-        or it was compiled for a CPU with instructions this one lacks (:func:`missing_extensions`).
+        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format of this
+        version or describes another module (its ``module_sha256`` differs: two compiles wrote
+        the pair), the file is not a loadable shared library (truncated, foreign, built for
+        another machine), or it was compiled for a CPU with instructions this one lacks
+        (:func:`missing_extensions`). All of it is checked before the library is opened.
     """
     path = Path(path)
     if not path.is_file():
         raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
     info = read_sidecar(path)
     _check_elf(path)
+    if module_digest(path) != info["module_sha256"]:
+        raise FGQError(
+            f"module {path} does not match its sidecar (written by another compile?): compile "
+            "it again"
+        )
     _check_cpu(path, info)
     vm = _virtual_machine(path)
     return CompiledModel(path, info, vm, _prepare(path, vm))
@@ -196,7 +232,8 @@ def read_sidecar(module_path: str | os.PathLike) -> dict:
     Raises
     ------
     FGQError
-        The sidecar is missing, not JSON, or not in the format this version writes.
+        The sidecar is missing, not JSON, or not in the format this version writes (an older
+        fgq-tvm's included).
     """
     sidecar = sidecar_path(module_path)
     if not sidecar.is_file():
@@ -210,10 +247,26 @@ def read_sidecar(module_path: str | os.PathLike) -> dict:
         raise FGQError(
             f"cannot read {sidecar} ({_first_line(error)}); recompile the model"
         ) from None
+    version = info.get("format") if isinstance(info, dict) else None
+    if version != SIDECAR_FORMAT and str(version).startswith(f"{_FORMAT_NAME}/"):
+        raise FGQError(
+            f"{sidecar} was written by another version of fgq-tvm (format {version!r}, this one "
+            f"reads {SIDECAR_FORMAT!r}); recompile the model"
+        )
     problem = _sidecar_problem(info)
     if problem:
         raise FGQError(f"{sidecar} is not an fgq-tvm sidecar ({problem}); recompile the model")
     return info
+
+
+def module_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file ``path`` in hexadecimal: what a sidecar's ``module_sha256``
+    records of its module."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _sidecar_problem(info: object) -> str | None:
@@ -232,6 +285,11 @@ def _sidecar_problem(info: object) -> str | None:
         return "input.shape is not four positive integers"
     if entry.get("dtype") != INPUT_DTYPE.name:
         return f"input.dtype {entry.get('dtype')!r}, expected 'float32'"
+    if not isinstance(info.get("target"), str):
+        return "target is not a string"
+    digest = info.get("module_sha256")
+    if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        return "module_sha256 is not a SHA-256 digest"
     return None
 
 
@@ -307,20 +365,74 @@ def missing_extensions(target: str, host_flags: set[str]) -> list[str]:
 
     Empty when ``target`` is no x86 LLVM target or this TVM has no LLVM to ask (a runtime-only
     installation): the check is then left to the loader.
-    """
-    try:
-        from tvm.target import Target, codegen
 
-        compiled_for = Target(json.loads(target))
-        if str(compiled_for.kind.name) != "llvm" or not compiled_for.attrs.get("mcpu"):
-            return []
+    Raises
+    ------
+    ValueError
+        ``target`` does not describe a target (see :func:`parse_compiled_target`).
+    """
+    compiled_for = parse_compiled_target(target)
+    if not _is_llvm_for_a_cpu(compiled_for):
+        return []
+    from tvm.target import codegen
+
+    try:
         return [
             name
             for name, flag in X86_EXTENSIONS.items()
             if flag not in host_flags and codegen.llvm_cpu_has_features([name], compiled_for)
         ]
-    except (ImportError, AttributeError, ValueError):
+    except AttributeError:  # a TVM without LLVM
         return []
+
+
+def parse_compiled_target(target: str):
+    """The :class:`tvm.target.Target` that a sidecar's ``target`` (a TVM target as JSON)
+    describes, or ``None`` where TVM has no LLVM to check it (a runtime-only installation).
+
+    Raises
+    ------
+    ValueError
+        ``target`` is not a JSON object, TVM rejects it (an unknown kind or option), or it is
+        an LLVM target for a CPU this LLVM does not know (its code could not be checked).
+    """
+    try:
+        config = json.loads(target)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"is not a JSON object ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError("is not a JSON object")
+    try:
+        from tvm.target import Target
+
+        compiled_for = Target(config)
+    except (ImportError, AttributeError):
+        return None
+    except Exception as error:  # TVM reports a bad target config with several types
+        raise ValueError(f"is not one TVM accepts ({_first_sentence(error)})") from None
+    if _is_llvm_for_a_cpu(compiled_for) and not _llvm_knows(compiled_for):
+        raise ValueError(f"names CPU {str(compiled_for.attrs['mcpu'])!r}, unknown to this LLVM")
+    return compiled_for
+
+
+def _is_llvm_for_a_cpu(target) -> bool:
+    """Whether ``target`` (a Target or None) is an LLVM target with an ``mcpu``."""
+    return target is not None and str(target.kind.name) == "llvm" and bool(target.attrs.get("mcpu"))
+
+
+def _llvm_knows(target) -> bool:
+    """Whether the LLVM in TVM knows the ``mcpu`` of ``target`` for its triple (True for a TVM
+    without LLVM: there is nothing to check against)."""
+    from tvm.target import Target, codegen
+
+    triple = target.attrs.get("mtriple")
+    base = Target({"kind": "llvm", **({"mtriple": str(triple)} if triple else {})})
+    try:
+        return str(target.attrs["mcpu"]) in {
+            str(cpu) for cpu in codegen.llvm_get_cpu_archlist(base)
+        }
+    except AttributeError:
+        return True
 
 
 def _host_flags() -> set[str] | None:
@@ -335,12 +447,17 @@ def _host_flags() -> set[str] | None:
 
 def _check_cpu(path: Path, info: dict) -> None:
     """Refuse a module whose code this CPU cannot run (it would die of an illegal
-    instruction, not raise an error)."""
-    flags = _host_flags()
-    target = info.get("target")
-    if flags is None or not isinstance(target, str):
-        return
-    missing = missing_extensions(target, flags)
+    instruction, not raise an error), or whose sidecar's target cannot be checked."""
+    target = info["target"]
+    flags = _host_flags()  # None (no /proc/cpuinfo): check the target, assume every extension
+    try:
+        missing = missing_extensions(
+            target, set(X86_EXTENSIONS.values()) if flags is None else flags
+        )
+    except ValueError as error:
+        raise FGQError(
+            f"{sidecar_path(path)} is not an fgq-tvm sidecar (target {error}); recompile the model"
+        ) from None
     if missing:
         raise FGQError(
             f"{path} was compiled for another CPU ({target}) and may use {', '.join(missing)}, "
@@ -372,6 +489,12 @@ def _not_loadable(path: Path, reason: str) -> FGQError:
     return FGQError(
         f"{path} is not a loadable fgq-tvm module ({reason}); recompile it with fgq-tvm compile"
     )
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of ``error``'s message (TVM appends the whole config to it)."""
+    text = str(error).strip()
+    return text.split(". ")[0].splitlines()[0][:200] if text else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

@@ -52,10 +52,14 @@ def parse_target(text: str | list[str]):
     words = text if isinstance(text, list) else [text]
     joined = " ".join(words).strip()
     config = _parse_json(joined) if joined.startswith("{") else _parse_words(joined.split())
-    _validate(config)
     import tvm
 
-    return tvm.target.Target(config)
+    try:
+        _validate(config)
+        return tvm.target.Target(config)
+    except ValueError as error:  # TVM's checks of the options' names and types
+        reason = str(error).split(" Target creation from config dict failed")[0]
+        raise UsageError(f"target {joined} is not valid: {reason}") from None
 
 
 def host_target() -> str:

@@ -13,8 +13,19 @@ Space
 Search
     Evolutionary, with the XGBoost cost model; candidates built and timed on this machine.
 Records
-    A MetaSchedule JSON database in ``tuning_logs/<target key>/``; lines are appended, never
-    rewritten.
+    A MetaSchedule JSON database in ``tuning_logs/<target key>/``
+    (:mod:`fgq_tvm.tuning_database`); lines are appended, never rewritten.
+Resuming
+    A task whose search finished is noted in ``finished_searches.json`` beside the database (its
+    workload and trials); a rerun with no more trials skips it, and a search never proposes a
+    schedule the database measured already (MetaSchedule's evolutionary search would: it only
+    remembers what it measured itself), so a tune killed half way resumes where it stopped.
+Temporaries and interrupts
+    A search keeps its temporary files, its worker processes' included, in
+    ``<temp dir>/fgq-tune-<process id>``, removed when it ends; the next search removes those
+    of processes that no longer run (killed ones). Ctrl-C kills a search's worker processes,
+    ends the search and raises ``KeyboardInterrupt`` once MetaSchedule's worker pools are shut
+    down; nothing the workers print on the way reaches stderr.
 Comparison
     MetaSchedule times each candidate once, whenever it comes up: on a machine whose speed
     drifts, a tile measured in a fast minute can beat a better one measured in a slow minute.
@@ -33,11 +44,18 @@ Verification
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
+import os
+import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import mean, median
@@ -47,6 +65,7 @@ import tvm
 import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
 from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
@@ -55,8 +74,13 @@ from .reporting import progress_bar
 from .schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
 from .schedules.select import DOT_CORES, build_layer
 from .threads import thread_settings
+from .tuning_database import TuningDatabase, open_database, skipped_warning
 
 COMPARISONS = "default_comparisons.json"  # beside MetaSchedule's files, one JSON line each
+FINISHED = "finished_searches.json"  # beside them too: {"workload": ..., "trials": ...} lines
+TEMPORARIES = "fgq-tune-"  # + the process id: a search's folder in the temporary directory
+TUNE_REMEDY = "fix or move it, or tune into another --tuning-logs DIR"
+COMPILE_REMEDY = "fix or move it, or compile with --default-schedules"
 COMPARISON_ROUNDS = 20
 SEARCH_POPULATION = 32  # the spaces hold a few dozen schedules, not the default 512
 BUILD_TIMEOUT_S = 300  # a busy 2-core machine builds a candidate in seconds to minutes
@@ -167,27 +191,6 @@ def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> lis
     return tasks
 
 
-def open_database(folder: Path):
-    """The JSON database in ``folder`` (created if missing); records are appended.
-
-    Raises
-    ------
-    FGQError
-        ``folder`` cannot be created or its files are not a MetaSchedule JSON database.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
-    except Exception as error:  # OSError, or TVM's errors on unreadable JSON lines
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise FGQError(
-            f"cannot open the tuning database in {folder} ({type(error).__name__}: "
-            f"{first_line[:200]}); fix or move it, or compile with --default-schedules"
-        ) from None
-
-
 @dataclass(frozen=True)
 class Comparison:
     """A task's best record timed against its default schedule in the same interleaved rounds
@@ -206,10 +209,14 @@ class Comparison:
         return self.tuned_ms < self.default_ms
 
 
+def workload_key(task: KernelTask) -> str:
+    """The hash of a task's workload, as comparisons and finished searches name it."""
+    return f"{tvm_ffi.structural_hash(task.workload()) & (2**64 - 1):016x}"
+
+
 def record_key(task: KernelTask, record) -> tuple[str, str]:
     """``(workload hash, trace hash)`` of a task's tuning record, as comparisons name them."""
-    workload = tvm_ffi.structural_hash(task.workload()) & (2**64 - 1)
-    return f"{workload:016x}", hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
+    return workload_key(task), hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
 
 
 def compare_with_default(task: KernelTask, record, target) -> Comparison:
@@ -226,11 +233,7 @@ def compare_with_default(task: KernelTask, record, target) -> Comparison:
 
 def append_comparison(folder: Path, comparison: Comparison) -> None:
     """Add ``comparison`` as one JSON line to the folder's :data:`COMPARISONS` file."""
-    try:
-        with open(folder / COMPARISONS, "a") as file:
-            file.write(json.dumps(vars(comparison)) + "\n")
-    except OSError as error:
-        raise FGQError(f"cannot write {folder / COMPARISONS} ({error.strerror})") from None
+    _append_line(folder / COMPARISONS, vars(comparison))
 
 
 def load_comparisons(folder: Path) -> dict[tuple[str, str], Comparison]:
@@ -241,30 +244,81 @@ def load_comparisons(folder: Path) -> dict[tuple[str, str], Comparison]:
     FGQError
         A line is not a comparison.
     """
-    path = folder / COMPARISONS
     comparisons = {}
-    if not path.is_file():
-        return comparisons
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            comparison = Comparison(**json.loads(line))
-        except (ValueError, TypeError) as error:
-            raise FGQError(
-                f"{path}, line {number}, is no comparison ({error}); fix or remove the line"
-            ) from None
+    for comparison in _read_lines(folder / COMPARISONS, "comparison", Comparison):
         comparisons[comparison.workload, comparison.trace] = comparison
     return comparisons
 
 
 @dataclass(frozen=True)
+class FinishedSearch:
+    """A search of ``trials`` candidates that ended, on the workload hashed ``workload``."""
+
+    workload: str
+    trials: int
+
+
+def load_finished(folder: Path) -> dict[str, int]:
+    """The most trials a search of each workload finished with, from the folder's
+    :data:`FINISHED` file (none without it).
+
+    Raises
+    ------
+    FGQError
+        A line is not a finished search.
+    """
+    finished: dict[str, int] = {}
+    for search in _read_lines(folder / FINISHED, "finished search", FinishedSearch):
+        finished[search.workload] = max(search.trials, finished.get(search.workload, 0))
+    return finished
+
+
+def _append_line(path: Path, fields: dict) -> None:
+    """Add ``fields`` as one JSON line to ``path``."""
+    try:
+        with open(path, "a") as file:
+            file.write(json.dumps(fields) + "\n")
+    except OSError as error:
+        raise FGQError(f"cannot write {path} ({error.strerror or error})") from None
+
+
+def _read_lines(path: Path, what: str, kind: type) -> list:
+    """``kind(**fields)`` of each JSON line of ``path`` (none if it is missing).
+
+    Raises
+    ------
+    FGQError
+        A line is not a ``what``.
+    """
+    if not path.is_file():
+        return []
+    values = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            values.append(kind(**json.loads(line)))
+        except (ValueError, TypeError) as error:
+            raise FGQError(
+                f"{path}:{number}: not a {what} ({error}); fix or remove the line"
+            ) from None
+    return values
+
+
+@dataclass(frozen=True)
 class TaskResult:
-    """What tuning one task found, and how its best record compared with the default."""
+    """What tuning one task found, and how its best record compared with the default.
+
+    ``trials`` counts the candidates this run measured, ``earlier`` the task's records the
+    database held before it; ``skipped``: a finished search (or the records) covered the trials
+    asked for, so the task was neither searched nor compared.
+    """
 
     task: KernelTask
     trials: int
     best_ms: float | None
     rejected: int
     comparison: Comparison | None = None
+    earlier: int = 0
+    skipped: bool = False
 
 
 def tune(
@@ -277,7 +331,9 @@ def tune(
     threads: int = 2,
 ) -> list[TaskResult]:
     """Tune each task for up to ``trials`` candidates, appending verified records to the
-    database in ``folder``.
+    database in ``folder``; tasks whose search finished with at least ``trials`` trials (or
+    with as many records) are skipped, and a search measures only schedules the database has
+    no record of.
 
     Parameters
     ----------
@@ -286,38 +342,66 @@ def tune(
     target
         The :class:`tvm.target.Target` to tune for (this machine must run its code).
     trials
-        Measured candidates per task (small spaces end sooner: each schedule is measured once);
-        0 only compares the database's best records with the defaults.
+        Measured candidates per task, those of earlier runs included (small spaces end sooner:
+        each schedule is measured once); 0 only compares the database's best records with the
+        defaults.
     folder
         The database folder (:func:`fgq_tvm.target.database_folder`).
     progress
-        Called with one line per finished task.
+        Called with a warning about unreadable database lines, and one line per task.
     seed
         Seed of the search.
     threads
         Threads the candidates run with (``TVM_NUM_THREADS``, inherited by MetaSchedule's
         runner): tune with the thread count the module will run with.
-    """
 
+    Raises
+    ------
+    KeyboardInterrupt
+        On Ctrl-C (during a search: once it stopped, :func:`run_search`); the records measured
+        so far are in the database.
+    """
     report = progress or (lambda line: None)
-    database = open_database(folder)
+    database = open_database(folder, TUNE_REMEDY)
+    warning = skipped_warning(database)
+    if warning:
+        report(f"warning: {warning}")
+    finished = load_finished(folder)
     results = []
     for index, task in enumerate(tasks, start=1):
-        recorder = _VerifiedRecords(task, database, target)
-        with thread_settings(threads):
-            if trials > 0:
-                _search(task, target, trials, database, recorder, seed)
-            record = database.query_tuning_record(task.workload(), target, "main")
-            comparison = compare_with_default(task, record, target) if record else None
-        if comparison is not None:
-            append_comparison(folder, comparison)
-        best = recorder.best_seconds
-        result = TaskResult(
-            task, recorder.measured, best * 1e3 if best else None, recorder.rejected, comparison
-        )
+        searched = finished.get(workload_key(task), 0)
+        result = _tune_task(task, target, trials, folder, database, searched, seed, threads)
         results.append(result)
         report(_progress_line(index, len(tasks), result))
     return results
+
+
+def _tune_task(
+    task: KernelTask, target, trials: int, folder: Path, database: TuningDatabase,
+    searched: int, seed: int, threads: int,
+) -> TaskResult:  # fmt: skip
+    """Search ``task`` for the trials neither its database records nor a finished search of
+    ``searched`` trials cover, compare its best record with the default, note the search."""
+    recorder = _VerifiedRecords(task, database, target)
+    earlier = len(database.get_top_k(recorder.workload, trials)) if trials > 0 else 0
+    if trials > 0 and max(searched, earlier) >= trials:
+        best = _milliseconds(recorder.best_seconds)
+        return TaskResult(task, 0, best, 0, earlier=earlier, skipped=True)
+    with thread_settings(threads):
+        if trials > 0:
+            _search(task, target, trials - earlier, database, recorder, seed)
+        record = database.query_tuning_record(task.workload(), target, "main")
+        comparison = compare_with_default(task, record, target) if record else None
+    if comparison is not None:
+        append_comparison(folder, comparison)
+    if trials > 0:
+        _append_line(folder / FINISHED, vars(FinishedSearch(workload_key(task), trials)))
+    best = _milliseconds(recorder.best_seconds)
+    return TaskResult(task, recorder.measured, best, recorder.rejected, comparison, earlier=earlier)
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return seconds * 1e3 if seconds else None
 
 
 def _search(task: KernelTask, target, trials: int, database, recorder, seed: int) -> None:
@@ -336,7 +420,9 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
 
 
 def search_context(workload: tvm.IRModule, target, name: str, space, strategy, seed: int):
-    """A MetaSchedule task (``TuneContext``) of ``workload`` that logs to :data:`SEARCH_LOGGER`.
+    """A MetaSchedule task (``TuneContext``) of ``workload`` that logs to :data:`SEARCH_LOGGER`
+    and searches with ``strategy`` (a search strategy or its name) without the schedules the
+    database measured already (:class:`_UnmeasuredCandidates`).
 
     MetaSchedule's own ways to make one (``tune_tir``, ``tune_relax``,
     ``extracted_tasks_to_tune_contexts``) reconfigure the whole process's logging with
@@ -348,11 +434,13 @@ def search_context(workload: tvm.IRModule, target, name: str, space, strategy, s
     """
     from tvm.s_tir import meta_schedule as ms
 
+    if isinstance(strategy, str):
+        strategy = ms.search_strategy.create(strategy)
     return ms.TuneContext(
         mod=workload,
         target=target,
         space_generator=space,
-        search_strategy=strategy,
+        search_strategy=_UnmeasuredCandidates(strategy),
         task_name=name,
         rand_state=ms.utils.fork_seed(seed, n=1)[0],
         logger=logging.getLogger(SEARCH_LOGGER),
@@ -361,26 +449,168 @@ def search_context(workload: tvm.IRModule, target, name: str, space, strategy, s
 
 def run_search(context, trials: int, database, measure_callbacks="default") -> None:
     """Measure up to ``trials`` candidates of the task ``context`` (:func:`search_context`) on
-    this machine, committing them to ``database`` through ``measure_callbacks``."""
+    this machine, committing them to ``database`` through ``measure_callbacks``; temporary
+    files go to :func:`search_temporaries`.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        On Ctrl-C, once the search stopped and its worker processes are gone
+        (:func:`deferred_interrupts`).
+    """
     from tvm.s_tir import meta_schedule as ms
 
-    with tempfile.TemporaryDirectory(prefix="fgq-tune-") as work_dir:
-        ms.tune.tune_tasks(
-            tasks=[context],
-            task_weights=[1.0],
-            work_dir=work_dir,
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 16),
-            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-            runner=ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S),
-            database=database,
-            cost_model="xgb",
-            measure_callbacks=measure_callbacks,
-        )
+    with (
+        search_temporaries() as work_dir,
+        _held_stderr(work_dir / "stderr"),
+        deferred_interrupts(),
+    ):
+        runner = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+        try:
+            ms.tune.tune_tasks(
+                tasks=[context],
+                task_weights=[1.0],
+                work_dir=str(work_dir),
+                max_trials_global=trials,
+                num_trials_per_iter=min(trials, 16),
+                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=measure_callbacks,
+            )
+        finally:
+            # now, in this thread: the garbage collector may run it in one of the pool's own
+            # threads, which cannot join themselves ("Exception ignored ... cannot join")
+            runner.pool.shutdown()
+
+
+@contextlib.contextmanager
+def search_temporaries() -> Iterator[Path]:
+    """A folder for a search's temporary files, those of MetaSchedule's worker processes
+    (started inside: ``TMPDIR``) included: ``<temp dir>/fgq-tune-<process id>``, removed on
+    leaving; on entering, the folders of processes that no longer run (searches that were
+    killed) are removed.
+
+    Raises
+    ------
+    FGQError
+        The folder cannot be created.
+    """
+    root = Path(tempfile.gettempdir())
+    _remove_stale_temporaries(root)
+    folder = root / f"{TEMPORARIES}{os.getpid()}"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise FGQError(f"cannot create {folder} ({error.strerror or error})") from None
+    environment, previous = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        if environment is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = environment
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove the :data:`TEMPORARIES` folders in ``root`` of processes that no longer run."""
+    for folder in root.glob(f"{TEMPORARIES}*"):
+        pid = folder.name.removeprefix(TEMPORARIES)
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _held_stderr(path: Path) -> Iterator[None]:
+    """Within, what is written to file descriptor 2, by this process and by the worker
+    processes started inside (they inherit it), goes to ``path``; it is copied to stderr on
+    leaving, unless by ``KeyboardInterrupt``: Ctrl-C reaches the workers too, and those it
+    meets while they import TVM print tracebacks."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    interrupted = False
+    with open(path, "w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not interrupted:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+_INTERRUPTED = threading.Event()  # Ctrl-C within deferred_interrupts()
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within (a search), Ctrl-C (SIGINT) notes the interrupt and kills the search's worker
+    processes: the candidates in flight fail and the search stops
+    (:class:`_UnmeasuredCandidates`); leaving the block then raises ``KeyboardInterrupt``,
+    also in place of an error raised after the interrupt.
+
+    ``KeyboardInterrupt`` raised wherever the signal lands is lost inside MetaSchedule's C++
+    loop, or leaves its worker pools to be shut down at exit. Outside the main thread, which
+    alone receives signals, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    except Exception:
+        if not _INTERRUPTED.is_set():
+            raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupted = _INTERRUPTED.is_set()
+        _INTERRUPTED.clear()
+    if interrupted:
+        gc.collect()  # worker pools an error left to the collector: shut down in this thread
+        raise KeyboardInterrupt
+
+
+def _interrupt(signum: int, frame) -> None:
+    """Note Ctrl-C and kill the worker processes of the running search (a build inside LLVM
+    would finish before it saw the signal: a minute on a busy machine)."""
+    import psutil
+
+    _INTERRUPTED.set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "tvm.exec.popen_worker" in child.cmdline():
+                child.kill()
 
 
 def _progress_line(index: int, total: int, result: TaskResult) -> str:
     best = f"best {result.best_ms:.3f} ms" if result.best_ms is not None else "no valid schedule"
+    bar = progress_bar(index, total)
+    if result.skipped:
+        return f"{bar} {result.task.name}: had records ({result.earlier} measured), {best}"
     rejected = f", {result.rejected} wrong candidates rejected" if result.rejected else ""
     comparison = result.comparison
     if comparison is not None:
@@ -389,8 +619,80 @@ def _progress_line(index: int, total: int, result: TaskResult) -> str:
             f"; same rounds: tuned {comparison.tuned_ms:.3f} ms, default "
             f"{comparison.default_ms:.3f} ms: {verdict}"
         )
-    bar = progress_bar(index, total)
-    return f"{bar} {result.task.name}: {result.trials} trials, {best}{rejected}"
+    earlier = f" after {result.earlier} earlier" if result.earlier else ""
+    return f"{bar} {result.task.name}: {result.trials} trials{earlier}, {best}{rejected}"
+
+
+def measured_schedules(database, workload: tvm.IRModule) -> set[int]:
+    """Structural hashes of the scheduled modules of ``workload``'s records in ``database``
+    (records whose trace no longer applies are left out)."""
+    if database is None or not database.has_workload(workload):
+        return set()
+    keys = set()
+    for record in database.get_top_k(database.commit_workload(workload), len(database)):
+        sch = tvm.s_tir.Schedule(workload)
+        try:
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception:  # a trace of another version of the space: no candidate equals it
+            continue
+        keys.add(tvm_ffi.structural_hash(sch.mod))
+    return keys
+
+
+def _measured_before():
+    """A runner result that says a candidate was not run: the database measured it before."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.RunnerResult(run_secs=None, error_msg="measured before (in the database)")
+
+
+@derived_object
+class _UnmeasuredCandidates(PySearchStrategy):
+    """The candidates of ``search`` (a MetaSchedule search strategy) that the database holds
+    no record of; none once Ctrl-C was pressed (:func:`deferred_interrupts`).
+
+    MetaSchedule's evolutionary search seeds its population with the database's best records
+    and proposes them again: it only remembers the schedules it measured itself. Candidates
+    left out do not count as trials, unless a whole batch was left out: the search is then told
+    they failed, so that it moves on (else it would propose them forever).
+    """
+
+    def __init__(self, search) -> None:
+        self.search = search
+        self.workload: tvm.IRModule | None = None
+        self.measured: set[int] = set()
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.workload = context.mod
+        self.search._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database, cost_model):
+        self.measured = measured_schedules(database, self.workload)
+        self.search.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.search.post_tuning()
+
+    def generate_measure_candidates(self):
+        while not _INTERRUPTED.is_set():
+            candidates = self.search.generate_measure_candidates()
+            if candidates is None:
+                return None
+            fresh = [
+                c for c in candidates if tvm_ffi.structural_hash(c.sch.mod) not in self.measured
+            ]
+            if fresh:
+                return fresh
+            # all measured before: tell the search, which else proposes them forever
+            failed = _measured_before()
+            self.search.notify_runner_results(candidates, [failed] * len(candidates))
+        return None
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.search.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return _UnmeasuredCandidates(self.search.clone())
 
 
 @derived_object
@@ -448,7 +750,8 @@ class TunedSchedules:
         self.folder = Path(folder)
         self.target = target
         self.layers = layers
-        self.database = open_database(self.folder)
+        self.database = open_database(self.folder, COMPILE_REMEDY)
+        self.unreadable = skipped_warning(self.database)  # about lines skipped, or None
         self.comparisons = load_comparisons(self.folder)
         self.failed: list[str] = []
         self.slower: list[str] = []

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from fgq_tvm.runtime import SIDECAR_FORMAT, sidecar_path
+
+TINY_SHAPE = (2, 3, 4, 4)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -35,6 +42,43 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
         timeout=300,
         check=False,
     )
+
+
+def tiny_executable():
+    """A tiny module in the fgq-tvm format, built with TVM in well under a second: ``main``
+    computes the per-channel mean of a ``TINY_SHAPE`` batch and takes the result of
+    ``prepare`` (as every fgq-tvm module does; here an empty tuple)."""
+    import tvm
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    with builder.function("prepare", []):
+        builder.emit_func_output(relax.Tuple([]))
+    x = relax.Var("x", relax.TensorType(TINY_SHAPE, "float32"))
+    prepared = relax.Var("prepared", relax.TupleType([]))
+    with builder.function("main", [x, prepared]):
+        mean = builder.emit(relax.op.mean(x, axis=[2, 3]))
+        builder.emit_func_output(relax.Tuple([mean]))
+    return tvm.compile(builder.get(), target=tvm.target.Target({"kind": "llvm"}))
+
+
+def tiny_sidecar(module: Path) -> dict:
+    """The sidecar of the tiny module (:func:`tiny_executable`) exported to ``module``."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "model": "tiny",
+        "target": json.dumps({"kind": "llvm"}),
+        "module_sha256": hashlib.sha256(module.read_bytes()).hexdigest(),
+        "input": {"shape": list(TINY_SHAPE), "dtype": "float32", "layout": "NCHW"},
+        "output": {"shape": [TINY_SHAPE[0], TINY_SHAPE[1]], "dtype": "float32"},
+    }
+
+
+def write_tiny_module(path: Path) -> Path:
+    """Export :func:`tiny_executable` to ``path`` with its sidecar beside it."""
+    tiny_executable().export_library(str(path))
+    sidecar_path(path).write_text(json.dumps(tiny_sidecar(path)))
+    return path
 
 
 def kernel_call(

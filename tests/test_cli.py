@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fgq_tvm
+from helpers import TINY_SHAPE, fgq_tvm, write_tiny_module
 
 from fgq_tvm import cli
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
 from fgq_tvm.errors import UsageError
-from fgq_tvm.runtime import sidecar_path
+from fgq_tvm.runtime import module_digest, sidecar_path
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
 from fgq_tvm.target import host_target, parse_target
 
@@ -94,6 +94,16 @@ ERRORS = {
     "output dir missing": ([*R20, "-o", "{out}/missing/m.so"], 1, "output directory"),
     "output not .so": ([*R20, "-o", "{out}/m.txt"], 2, "must end in .so"),
     "output is a dir": ([*R20, "-o", "{out}"], 1, "is a directory"),
+    "output folder unwritable": ([*R20, "-o", "/proc/m.so"], 1, "cannot write in the output fol"),
+    "eval json unwritable": (
+        ["eval", "cifar_resnet20", "--data", data_dir() / CIFAR10_NPZ, "--json", "/proc/e.json"],
+        1,
+        "cannot write in the output folder /proc",
+    ),
+    "layer matches nothing": ([*R20, "--layer", "nosuch*=float"], 2, "'nosuch*' matches no"),
+    "target empty": ([*R20, "--target", ""], 2, "target is empty"),
+    "target blank": ([*R20, "--target", "   "], 2, "target is empty"),
+    "target json key": ([*R20, "--target", '{"kind": "llvm", "x": 1}'], 2, "option 'x'"),
     "target words": target_accepted("llvm", "-mcpu=znver4", "-mattr=+avx2,+fma"),
     "target quoted": target_accepted("llvm -mcpu=znver4 -mattr=+avx2"),
     "target json": target_accepted('{"kind": "llvm", "mcpu": "znver4", "mattr": ["+avx2"]}'),
@@ -180,6 +190,60 @@ def test_debug_shows_the_traceback(monkeypatch):
         cli.main(["run", "m.so", "--input", "x.npy"])
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny module in the fgq-tvm format (helpers.tiny_executable: per-channel means)."""
+    return write_tiny_module(tmp_path_factory.mktemp("tiny") / "tiny.so")
+
+
+@pytest.mark.parametrize(
+    ("output", "what"),
+    [
+        ("good.so", "the module"),
+        ("./good.so", "the module"),
+        ("link.so", "the module"),
+        ("hard.so", "the module"),
+        ("good.so.json", "its sidecar"),
+        ("link.json", "its sidecar"),
+        ("x.npy", "the input"),
+        ("../{dir}/x.npy", "the input"),
+    ],
+)
+def test_run_refuses_to_overwrite_its_files(tmp_path, monkeypatch, capsys, output, what):
+    monkeypatch.chdir(tmp_path)
+    files = {"good.so": b"module", "good.so.json": b"{}", "x.npy": b"input"}
+    for name, data in files.items():
+        Path(name).write_bytes(data)
+    Path("link.so").symlink_to("good.so")
+    Path("link.json").symlink_to(tmp_path / "good.so.json")
+    os.link("good.so", "hard.so")
+    output = output.replace("{dir}", tmp_path.name)
+    assert cli.main(["run", "good.so", "--input", str(tmp_path / "x.npy"), "--output", output]) == 2
+    assert capsys.readouterr().err == (
+        f"fgq-tvm: error: output {output!r} is {what}; give another file name\n"
+    )
+    assert {name: Path(name).read_bytes() for name in files} == files
+    assert Path("link.so").is_symlink() and Path("link.json").is_symlink()
+
+
+def test_run_refuses_non_finite_input(tiny, tmp_path, capsys):
+    x = np.zeros((4, *TINY_SHAPE[1:]), np.float32)
+    x[3, 0, 2, 1] = np.inf
+    x[3, 2] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    run = ["run", str(tiny), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y")]
+    assert cli.main(run) == 1
+    assert capsys.readouterr().err == (
+        "fgq-tvm: error: input has 17 non-finite values (NaN or infinity), the first at "
+        "[3, 0, 2, 1]; fix the input, or skip this check with check_finite=False (fgq-tvm run "
+        "--allow-nonfinite)\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["x.npy"]
+    assert cli.main([*run, "--allow-nonfinite"]) == 0
+    logits = np.load(tmp_path / "y")
+    assert np.isinf(logits[3, 0]) and np.isnan(logits[3, 2]) and np.isfinite(logits[:3]).all()
+
+
 def test_format_summary_lists_float_layers():
     layer = {
         "name": "conv",
@@ -260,7 +324,8 @@ def reference_logits(images) -> np.ndarray:
 @pytest.mark.slow
 def test_compile_writes_module_and_summary(compiled):
     module, result = compiled
-    assert sorted(path.name for path in module.parent.iterdir()) == ["r20.so", "r20.so.json"]
+    written = sorted(path.name for path in module.parent.iterdir())
+    assert written == [".r20.so.lock", "r20.so", "r20.so.json"]  # the writers' lock stays
     assert json.loads(sidecar_path(module).read_text())["model"] == "cifar_resnet20"
     assert b".debug_info" not in module.read_bytes()  # linked without LLVM's debug info
     lines = result.stdout.splitlines()
@@ -367,6 +432,7 @@ def test_run_output_directory_missing(compiled, images, out_dir):
         ("truncated", "is not a loadable fgq-tvm module (the file is truncated)"),
         ("foreign", "is not a loadable fgq-tvm module (AttributeError"),
         ("no sidecar", "was not written by fgq-tvm compile or its .json was removed"),
+        ("another module", "does not match its sidecar (written by another compile?)"),
     ],
 )
 def test_run_unloadable_module(compiled, images, out_dir, tmp_path, kind, message):
@@ -375,11 +441,15 @@ def test_run_unloadable_module(compiled, images, out_dir, tmp_path, kind, messag
         "truncated": module.read_bytes()[: module.stat().st_size // 2],
         "foreign": Path(_ctypes.__file__).read_bytes(),
         "no sidecar": module.read_bytes(),
+        "another module": module.read_bytes() + b"\0",
     }
     copy = tmp_path / "copy.so"
     copy.write_bytes(contents[kind])
     if kind != "no sidecar":
-        sidecar_path(copy).write_bytes(sidecar_path(module).read_bytes())
+        info = json.loads(sidecar_path(module).read_text())
+        if kind != "another module":
+            info["module_sha256"] = module_digest(copy)
+        sidecar_path(copy).write_text(json.dumps(info))
     result = fgq_tvm("run", copy, "--input", images, "--output", out_dir / "y.npy")
     assert message in error_message(result, 1)
     assert list(out_dir.iterdir()) == []

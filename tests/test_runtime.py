@@ -6,60 +6,37 @@ compiled network are in test_cli.py.
 """
 
 import _ctypes
+import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_SHAPE as SHAPE
+from helpers import tiny_sidecar, write_tiny_module
 
 import fgq_tvm
 from fgq_tvm import runtime
 from fgq_tvm.errors import FGQError
 
-SHAPE = (2, 3, 4, 4)
-SIDECAR = {
-    "format": runtime.SIDECAR_FORMAT,
-    "model": "tiny",
-    "input": {"shape": list(SHAPE), "dtype": "float32", "layout": "NCHW"},
-    "output": {"shape": [SHAPE[0], SHAPE[1]], "dtype": "float32"},
-}
-
-
-def write_module(path: Path) -> Path:
-    """Build the per-channel-mean module at ``path`` with its sidecar (and, as every fgq-tvm
-    module has, a ``prepare`` function whose result ``main`` takes: here an empty tuple)."""
-    import tvm
-    from tvm import relax
-
-    builder = relax.BlockBuilder()
-    with builder.function("prepare", []):
-        builder.emit_func_output(relax.Tuple([]))
-    x = relax.Var("x", relax.TensorType(SHAPE, "float32"))
-    prepared = relax.Var("prepared", relax.TupleType([]))
-    with builder.function("main", [x, prepared]):
-        mean = builder.emit(relax.op.mean(x, axis=[2, 3]))
-        builder.emit_func_output(relax.Tuple([mean]))
-    executable = tvm.compile(builder.get(), target=tvm.target.Target({"kind": "llvm"}))
-    executable.export_library(str(path))
-    runtime.sidecar_path(path).write_text(json.dumps(SIDECAR))
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return write_module(tmp_path_factory.mktemp("tiny") / "tiny.so")
+    return write_tiny_module(tmp_path_factory.mktemp("tiny") / "tiny.so")
 
 
 @pytest.fixture
 def copy_of(tmp_path):
-    """Copy a file to ``tmp_path / name`` with the tiny module's sidecar beside it."""
+    """Copy a file to ``tmp_path / name`` with the tiny module's sidecar beside it (its hash
+    that of the copy)."""
 
     def copy(data: bytes, name: str = "module.so") -> Path:
         path = tmp_path / name
         path.write_bytes(data)
-        runtime.sidecar_path(path).write_text(json.dumps(SIDECAR))
+        runtime.sidecar_path(path).write_text(json.dumps(tiny_sidecar(path)))
         return path
 
     return copy
@@ -75,7 +52,7 @@ def test_load_and_call(tiny):
     np.testing.assert_allclose(model(x), x.mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
     assert model.input_shape == SHAPE
     assert model.input_dtype == np.float32
-    assert model.info == SIDECAR
+    assert model.info == tiny_sidecar(tiny)
 
 
 def test_batches_run_in_slices_of_the_compiled_batch(tiny):
@@ -114,6 +91,33 @@ def test_wrong_dtype(tiny, dtype):
         fgq_tvm.load(tiny)(batch(2, dtype))
 
 
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [(np.nan, "[1, 2, 3, 0]"), (np.inf, "[1, 2, 3, 0]"), (-np.inf, "[1, 2, 3, 0]")],
+)
+def test_non_finite_input_is_refused(tiny, value, where):
+    x = batch(4)
+    x[1, 2, 3, 0] = x[3, 0, 0, 1] = value
+    message = (
+        f"input has 2 non-finite values (NaN or infinity), the first at {where}; fix the "
+        "input, or skip this check with check_finite=False (fgq-tvm run --allow-nonfinite)"
+    )
+    with pytest.raises(FGQError, match="^" + re.escape(message) + "$"):
+        fgq_tvm.load(tiny)(x)
+
+
+def test_non_finite_check_can_be_skipped(tiny):
+    x = batch(2)
+    x[0, 1] = np.nan
+    logits = fgq_tvm.load(tiny)(x, check_finite=False)
+    assert np.isnan(logits[0, 1]) and np.isfinite(np.delete(logits.ravel(), 1)).all()
+
+
+def test_huge_finite_input_runs(tiny):
+    x = np.full((2, *SHAPE[1:]), 1e30, np.float32)
+    np.testing.assert_allclose(fgq_tvm.load(tiny)(x), np.full((2, 3), 1e30), rtol=1e-6)
+
+
 def test_missing_module(tmp_path):
     with pytest.raises(FGQError, match="does not exist"):
         fgq_tvm.load(tmp_path / "none.so")
@@ -128,19 +132,64 @@ def test_missing_sidecar(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "problem"),
-    [
-        ("{not json", "cannot read"),
-        ("[1, 2]", "not a JSON object"),
-        (json.dumps({**SIDECAR, "format": "other/2"}), "format 'other/2'"),
-        (json.dumps({**SIDECAR, "input": {"shape": [2, 3, 4], "dtype": "float32"}}), "shape"),
-        (json.dumps({**SIDECAR, "input": {"shape": list(SHAPE), "dtype": "int8"}}), "dtype"),
-    ],
+    [("{not json", "cannot read"), ("[1, 2]", "not a JSON object")],
 )
-def test_bad_sidecar(tiny, copy_of, text, problem):
+def test_unreadable_sidecar(tiny, copy_of, text, problem):
     path = copy_of(tiny.read_bytes())
     runtime.sidecar_path(path).write_text(text)
     with pytest.raises(FGQError, match=problem):
         fgq_tvm.load(path)
+
+
+CPU_OPTION = json.dumps({"kind": "llvm", "mcpu": "skylake", "frobnicate": 1})
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        ({"format": "other/2"}, r"not an fgq-tvm sidecar \(format 'other/2'"),
+        ({"format": "fgq-tvm-module/2"}, r"written by another version of fgq-tvm .*; recompile"),
+        ({"input": {"shape": [2, 3, 4], "dtype": "float32"}}, "shape"),
+        ({"input": {"shape": list(SHAPE), "dtype": "int8"}}, "dtype"),
+        ({"module_sha256": None}, "module_sha256 is not a SHA-256 digest"),
+        ({"module_sha256": "ab" * 16}, "module_sha256 is not a SHA-256 digest"),
+        ({"target": None}, "target is not a string"),
+        ({"target": "llvm -mcpu=skylake"}, r"target is not a JSON object \(Expecting value"),
+        ({"target": json.dumps(["llvm"])}, "target is not a JSON object"),
+        (
+            {"target": CPU_OPTION},
+            r"target is not one TVM accepts \(Unknown config option 'frobnicate'\)",
+        ),
+        ({"target": json.dumps({"kind": "llvmx"})}, r"Target kind \"llvmx\" is not defined"),
+        ({"target": json.dumps({"kind": "llvm", "mcpu": "nonexistent"})}, "CPU 'nonexistent'"),
+    ],
+)
+@pytest.mark.parametrize("flags", [{"sse4_1", "avx2"}, None])
+def test_bad_sidecar(tiny, copy_of, monkeypatch, entries, problem, flags):
+    # flags None: a machine without /proc/cpuinfo, where the CPU check is skipped
+    monkeypatch.setattr(runtime, "_host_flags", lambda: flags)
+    path = copy_of(tiny.read_bytes())
+    runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), **entries}))
+    with pytest.raises(FGQError, match=problem) as error:
+        fgq_tvm.load(path)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_sidecar_of_another_module_is_refused(tiny, copy_of):
+    path = copy_of(tiny.read_bytes())
+    other = tiny_sidecar(path) | {"module_sha256": hashlib.sha256(b"another module").hexdigest()}
+    runtime.sidecar_path(path).write_text(json.dumps(other))
+    message = (
+        f"module {path} does not match its sidecar (written by another compile?): compile it again"
+    )
+    with pytest.raises(FGQError, match="^" + re.escape(message) + "$"):
+        fgq_tvm.load(path)
+
+
+def test_module_digest(tmp_path):
+    path = tmp_path / "m.so"
+    path.write_bytes(b"x" * 3_000_000)
+    assert runtime.module_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - 10, lambda n: 40, lambda n: 100])
@@ -168,7 +217,7 @@ def test_foreign_shared_library(copy_of):
 def test_module_for_a_cpu_with_more_extensions_is_refused(tiny, copy_of, monkeypatch):
     path = copy_of(tiny.read_bytes())
     cascadelake = json.dumps({"kind": "llvm", "mcpu": "cascadelake"})
-    runtime.sidecar_path(path).write_text(json.dumps({**SIDECAR, "target": cascadelake}))
+    runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), "target": cascadelake}))
     monkeypatch.setattr(runtime, "_host_flags", lambda: {"sse4_1", "sse4_2", "avx", "avx2"})
     with pytest.raises(FGQError, match="compiled for another CPU .* avx512vnni.* recompile it"):
         fgq_tvm.load(path)
@@ -179,7 +228,7 @@ def test_module_for_this_cpu_loads(tiny, copy_of):
 
     path = copy_of(tiny.read_bytes())
     host = str(parse_target(host_target()))
-    runtime.sidecar_path(path).write_text(json.dumps({**SIDECAR, "target": host}))
+    runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), "target": host}))
     assert fgq_tvm.load(path)(batch(2)).shape == (2, 3)
 
 

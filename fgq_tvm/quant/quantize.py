@@ -187,6 +187,7 @@ def _plan_layers(
 ) -> tuple[dict[str, _Plan], dict[str, str]]:
     """Resolve every conv/linear layer into a plan or a reason to stay in float."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    config.check_overrides([name for name, _ in found])
     reached = _reached(model, [module for _, module in found], batch)
     names = [name for name, module in found if module in reached]
     plans, float_layers = {}, {}

@@ -1,0 +1,202 @@
+"""Tuning databases: MetaSchedule's JSON database, read line by line and only ever appended to.
+
+A database is a folder with two files of one JSON value per line, as MetaSchedule's
+``JSONDatabase`` writes them: ``database_workload.json`` (``[structural hash, module]``: the
+unscheduled kernels) and ``database_tuning_record.json`` (``[workload line, record]``: a trace and
+its run times; the workload line counts from 0). ``JSONDatabase`` refuses a whole database for one
+unreadable line, without saying which; a tune killed while appending leaves a last line cut
+short, and the next append would run on into it. :class:`TuningDatabase` reads the same files
+line by line instead: it skips an unreadable line and names it (``file:line: what is wrong``),
+finishes a cut-short last line before it appends, and never rewrites a file. MetaSchedule's
+``JSONDatabase`` reads what it writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.database import PyDatabase
+
+from .errors import FGQError
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+SKIPPED_SHOWN = 3  # unreadable lines a warning names
+
+
+def open_database(folder: Path, remedy: str = "fix or move it") -> TuningDatabase:
+    """The database in ``folder`` (created if missing).
+
+    Parameters
+    ----------
+    folder
+        The database folder.
+    remedy
+        What the user can do when it cannot be opened, for the error message (the options
+        that fit depend on the command).
+
+    Raises
+    ------
+    FGQError
+        ``folder`` cannot be created or its files cannot be read.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return TuningDatabase(folder)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise FGQError(
+            f"cannot open the tuning database in {folder} ({reason}); {remedy}"
+        ) from None
+
+
+def skipped_warning(database: TuningDatabase) -> str | None:
+    """One line about the unreadable lines ``database`` skipped, or ``None`` if there were none."""
+    skipped = database.skipped
+    if not skipped:
+        return None
+    more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return (
+        f"skipped {len(skipped)} unreadable line(s) of the tuning database: "
+        f"{'; '.join(skipped[:SKIPPED_SHOWN])}{more} (remove them; new records are appended)"
+    )
+
+
+@derived_object
+class TuningDatabase(PyDatabase):
+    """The database of a folder (see the module docstring), held in memory; workloads and
+    records committed are appended to its files.
+
+    Attributes
+    ----------
+    skipped
+        ``file:line: what is wrong`` for each line that was skipped.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        self.memory = ms.database.MemoryDatabase(module_equality="structural")
+        self.workloads = _JSONLines(Path(folder) / WORKLOADS)
+        self.records = _JSONLines(Path(folder) / RECORDS)
+        self.skipped: list[str] = []
+        self.lines: dict[int, int] = {}  # structural hash of a workload -> its line in the file
+        by_line = self._load_workloads()
+        self._load_records(by_line)
+
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self.memory.has_workload(mod)
+
+    def commit_workload(self, mod: tvm.IRModule):
+        if self.memory.has_workload(mod):
+            return self.memory.commit_workload(mod)
+        workload = self.memory.commit_workload(mod)
+        self.lines[tvm_ffi.structural_hash(mod)] = self.workloads.append(workload.as_json())
+        return workload
+
+    def commit_tuning_record(self, record) -> None:
+        line = self.lines[tvm_ffi.structural_hash(record.workload.mod)]
+        self.records.append([line, record.as_json()])
+        self.memory.commit_tuning_record(record)
+
+    def get_top_k(self, workload, top_k: int) -> list:
+        return self.memory.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self) -> list:
+        return self.memory.get_all_tuning_records()
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def _load_workloads(self) -> dict[int, object]:
+        """Commit the readable workloads to memory; returns them by line (from 0)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        by_line = {}
+        for number, value in self.workloads.read(self.skipped):
+            try:
+                if not (isinstance(value, list) and len(value) == 2):
+                    raise ValueError("not a workload: expected [structural hash, module]")
+                mod = ms.database.Workload.from_json(value).mod
+            except Exception as error:  # TVM raises several types on a malformed module
+                self.skipped.append(f"{self.workloads.path}:{number}: {_first_line(error)}")
+                continue
+            by_line[number - 1] = self.memory.commit_workload(mod)
+            self.lines.setdefault(tvm_ffi.structural_hash(mod), number - 1)
+        return by_line
+
+    def _load_records(self, by_line: dict[int, object]) -> None:
+        """Commit the readable records of readable workloads to memory."""
+        from tvm.s_tir import meta_schedule as ms
+
+        for number, value in self.records.read(self.skipped):
+            try:
+                if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)):
+                    raise ValueError("not a tuning record: expected [workload line, record]")
+                if value[0] not in by_line:
+                    raise ValueError(f"workload line {value[0]} is missing or unreadable")
+                record = ms.database.TuningRecord.from_json(value[1], by_line[value[0]])
+            except Exception as error:  # TVM raises several types on a malformed record
+                self.skipped.append(f"{self.records.path}:{number}: {_first_line(error)}")
+                continue
+            self.memory.commit_tuning_record(record)
+
+
+class _JSONLines:
+    """A file of one JSON value per line, read once and then only appended to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0  # lines in the file, unreadable ones included
+        self.cut_short = False  # the last line has no newline (a writer was killed)
+
+    def read(self, skipped: list[str]) -> list[tuple[int, object]]:
+        """``(line number from 1, value)`` of each line that is JSON; ``file:line: reason`` of
+        the others is added to ``skipped``.
+
+        Raises
+        ------
+        OSError
+            The file exists and cannot be read.
+        """
+        data = self.path.read_bytes() if self.path.exists() else b""
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        self.count, self.cut_short = len(lines), bool(lines) and not data.endswith(b"\n")
+        values = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                values.append((number, json.loads(line)))
+            except ValueError as error:  # invalid JSON or UTF-8
+                reason = "cut short" if number == len(lines) and self.cut_short else "not JSON"
+                skipped.append(f"{self.path}:{number}: {reason} ({error})")
+        return values
+
+    def append(self, value: object) -> int:
+        """Append ``value`` as a line (after ending a line cut short); returns its line index
+        from 0.
+
+        Raises
+        ------
+        FGQError
+            The file cannot be written.
+        """
+        text = ("\n" if self.cut_short else "") + json.dumps(value, separators=(",", ":")) + "\n"
+        try:
+            with open(self.path, "a") as file:
+                file.write(text)
+        except OSError as error:
+            raise FGQError(f"cannot write {self.path} ({error.strerror or error})") from None
+        self.cut_short = False
+        self.count += 1
+        return self.count - 1
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(error).__name__
