@@ -21,7 +21,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.database import PyDatabase
 
-from .errors import FGQError
+from .errors import FGQError, brief
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -123,7 +123,7 @@ class TuningDatabase(PyDatabase):
                     raise ValueError("not a workload: expected [structural hash, module]")
                 mod = ms.database.Workload.from_json(value).mod
             except Exception as error:  # TVM raises several types on a malformed module
-                self.skipped.append(f"{self.workloads.path}:{number}: {_first_line(error)}")
+                self.skipped.append(f"{self.workloads.path}:{number}: {brief(error)}")
                 continue
             by_line[number - 1] = self.memory.commit_workload(mod)
             self.lines.setdefault(tvm_ffi.structural_hash(mod), number - 1)
@@ -141,7 +141,7 @@ class TuningDatabase(PyDatabase):
                     raise ValueError(f"workload line {value[0]} is missing or unreadable")
                 record = ms.database.TuningRecord.from_json(value[1], by_line[value[0]])
             except Exception as error:  # TVM raises several types on a malformed record
-                self.skipped.append(f"{self.records.path}:{number}: {_first_line(error)}")
+                self.skipped.append(f"{self.records.path}:{number}: {brief(error)}")
                 continue
             self.memory.commit_tuning_record(record)
 
@@ -195,8 +195,3 @@ class _JSONLines:
         self.cut_short = False
         self.count += 1
         return self.count - 1
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(error).__name__
