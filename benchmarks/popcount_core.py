@@ -31,15 +31,13 @@ from fgq_tvm.config import QuantConfig
 from fgq_tvm.data import load_calibration
 from fgq_tvm.models import build_model
 from fgq_tvm.quant.quantize import quantize_model
-from fgq_tvm.relax_passes.legalize_quantized_layers import (
-    KernelSpec,
-    layer_encoding,
-)
 from fgq_tvm.reporting import write_text_atomically
 from fgq_tvm.schedules import conv2d_popcount
-from fgq_tvm.schedules.conv2d import NO_EPILOGUE
+from fgq_tvm.schedules.conv2d_dot import AVX2_CORE
+from fgq_tvm.schedules.conv2d_popcount import POPCOUNT_CORE
+from fgq_tvm.schedules.core import NO_EPILOGUE
+from fgq_tvm.schedules.kernel_spec import KernelSpec, layer_encoding
 from fgq_tvm.schedules.layout import PLAIN
-from fgq_tvm.schedules.select import POPCOUNT
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.threads import thread_settings
 from fgq_tvm.tuning import KernelTask
@@ -56,8 +54,8 @@ AVX2 = parse_target("llvm -mcpu=haswell")
 def layer_variants(spec: KernelSpec, host) -> list[tuple[KernelSpec, object]]:
     """The kernels of :data:`VARIANTS` for one compiled layer, with the target of each."""
     plain = replace(spec, layouts=PLAIN, quantized_input=False, epilogue=NO_EPILOGUE)
-    avx2 = replace(plain, core="int16-dot-avx2")
-    return [(spec, host), (plain, host), (avx2, AVX2), (replace(plain, core=POPCOUNT), host)]
+    avx2, popcount = (replace(plain, core=core.name) for core in (AVX2_CORE, POPCOUNT_CORE))
+    return [(spec, host), (plain, host), (avx2, AVX2), (popcount, host)]
 
 
 def runner(spec: KernelSpec, target):

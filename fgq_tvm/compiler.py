@@ -49,13 +49,12 @@ from .relax_passes import (
     PromoteAveragesToFloat64,
     QuantizeKernelOutputs,
     ScheduleGraphOperators,
-    layer_encoding,
 )
-from .relax_passes.legalize_quantized_layers import KernelSpec
 from .reporting import output_file
 from .runtime import SIDECAR_FORMAT, module_digest, sidecar_path
+from .schedules.kernel_spec import KernelSpec, layer_encoding
 from .schedules.layout import NCHW16C
-from .schedules.select import dot_instruction
+from .schedules.select import computes_blocked_layouts
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
@@ -193,9 +192,10 @@ def lower_to_relax(
     """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
     ``main(x, prepare())`` runs the network.
 
-    On a target with an integer dot core, activations between conv layers stay in its blocked
-    layout (NCHW16c, :mod:`~fgq_tvm.schedules.layout`) from the first layer with whole
-    channel blocks to the last; Relax's ConvertLayout places the transforms at the edges.
+    On a target with a core that computes in the blocked layout NCHW16c
+    (:mod:`~fgq_tvm.schedules.layout`; the integer dot cores), activations between conv layers
+    stay in it from the first layer with whole channel blocks to the last; Relax's
+    ConvertLayout places the transforms at the edges.
 
     ``target`` picks each layer's core (``None``: the portable bitplane core everywhere);
     ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels.
@@ -208,7 +208,7 @@ def lower_to_relax(
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    if dot_instruction(target) is not None:
+    if computes_blocked_layouts(target):
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [NCHW16C, "OIHW"]})(mod)
         mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)

@@ -1,15 +1,16 @@
-"""MetaSchedule tuning of the integer dot cores, and the tuned schedules ``compile`` takes.
+"""MetaSchedule tuning of the tunable cores' kernels, and the tuned schedules ``compile`` takes.
 
 Tasks
-    One per distinct kernel of a model on an integer dot core: the layer's unscheduled PrimFunc
-    (:func:`~fgq_tvm.schedules.conv2d_dot.dot_conv2d_workload`) with its epilogue, built with
-    a canonical activation scale of 1.0, so that one record serves every calibration of the
-    same geometry (the trace only names blocks and loops).
+    One per distinct kernel of a model on a tunable core
+    (:attr:`~fgq_tvm.schedules.core.Core.tunable`: the integer dot cores): the layer's
+    unscheduled PrimFunc (the core's :meth:`~fgq_tvm.schedules.core.Core.workload`) with its
+    epilogue, built with a canonical activation scale of 1.0, so that one record serves every
+    calibration of the same geometry (the trace only names blocks and loops).
 Space
-    :func:`~fgq_tvm.schedules.conv2d_dot.schedule_dot_conv2d` with its knobs sampled (output
-    columns and channel blocks per register tile), as a ``ScheduleFn``: no generic rules or
-    postprocessors, since the dot tensorization is the project's own (MetaSchedule's x86 int8
-    tensorization is broken in this TVM, DESIGN.md).
+    The core's :meth:`~fgq_tvm.schedules.core.Core.schedule`, which samples its knobs (for the
+    dot cores, output columns and channel blocks per register tile), as a ``ScheduleFn``: no
+    generic rules or postprocessors, since the dot tensorization is the project's own
+    (MetaSchedule's x86 int8 tensorization is broken in this TVM, DESIGN.md).
 Search
     Evolutionary, with the XGBoost cost model; candidates built and timed on this machine.
 Records
@@ -69,10 +70,9 @@ from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
 from .errors import FGQError
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
-from .relax_passes.legalize_quantized_layers import KernelSpec, kernel_arguments, layer_encoding
 from .reporting import progress_bar
-from .schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
-from .schedules.select import DOT_CORES, build_layer
+from .schedules.kernel_spec import KernelSpec, kernel_arguments
+from .schedules.select import build_layer, core_named
 from .threads import thread_settings
 from .tuning_database import TuningDatabase, open_database, skipped_warning
 
@@ -90,8 +90,8 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class KernelTask:
-    """One kernel to tune: a layer on an integer dot core (``spec.core``, one of
-    :data:`~fgq_tvm.schedules.select.DOT_CORES`), for one input shape, epilogue and layout."""
+    """One kernel to tune: a layer on a tunable core (``spec.core``), for one input shape,
+    epilogue and layout."""
 
     spec: KernelSpec
 
@@ -109,11 +109,11 @@ class KernelTask:
             layer=replace(self.spec.layer, act=_unit_scale(self.spec.layer.act)),
             epilogue=replace(self.spec.epilogue, quantize=quantize and _unit_scale(quantize)),
         )
-        return tvm.IRModule({"main": _workload(spec)})
+        return tvm.IRModule({"main": spec.workload()})
 
     def apply(self, trace: tvm.s_tir.Trace) -> tvm.tirx.PrimFunc:
         """The layer's own kernel scheduled by ``trace`` (a record of :meth:`workload`)."""
-        sch = tvm.s_tir.Schedule(_workload(self.spec))
+        sch = tvm.s_tir.Schedule(self.spec.workload())
         trace.apply_to_schedule(sch, remove_postproc=False)
         return sch.mod["main"]
 
@@ -159,27 +159,19 @@ class KernelTask:
         return x.astype(np.float32), residual
 
 
-def _workload(spec: KernelSpec) -> tvm.tirx.PrimFunc:
-    """The unscheduled kernel of ``spec``."""
-    return dot_conv2d_workload(
-        spec.shape, spec.layer.act, layer_encoding(spec.layer), spec.epilogue, spec.layouts,
-        spec.quantized_input, DOT_CORES[spec.core],
-    )  # fmt: skip
-
-
 def _unit_scale(act: ActQuant) -> ActQuant:
     return replace(act, scale=1.0)
 
 
 def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):
     """The task of a kernel PrimFunc of a lowered model (its ``fgq.*`` attributes), or
-    ``None`` if it is not on a dot core."""
+    ``None`` if it is not on a tunable core."""
     spec = KernelSpec.of(func, layers)
-    return KernelTask(spec) if spec is not None and spec.core in DOT_CORES else None
+    return KernelTask(spec) if spec is not None and core_named(spec.core).tunable else None
 
 
 def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> list[KernelTask]:
-    """The dot core kernels of a lowered model, one task per distinct workload, in model
+    """The tunable cores' kernels of a lowered model, one task per distinct workload, in model
     order (layers of the same geometry share a task)."""
     tasks, seen = [], set()
     for _, func in mod.functions_items():
@@ -409,7 +401,7 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
     from tvm.s_tir import meta_schedule as ms
 
     space = ms.space_generator.ScheduleFn(
-        schedule_dot_conv2d, sch_rules=[], postprocs=[], mutator_probs={}
+        core_named(task.spec.core).schedule, sch_rules=[], postprocs=[], mutator_probs={}
     )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=SEARCH_POPULATION, init_min_unmeasured=SEARCH_POPULATION

@@ -91,13 +91,8 @@ def kernel_call(
     kernel's name in the passes; ``quantized_input``: ``x`` holds activation bytes."""
     from tvm import relax
 
-    from fgq_tvm.relax_passes.legalize_quantized_layers import (
-        KernelSpec,
-        kernel_arguments,
-        layer_shape,
-    )
-    from fgq_tvm.relax_passes.schedule_graph_operators import SCHEDULED
-    from fgq_tvm.schedules.conv2d import NO_EPILOGUE
+    from fgq_tvm.schedules.core import NO_EPILOGUE
+    from fgq_tvm.schedules.kernel_spec import SCHEDULED, KernelSpec, kernel_arguments, layer_shape
     from fgq_tvm.schedules.layout import PLAIN, nchw_shape
 
     epilogue = epilogue or NO_EPILOGUE

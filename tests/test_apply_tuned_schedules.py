@@ -7,8 +7,8 @@ from helpers import kernel_call, ternary_conv_layer
 from tvm import relax
 
 from fgq_tvm.relax_passes import ApplyTunedSchedules
-from fgq_tvm.schedules.conv2d import Conv2dShape
 from fgq_tvm.schedules.conv2d_dot import DotSchedule, dot_conv2d_prim_func
+from fgq_tvm.schedules.core import Conv2dShape
 
 CONV = ternary_conv_layer(16, 8)
 SHAPE = Conv2dShape(1, 8, 6, 6, 16, (3, 3), padding=(1, 1), group_size=4)

@@ -1,7 +1,7 @@
 """BlockKernelOutputs: Before/Expected modules compared structurally.
 
 The modules are built with the BlockBuilder: the kernels are the real scheduled PrimFuncs of
-:func:`fgq_tvm.schedules.select.layer_kernels`, too long to spell out in TVMScript.
+:meth:`fgq_tvm.schedules.core.Core.kernels`, too long to spell out in TVMScript.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tvm import relax
 
 from fgq_tvm.relax_passes import BlockKernelOutputs
 from fgq_tvm.relax_passes.block_kernel_outputs import STEM_LAYOUTS
-from fgq_tvm.schedules.conv2d import Epilogue
+from fgq_tvm.schedules.core import Epilogue
 from fgq_tvm.schedules.layout import NCHW, NCHW16C, index_map
 
 STEM = ternary_conv_layer(16, 3)

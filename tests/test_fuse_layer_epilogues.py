@@ -1,7 +1,7 @@
 """FuseLayerEpilogues: Before/Expected modules compared structurally.
 
 The modules are built with the BlockBuilder: the kernels are the real scheduled PrimFuncs of
-:func:`fgq_tvm.schedules.select.layer_kernels`, too long to spell out in TVMScript.
+:meth:`fgq_tvm.schedules.core.Core.kernels`, too long to spell out in TVMScript.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from helpers import kernel_call, ternary_conv_layer
 from tvm import relax
 
 from fgq_tvm.relax_passes import FuseLayerEpilogues
-from fgq_tvm.schedules.conv2d import Epilogue
+from fgq_tvm.schedules.core import Epilogue
 
 CONV = ternary_conv_layer(8, 8)
 IMAGE = relax.TensorType((1, 8, 6, 6), "float32")

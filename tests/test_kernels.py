@@ -27,25 +27,19 @@ from tvm import te
 
 from fgq_tvm.config import LayerConfig
 from fgq_tvm.quant.layers import ActQuant, QuantizedLayer, reference_forward
-from fgq_tvm.relax_passes.legalize_quantized_layers import (
-    kernel_arguments,
-    layer_encoding,
-    layer_shape,
-)
 from fgq_tvm.schedules import conv2d_popcount
 from fgq_tvm.schedules.conv2d import (
-    NO_EPILOGUE,
-    Conv2dShape,
     ConvSchedule,
-    Epilogue,
     conv2d_compute,
     conv2d_prim_func,
     pack_trits,
     reference_group_sums,
 )
+from fgq_tvm.schedules.core import NO_EPILOGUE, Conv2dShape, Epilogue, LayerKernels
 from fgq_tvm.schedules.intrinsics_x86 import AVX2_DOT, VNNI_DOT
+from fgq_tvm.schedules.kernel_spec import kernel_arguments, layer_encoding, layer_shape
 from fgq_tvm.schedules.layout import BLOCKED, CHANNEL_BLOCK, NCHW, NCHW16C, PLAIN, Layouts
-from fgq_tvm.schedules.select import LayerKernels, build_layer, layer_kernels, select_core
+from fgq_tvm.schedules.select import build_layer, core_named, select_core
 from fgq_tvm.target import host_target, parse_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -150,7 +144,7 @@ def run_kernel(
 ):
     """Compile and run the layer's scheduled bitplane PrimFunc on ``x``."""
     shape = layer_shape(layer, as_image(x).shape)
-    kernels = layer_kernels("bitplane", shape, layer.act, layer_encoding(layer))
+    kernels = core_named("bitplane").kernels(shape, layer.act, layer_encoding(layer))
     func = conv2d_prim_func(shape, layer.act, layer_encoding(layer), knobs, epilogue)
     return run_layer(replace(kernels, layer=func), layer, x, TARGET, *residual)
 
@@ -300,8 +294,8 @@ def test_dot_cores_match_reference_bit_for_bit(core, encoding):
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
         quantized_input, quantize = case % 4 == 1, _next_quantizer(rng) if case % 3 == 1 else None
         epilogue, residual, expected = with_epilogue(rng, expected, quantize)
-        kernels = layer_kernels(
-            core, shape, layer.act, encoding, epilogue, layouts, quantized_input
+        kernels = core_named(core).kernels(
+            shape, layer.act, encoding, epilogue, layouts, quantized_input
         )
         given = layer.act.stored(x) if quantized_input else x
         actual = run_layer(kernels, layer, given, DOT_CORE_TARGETS[core], *residual)
@@ -329,7 +323,7 @@ def test_popcount_core_matches_reference_bit_for_bit(encoding):
         shape = layer_shape(layer, as_image(x).shape)
         expected = reference_forward(layer, torch.from_numpy(x)).numpy()
         epilogue, residual, expected = with_epilogue(rng, expected)
-        kernels = layer_kernels("popcount-vpopcntdq", shape, layer.act, encoding, epilogue)
+        kernels = core_named("popcount-vpopcntdq").kernels(shape, layer.act, encoding, epilogue)
         actual = run_layer(kernels, layer, x, HOST, *residual)
         if not np.array_equal(actual, expected):
             mismatches.append((case, shape, act))

@@ -1,7 +1,7 @@
 """QuantizeKernelOutputs: Before/Expected modules compared structurally.
 
 The modules are built with the BlockBuilder: the kernels are the real scheduled PrimFuncs of
-:func:`fgq_tvm.schedules.select.layer_kernels`, too long to spell out in TVMScript.
+:meth:`fgq_tvm.schedules.core.Core.kernels`, too long to spell out in TVMScript.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from tvm import relax
 
 from fgq_tvm.quant.layers import ActQuant
 from fgq_tvm.relax_passes import QuantizeKernelOutputs
-from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec, layer_shape
-from fgq_tvm.schedules.conv2d import Epilogue
+from fgq_tvm.schedules.core import Epilogue
+from fgq_tvm.schedules.kernel_spec import KernelSpec, layer_shape
 from fgq_tvm.schedules.layout import BLOCKED
 
 DOT = "int8-dot-vnni"

@@ -24,10 +24,10 @@ from tvm.s_tir import Schedule
 from tvm_ffi import structural_hash
 
 from fgq_tvm.errors import FGQError
-from fgq_tvm.relax_passes.legalize_quantized_layers import KernelSpec
-from fgq_tvm.schedules.conv2d import Conv2dShape, Epilogue
 from fgq_tvm.schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
+from fgq_tvm.schedules.core import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.kernel_spec import KernelSpec
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target, target_key
 from fgq_tvm.tuning import (

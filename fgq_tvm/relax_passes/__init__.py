@@ -3,7 +3,7 @@
 from .apply_tuned_schedules import ApplyTunedSchedules
 from .block_kernel_outputs import BlockKernelOutputs
 from .fuse_layer_epilogues import FuseLayerEpilogues
-from .legalize_quantized_layers import LegalizeQuantizedLayers, layer_encoding
+from .legalize_quantized_layers import LegalizeQuantizedLayers
 from .lift_constant_computations import PREPARE, LiftConstantComputations
 from .promote_averages import PromoteAveragesToFloat64
 from .quantize_kernel_outputs import QuantizeKernelOutputs
@@ -19,5 +19,4 @@ __all__ = [
     "PromoteAveragesToFloat64",
     "QuantizeKernelOutputs",
     "ScheduleGraphOperators",
-    "layer_encoding",
 ]

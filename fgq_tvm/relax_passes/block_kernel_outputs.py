@@ -28,10 +28,10 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
+from ..schedules.kernel_spec import KernelSpec
 from ..schedules.layout import CHANNEL_BLOCK, NCHW, NCHW16C, PLAIN, Layouts, index_map
-from ..schedules.select import kernel_layouts
+from ..schedules.select import core_named
 from ._mutation import mutate_relax_functions, variable_uses, without_unused_kernels
-from .legalize_quantized_layers import KernelSpec
 
 STEM_LAYOUTS = Layouts(NCHW, NCHW16C)
 
@@ -109,7 +109,7 @@ class _Rewriter(PyExprMutator):
         if spec is None or spec.layouts != PLAIN or spec.epilogue.residual:
             return None
         whole_blocks = spec.shape.out_channels % CHANNEL_BLOCK == 0
-        if not whole_blocks or kernel_layouts(spec.core, STEM_LAYOUTS) != STEM_LAYOUTS:
+        if not whole_blocks or core_named(spec.core).layouts_for(STEM_LAYOUTS) != STEM_LAYOUTS:
             return None
         blocked = replace(spec, layouts=STEM_LAYOUTS)
         kernels = blocked.kernels()

@@ -26,9 +26,9 @@ import tvm
 from tvm import relax
 
 from ..quant.layers import QuantizedLayer
-from ..schedules.conv2d import Epilogue
+from ..schedules.core import Epilogue
+from ..schedules.kernel_spec import KernelSpec
 from ._mutation import variable_uses, without_unused_kernels
-from .legalize_quantized_layers import KernelSpec
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLayerEpilogues")

@@ -5,7 +5,7 @@ the int8 dot core multiplies). Where every reader of a kernel's output is a kern
 with the same activation quantizer, reading it as its input, the writer can run that stage in
 its epilogue instead. This pass rewrites, where ``fgq_a`` and ``fgq_b`` (and ``fgq_c``) are
 quantized kernels on a core that reads and writes activation bytes
-(:func:`~fgq_tvm.schedules.select.reads_activation_bytes`)::
+(:attr:`~fgq_tvm.schedules.core.Core.activation_bytes`)::
 
     y = R.call_tir(fgq_a, (x, ...), f32)         y = R.call_tir(fgq_a_quantized_out, (x, ...), u8)
     z = R.call_tir(fgq_b, (y, ...), f32)   ->    z = R.call_tir(fgq_b_quantized_in, (y, ...), f32)
@@ -31,9 +31,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import ActQuant, QuantizedLayer
-from ..schedules.select import reads_activation_bytes
+from ..schedules.kernel_spec import KernelSpec
+from ..schedules.select import core_named
 from ._mutation import mutate_relax_functions, variable_uses, without_unused_kernels
-from .legalize_quantized_layers import KernelSpec
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeKernelOutputs")
@@ -104,7 +104,7 @@ class _Rewriter(PyExprMutator):
         if not (isinstance(value, relax.Call) and value.op.same_as(self.call_tir)):
             return None
         spec = KernelSpec.of(self.builder_.get()[value.args[0]], self.layers)
-        if spec is None or not reads_activation_bytes(spec.core):
+        if spec is None or not core_named(spec.core).activation_bytes:
             return None
         return spec
 

@@ -22,7 +22,8 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline_contiguous_spatial
 
-SCHEDULED = "tirx.is_scheduled"  # the mark this pass (and DLight) reads and sets
+from ..schedules.kernel_spec import SCHEDULED
+
 MIN_PARALLEL_ELEMENTS = 4096
 MAX_VECTOR_EXTENT = 64
 

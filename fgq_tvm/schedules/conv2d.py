@@ -48,73 +48,29 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
+from .core import (
+    NO_EPILOGUE,
+    Conv2dShape,
+    Core,
+    Epilogue,
+    LayerKernels,
+    TernaryStorage,
+    WeightEncoding,
+)
 from .layout import (
     CHANNEL_BLOCK,
     NCHW,
     ActivationLayout,
+    Layouts,
     activation_dims,
     activation_placeholder,
     element,
 )
 
-WeightEncoding = Literal[
-    "ternary_group_scales", "ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8"
-]
 ASYMMETRIC = "ternary_asymmetric_int8_scales"  # int8 scales, one per sign and group
-TernaryStorage = Literal["bitplanes", "base3"]
 WORD_BITS = 32
 TRITS_PER_BYTE = 5  # 3^5 = 243 values fit a byte
 MIN_DECODE_REUSE = 8  # output positions per weight from which decoding once pays off
-
-
-@dataclass(frozen=True)
-class Conv2dShape:
-    """The geometry of one quantized conv2d (dense: a 1x1 conv on a 1x1 input)."""
-
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    group_size: int = 1
-
-    @property
-    def out_height(self) -> int:
-        extent = self.dilation[0] * (self.kernel[0] - 1) + 1
-        return (self.height + 2 * self.padding[0] - extent) // self.stride[0] + 1
-
-    @property
-    def out_width(self) -> int:
-        extent = self.dilation[1] * (self.kernel[1] - 1) + 1
-        return (self.width + 2 * self.padding[1] - extent) // self.stride[1] + 1
-
-    @property
-    def num_groups(self) -> int:
-        return -(-self.in_channels // self.group_size)
-
-    @property
-    def padded_channels(self) -> int:
-        """Input channels rounded up to whole groups (the padding channels are zero)."""
-        return self.num_groups * self.group_size
-
-    @property
-    def words(self) -> int:
-        """uint32 words per bitplane row."""
-        return -(-self.padded_channels // WORD_BITS)
-
-    @property
-    def is_dense(self) -> bool:
-        return self.height == self.width == self.kernel[0] == self.kernel[1] == 1
-
-    @property
-    def macs(self) -> int:
-        k_h, k_w = self.kernel
-        per_output = self.in_channels * k_h * k_w
-        return self.batch * self.out_channels * self.out_height * self.out_width * per_output
 
 
 @dataclass(frozen=True)
@@ -308,7 +264,7 @@ def layer_arguments(
         byte_dims = (k_h, k_w, -(-shape.padded_channels // TRITS_PER_BYTE), shape.out_channels)
         trits = te.placeholder(byte_dims, "uint8", name="trits")
         return LayerArguments(shape, encoding, x, (trits, *scales), storage)
-    plane_dims = (k_h, k_w, shape.words, shape.out_channels)
+    plane_dims = (k_h, k_w, -(-shape.padded_channels // WORD_BITS), shape.out_channels)
     plus = te.placeholder(plane_dims, "uint32", name="plus")
     minus = te.placeholder(plane_dims, "uint32", name="minus")
     return LayerArguments(shape, encoding, x, (plus, minus, *scales), storage)
@@ -375,53 +331,6 @@ def dequantize(acc, out_scale):
     """``f32(f64(acc) * f64(out_scale))``: the product in float64, so no fused multiply-add
     can change the float32 rounding."""
     return (acc.astype("float64") * out_scale.astype("float64")).astype("float32")
-
-
-@dataclass(frozen=True)
-class Epilogue:
-    """Elementwise work fused after a layer's float output ``y = conv(x) + bias``.
-
-    ``y + residual`` (a float32 tensor of the output's shape) when ``residual``, then
-    ``max(y, 0)`` when ``relu``: the float32 operations of ``relu(conv(x) + residual)`` in the
-    reference, in the same order, so the result is bit-identical. With ``quantize`` (the next
-    layer's quantizer) the output is then stored as that layer's activation bytes
-    (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`), the quantize stage that layer would run.
-    """
-
-    residual: bool = False
-    relu: bool = False
-    quantize: ActQuant | None = None
-
-    @property
-    def name(self) -> str:
-        """``add``, ``relu``, ``quantize`` joined by ``_``, or empty (:meth:`parse` reads it
-        back)."""
-        parts = ["add"] * self.residual + ["relu"] * self.relu
-        return "_".join(parts + ["quantize"] * (self.quantize is not None))
-
-    @property
-    def output_dtype(self) -> str:
-        return "float32" if self.quantize is None else "uint8"
-
-    @staticmethod
-    def parse(name: str, quantize: ActQuant | None = None) -> Epilogue:
-        """The epilogue called ``name`` (see :attr:`name`); ``quantize`` is its quantizer when
-        the name ends in ``quantize``."""
-        parts = set(name.split("_")) - {""}
-        if not parts <= {"add", "relu", "quantize"} or ("quantize" in parts) != bool(quantize):
-            raise ValueError(f"unknown epilogue {name!r} (quantizer: {quantize})")
-        return Epilogue("add" in parts, "relu" in parts, quantize)
-
-    def reference(self, y: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """NumPy reference: the same operations on the layer's float32 output ``y``."""
-        if self.residual:
-            y = y + residual
-        if self.relu:
-            y = np.maximum(y, np.float32(0))
-        return y if self.quantize is None else self.quantize.stored(y)
-
-
-NO_EPILOGUE = Epilogue()
 
 
 def quantized_value(value, act: ActQuant):
@@ -663,3 +572,32 @@ def reference_group_sums(x_q: np.ndarray, ternary: np.ndarray, shape: Conv2dShap
                 weights = ternary[:, channels, r, s].astype(np.int64)
                 sums[:, :, g, r, s] = np.einsum("kc,bchw->bkhw", weights, window[:, channels])
     return sums
+
+
+class BitplaneCore(Core):
+    """``bitplane``: the portable core of this module, for every layer on every target; it reads
+    the stored 2-bit weights directly."""
+
+    name = "bitplane"
+
+    def available(self, target) -> bool:
+        return True
+
+    def supports(self, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
+        return True
+
+    def layer_kernels(
+        self,
+        shape: Conv2dShape,
+        act: ActQuant,
+        encoding: WeightEncoding,
+        epilogue: Epilogue,
+        layouts: Layouts,
+        quantized_input: bool,
+    ) -> LayerKernels:
+        output = (shape.output_dims, epilogue.output_dtype)
+        layer = conv2d_prim_func(shape, act, encoding, epilogue=epilogue)
+        return LayerKernels(self.name, layer, output)
+
+
+BITPLANE_CORE = BitplaneCore()

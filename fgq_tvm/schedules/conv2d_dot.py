@@ -54,10 +54,6 @@ from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
 from .conv2d import (
-    NO_EPILOGUE,
-    Conv2dShape,
-    Epilogue,
-    WeightEncoding,
     dequantize,
     group_sums_at,
     has_block,
@@ -67,8 +63,17 @@ from .conv2d import (
     padded_extent,
     stored_activation,
 )
+from .core import NO_EPILOGUE, Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
 from .intrinsics_x86 import AVX2_DOT, VNNI_DOT, DotInstruction
-from .layout import CHANNEL_BLOCK, NCHW, PLAIN, Layouts, activation_placeholder, element
+from .layout import (
+    CHANNEL_BLOCK,
+    NCHW,
+    PLAIN,
+    Layouts,
+    activation_dims,
+    activation_placeholder,
+    element,
+)
 
 INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
 DOT_INSTRUCTIONS = (VNNI_DOT, AVX2_DOT)
@@ -499,3 +504,78 @@ def dot_conv2d_workload(
         shape, act, encoding, epilogue, layouts, quantized_input, instruction
     )
     return te.create_prim_func(tensors)
+
+
+class DotCore(Core):
+    """The integer dot core of one dot instruction (see the module docstring).
+
+    Parameters
+    ----------
+    name
+        The core's name.
+    instruction
+        Its dot instruction; the target must have its feature.
+    unless
+        A dot instruction whose presence on the target leaves this core out (a target with
+        VNNI computes what the VNNI core cannot on the bitplane core, not with AVX2).
+    """
+
+    ternary_storage = STORAGE
+    blocked_layouts = True
+    activation_bytes = True
+    tunable = True
+
+    def __init__(self, name: str, instruction: DotInstruction, unless: DotInstruction | None):
+        self.name = name
+        self.instruction = instruction
+        self.unless = unless
+
+    def available(self, target) -> bool:
+        if target is None or not self.instruction.available(target):
+            return False
+        return self.unless is None or not self.unless.available(target)
+
+    def supports(self, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
+        return supports(shape, act, encoding, self.instruction)
+
+    def layer_kernels(
+        self,
+        shape: Conv2dShape,
+        act: ActQuant,
+        encoding: WeightEncoding,
+        epilogue: Epilogue,
+        layouts: Layouts,
+        quantized_input: bool,
+    ) -> LayerKernels:
+        nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        return LayerKernels(
+            self.name,
+            dot_conv2d_prim_func(
+                shape, act, encoding, None, epilogue, layouts, quantized_input, self.instruction
+            ),
+            (activation_dims(layouts.output, *nchw), epilogue.output_dtype),
+            dot_pack_prim_func(shape, act, encoding, self.instruction),
+            prepared_types(shape, act, self.instruction),
+            PACKED_ARGUMENTS[encoding],
+            layouts,
+        )
+
+    def workload(
+        self,
+        shape: Conv2dShape,
+        act: ActQuant,
+        encoding: WeightEncoding,
+        epilogue: Epilogue,
+        layouts: Layouts,
+        quantized_input: bool,
+    ) -> tvm.tirx.PrimFunc:
+        return dot_conv2d_workload(
+            shape, act, encoding, epilogue, layouts, quantized_input, self.instruction
+        )
+
+    def schedule(self, sch: Schedule) -> None:
+        schedule_dot_conv2d(sch)
+
+
+VNNI_CORE = DotCore("int8-dot-vnni", VNNI_DOT, unless=None)
+AVX2_CORE = DotCore("int16-dot-avx2", AVX2_DOT, unless=VNNI_DOT)

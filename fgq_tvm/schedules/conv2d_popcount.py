@@ -46,10 +46,6 @@ from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
 from .conv2d import (
-    NO_EPILOGUE,
-    Conv2dShape,
-    Epilogue,
-    WeightEncoding,
     dequantize,
     layer_arguments,
     loop_extent,
@@ -57,6 +53,8 @@ from .conv2d import (
     padded_extent,
     quantized_value,
 )
+from .core import NO_EPILOGUE, Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
+from .layout import Layouts
 
 WORD_BITS = 64
 LANES = 8  # uint64 lanes of a 512-bit vector: output channels per vector
@@ -278,3 +276,37 @@ def popcount_conv2d_prim_func(
     sch = Schedule(te.create_prim_func(popcount_conv2d_compute(shape, act, encoding, epilogue)))
     schedule_popcount_conv2d(sch, knobs or PopcountSchedule.default_for(shape))
     return sch.mod["main"]
+
+
+class PopcountCore(Core):
+    """``popcount-vpopcntdq``: the bitplane popcount core (see the module docstring)."""
+
+    name = "popcount-vpopcntdq"
+    ternary_storage = STORAGE
+
+    def available(self, target) -> bool:
+        return target is not None and available(target)
+
+    def supports(self, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
+        return supports(shape, act, encoding)
+
+    def layer_kernels(
+        self,
+        shape: Conv2dShape,
+        act: ActQuant,
+        encoding: WeightEncoding,
+        epilogue: Epilogue,
+        layouts: Layouts,
+        quantized_input: bool,
+    ) -> LayerKernels:
+        return LayerKernels(
+            self.name,
+            popcount_conv2d_prim_func(shape, act, encoding, None, epilogue),
+            (shape.output_dims, epilogue.output_dtype),
+            popcount_pack_prim_func(shape, encoding),
+            prepared_types(shape),
+            PACKED_ARGUMENTS,
+        )
+
+
+POPCOUNT_CORE = PopcountCore()
