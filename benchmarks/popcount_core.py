@@ -6,7 +6,7 @@ default schedules and the layer's real quantized weights: the int8 dot core (VNN
 compiled network runs it (its layout, its activation bytes in and out), the int8 dot core with
 float32 NCHW input and output, the int16 dot core (AVX2, built for Haswell) and the popcount
 core, both float32 NCHW in and out. It times them in interleaved rounds
-(:func:`fgq_tvm.bench.time_rounds`; batch 1, the given threads), and writes a markdown table of
+(:func:`fgq_tvm.timing.time_rounds`; batch 1, the given threads), and writes a markdown table of
 medians, GMAC/s and the popcount core's time over the others'.
 
 Usage::
@@ -25,7 +25,6 @@ from statistics import median
 
 import torch
 
-from fgq_tvm.bench import time_rounds
 from fgq_tvm.compiler import kernel_info, lower_to_relax
 from fgq_tvm.config import QuantConfig
 from fgq_tvm.data import load_calibration
@@ -40,6 +39,7 @@ from fgq_tvm.schedules.kernel_spec import KernelSpec, layer_encoding
 from fgq_tvm.schedules.layout import PLAIN
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.threads import thread_settings
+from fgq_tvm.timing import time_rounds
 from fgq_tvm.tuning import KernelTask
 
 VARIANTS = (

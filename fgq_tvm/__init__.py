@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a module written by ``fgq-tvm compile`` (see :func:`fgq_tvm.runtime.load`).
+def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
+    """Load a module written by ``fgq-tvm compile`` to run with ``threads`` threads (default:
+    ``TVM_NUM_THREADS`` where set, else one per CPU core; see :func:`fgq_tvm.runtime.load`).
 
     The runtime is imported on the first call, so ``import fgq_tvm`` stays light.
     """
     from .runtime import load as load_module
 
-    return load_module(path)
+    return load_module(path, threads)

@@ -16,8 +16,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,15 +32,17 @@ from .config import (
     parse_group_size,
     parse_override,
 )
-from .errors import FGQError, Interrupted, UsageError
+from .errors import FGQError, Interrupted, UsageError, brief
+from .inputs import read_npy
 from .reporting import (
     output_file,
     output_folder,
-    progress_bar,
+    progress_bar_printer,
+    progress_printer,
     write_atomically,
     write_text_atomically,
 )
-from .target import TUNING_LOGS, database_folder, is_target_flag, parse_target
+from .target import TUNING_LOGS, database_folder, host_target, is_target_flag, parse_target
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 PROG = "fgq-tvm"
 MAX_TOP1_SHOWN = 16
-NPY_MAGIC = b"\x93NUMPY"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if os.environ.get("FGQ_TVM_DEBUG") == "1":
             raise
-        _print_error(f"internal error: {type(error).__name__}: {_first_line(error)}")
+        _print_error(f"internal error: {brief(error)}")
         return 1
 
 
@@ -585,15 +584,22 @@ def _compile(args: argparse.Namespace) -> int:
         raise UsageError(f"output {str(output)!r} must end in .so")
     model, spec, quant, target, calibration = _model_inputs(args)
     from .compiler import compile_model
+    from .models import layer_ops
+    from .summary import format_summary
 
-    tuning_logs = None if args.default_schedules else Path(args.tuning_logs)
     result = compile_model(
-        model, spec, quant, calibration, target, output, progress, tuning_logs=tuning_logs
+        model, spec, quant, calibration, target, output, progress, tuning_logs=_tuning_logs(args)
     )
     progress("done")
-    print(format_summary(result.sidecar, _layer_ops(model)))
+    print(format_summary(result.sidecar, layer_ops(model)))
     _print_outputs(output)
     return 0
+
+
+def _tuning_logs(args: argparse.Namespace) -> Path | None:
+    """The tuning databases of compile and eval: ``--tuning-logs``, or none with
+    ``--default-schedules``."""
+    return None if args.default_schedules else Path(args.tuning_logs)
 
 
 def _model_and_target(args: argparse.Namespace):
@@ -607,15 +613,17 @@ def _model_and_target(args: argparse.Namespace):
 def _target(text: str | None):
     """The ``--target`` option parsed (:func:`~fgq_tvm.target.parse_target`; an empty one is
     refused), or the host CPU when it was not given."""
-    return parse_target(default_target() if text is None else text)
+    return parse_target(host_target() if text is None else text)
 
 
 def _model_inputs(args: argparse.Namespace):
     """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
+    from .data import load_calibration
+    from .models import layer_ops
+
     quant = _quant_config(args)
     model, spec, target = _model_and_target(args)
-    quant.check_overrides(list(_layer_ops(model)))  # before loading the calibration images
-    from .data import load_calibration
+    quant.check_overrides(list(layer_ops(model)))  # before loading the calibration images
 
     calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
     if warning:
@@ -686,43 +694,26 @@ def _calibrate_apart(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> int:
     """``fgq-tvm eval``: quantize, then count top-1/top-5 hits of both models on the images."""
     from .data import load_labelled_images
+    from .evaluate import evaluate_quantized, format_result
 
     progress = _progress_printer()
     json_output = _checked_output(args.json) if args.json else None
     _calibrate_apart(args)
     model, spec, quant, target, calibration = _model_inputs(args)
     images = load_labelled_images(args.data, spec, args.split, args.images)
-    batch = args.batch_size or (100 if max(spec.input_shape[2:]) <= 64 else 10)
-    from .compiler import quantize
-    from .evaluate import EvalResult, evaluate_models, format_result, torch_predictor
-
-    quantized = quantize(model, spec, quant, calibration, progress)
-    baseline = model
+    baseline = None
     if args.baseline_weights:
         input_shape = parse_input_shape(args.input_shape) if args.input_shape else None
         baseline, _ = _load_model(args.model, args.baseline_weights, input_shape)
-    predictors = {
-        "full": torch_predictor(baseline),
-        "reference": torch_predictor(quantized.reference),
-    }
-    with tempfile.TemporaryDirectory(prefix="fgq-tvm-eval-") as folder:
-        if args.backend == "tvm":
-            predictors["module"] = _compiled_predictor(args, quantized, spec, target, batch, folder)
-        progress(f"evaluate on {images.count} images of {images.description}")
-        accuracies, top1 = evaluate_models(predictors, images, batch, _progress_bar("images"))
-    deployed = "module" if args.backend == "tvm" else "reference"
-    agreement = None
-    if args.backend == "tvm":
-        agreement = float((top1["module"] == top1["reference"]).mean())
-    result = EvalResult(accuracies["full"], accuracies[deployed], agreement)
-    heading = (
-        f"{spec.name} on {images.count} images of {images.description}, quantized network run "
-        f"by {'the compiled module' if args.backend == 'tvm' else 'the PyTorch reference'}"
-    )
-    print(format_result(result, heading))
+    evaluation = evaluate_quantized(
+        model, spec, quant, calibration, images, backend=args.backend, target=target,
+        batch_size=args.batch_size, tuning_logs=_tuning_logs(args), baseline=baseline,
+        progress=progress, image_progress=progress_bar_printer(PROG, "images"),
+    )  # fmt: skip
+    print(format_result(evaluation.result, evaluation.heading()))
     if json_output is not None:
-        record = json.dumps(_eval_record(args, spec, images, result), indent=2) + "\n"
-        write_text_atomically(json_output, record)
+        record = evaluation.record(quant, args.layer, args.weights, args.baseline_weights)
+        write_text_atomically(json_output, json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -763,7 +754,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from .compiler import quantize
     from .data import load_labelled_images
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import (
+        FinetuneConfig,
+        finetune,
+        finetune_checkpoint,
+        finetune_record,
+        finetune_settings,
+        finetuned_accuracy,
+        format_finetuned_accuracy,
+    )
 
     progress = _progress_printer()
     output = _checked_output(args.output)
@@ -790,96 +789,24 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     progress(f"fine-tune on {training.count} images of {training.description}")
     result = finetune(model, quantized.layers, images, labels, config, progress, quant.method)
-    settings = vars(config) | {
-        "group_size": quant.group_size, "act_bits": quant.act_bits, "method": quant.method
-    }  # fmt: skip
-    checkpoint = {"state_dict": result.model.state_dict(), "fgq_tvm_finetune": settings}
+    settings = finetune_settings(config, quant)
+    checkpoint = finetune_checkpoint(result, settings)
     write_atomically(output, lambda file: torch.save(checkpoint, file))
     print(
         f"fine-tuned {len(result.epochs)} epochs in {result.seconds / 60:.1f} min; wrote {output}"
     )
-    record = {"model": spec.name, "training": training.description, "config": settings}
-    record["epochs"] = [vars(epoch) for epoch in result.epochs]
+    accuracies = None
     if Path(args.data).suffix == ".npz":
         tuned = quantize(result.model, spec, quant, calibration)
-        record["accuracy"] = _finetune_accuracy(args, spec, model, quantized, tuned)
+        eval_images = load_labelled_images(args.data, spec, "eval", args.images)
+        accuracies = finetuned_accuracy(
+            model, quantized, tuned, eval_images, progress, progress_bar_printer(PROG, "images")
+        )
+        print(format_finetuned_accuracy(accuracies, eval_images))
     if json_output is not None:
+        record = finetune_record(spec.name, training.description, settings, result, accuracies)
         write_text_atomically(json_output, json.dumps(record, indent=2) + "\n")
     return 0
-
-
-def _finetune_accuracy(args, spec: ModelSpec, model, before, after) -> dict[str, float]:
-    """Eval-split top-1 of the full-precision model and of the quantized network before and
-    after fine-tuning (two QuantizedModels, each quantized as compile would); printed, and
-    returned as a dict."""
-    from .data import load_labelled_images
-    from .evaluate import evaluate_models, torch_predictor
-
-    images = load_labelled_images(args.data, spec, "eval", args.images)
-    predictors = {
-        "full precision": torch_predictor(model),
-        "quantized": torch_predictor(before.reference),
-        "quantized after fine-tuning": torch_predictor(after.reference),
-    }
-    _progress_printer()(f"evaluate on {images.count} images of {images.description}")
-    accuracies, _ = evaluate_models(predictors, images, 100, _progress_bar("images"))
-    full = accuracies["full precision"].top1
-    print(f"top-1 on {images.count} images of {images.description}:")
-    for name, accuracy in accuracies.items():
-        drop = "" if name == "full precision" else f"  (drop {100 * (full - accuracy.top1):.2f})"
-        print(f"  {name:<28} {100 * accuracy.top1:6.2f}%{drop}")
-    return {name: accuracy.top1 for name, accuracy in accuracies.items()}
-
-
-def _compiled_predictor(args, quantized, spec: ModelSpec, target, batch: int, folder: str):
-    """The quantized network compiled at ``batch`` images into ``folder``, as a predictor."""
-
-    from .compiler import compile_quantized
-    from .evaluate import module_predictor
-    from .runtime import load
-
-    if not spec.fixed_batch:
-        spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
-    tuning_logs = None if args.default_schedules else Path(args.tuning_logs)
-    output = Path(folder) / "model.so"
-    compile_quantized(quantized, spec, target, output, _progress_printer(), tuning_logs)
-    return module_predictor(load(output))
-
-
-def _eval_record(args, spec: ModelSpec, images, result) -> dict:
-    models = {"full_precision": result.full_precision, "quantized": result.quantized}
-    accuracy = {name: {"top1": value.top1, "top5": value.top5} for name, value in models.items()}
-    return {
-        "model": spec.name,
-        "data": images.description,
-        "images": images.count,
-        "backend": args.backend,
-        "weights": args.weights,
-        "baseline_weights": args.baseline_weights or args.weights,
-        "quantization": vars(_quant_config(args)) | {"overrides": args.layer},
-        **accuracy,
-        "drop_top1_points": result.drop_top1,
-        "drop_top5_points": result.drop_top5,
-        "top1_agreement_with_reference": result.agreement,
-    }
-
-
-def _progress_bar(unit: str) -> Callable[[int, int], None]:
-    """A ``(done, total)`` callback drawing a bar on stderr: redrawn in place on a terminal,
-    else a line per tenth."""
-    shown = [-1]
-
-    def update(done: int, total: int) -> None:
-        tenth = 10 * done // total
-        terminal = sys.stderr.isatty()
-        if not terminal and tenth == shown[0]:
-            return
-        shown[0] = tenth
-        end = "\n" if not terminal or done == total else ""
-        line = f"\r{PROG}: {progress_bar(done, total)} {unit}"
-        print(line, end=end, file=sys.stderr, flush=True)
-
-    return update
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
@@ -917,130 +844,21 @@ def parse_input_shape(text: str) -> tuple[int, int, int, int]:
     return batch, channels, height, width
 
 
-def default_target() -> str:
-    """``llvm -mcpu=<host CPU>``, or plain ``llvm`` when LLVM does not know the host CPU."""
-    from tvm.target import Target, codegen
-
-    cpu = str(codegen.llvm_get_system_cpu())
-    known = {str(name) for name in codegen.llvm_get_cpu_archlist(Target({"kind": "llvm"}))}
-    return f"llvm -mcpu={cpu}" if cpu in known else "llvm"
-
-
 def _load_model(
     name: str, weights: str | None, input_shape: tuple[int, int, int, int] | None
 ) -> tuple[nn.Module, ModelSpec]:
     """The model and its spec, with ``input_shape`` checked by one forward pass."""
-
-    import torch
-
-    from .models import build_model
+    from .models import build_model, with_input_shape
 
     model, spec = build_model(name, weights)
     if input_shape is None:
         return model, spec
-    try:
-        with torch.no_grad():
-            model(torch.zeros(input_shape))
-    except Exception as error:  # the model's own shape checks raise various types
-        raise UsageError(
-            f"{spec.name} does not accept input shape {list(input_shape)} "
-            f"({type(error).__name__}: {_first_line(error)}); its default is "
-            f"{list(spec.input_shape)}"
-        ) from None
-    return model, replace(spec, input_shape=input_shape)
+    return model, with_input_shape(model, spec, input_shape)
 
 
 def _progress_printer() -> Callable[[str], None]:
-    """A progress callback that prints each stage with the seconds since it was created."""
-    start = time.monotonic()
-
-    def report(stage: str) -> None:
-        print(f"{PROG}: [{time.monotonic() - start:6.1f}s] {stage}", file=sys.stderr, flush=True)
-
-    return report
-
-
-def _layer_ops(model: nn.Module) -> dict[str, str]:
-    """``module path -> "conv2d" | "linear"`` of the model's conv and linear layers, in order."""
-    from torch import nn
-
-    return {
-        name: "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d | nn.Linear)
-    }
-
-
-def format_summary(sidecar: dict, ops: dict[str, str]) -> str:
-    """The per-layer table and the layer counts of a compiled module.
-
-    Parameters
-    ----------
-    sidecar
-        The module's sidecar dict (``layers`` and ``float_layers``).
-    ops
-        ``module path -> op`` of the model's conv and linear layers in model order: the order
-        of the rows, and the op of the layers that stayed float.
-
-    Returns
-    -------
-    str
-        A table with one row per conv or linear layer, then one line of counts.
-    """
-    rows = [_layer_row(layer) for layer in sidecar["layers"]]
-    rows += [
-        (
-            entry["name"],
-            ops.get(entry["name"], ""),
-            "float",
-            "",
-            f"stayed float: {entry['reason']}",
-            "",
-            "",
-            "",
-            "",
-            "",
-        )
-        for entry in sidecar["float_layers"]
-    ]
-    order = {name: index for index, name in enumerate(ops)}
-    rows.sort(key=lambda row: order.get(row[0], len(order)))
-    header = (
-        "layer", "op", "weights", "act", "kernel", "core", "layout", "input", "epilogue",
-        "schedule",
-    )  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    modes = [layer["weights"] for layer in sidecar["layers"]]
-    lines.append(
-        f"{modes.count('ternary')} of {len(rows)} conv/linear layers became ternary-group "
-        f"operators, {modes.count('int8')} int8, {len(sidecar['float_layers'])} stayed float"
-    )
-    return "\n".join(lines)
-
-
-def _layer_row(layer: dict) -> tuple[str, ...]:
-    weights = layer["weights"]
-    if weights == "ternary":
-        weights = f"ternary-group N={layer['group_size']}"
-    act = f"{'s' if layer['act_signed'] else 'u'}{layer['act_bits']}"
-    epilogue = layer.get("epilogue") or "-"
-    schedule = layer.get("schedule", "default")
-    return (
-        layer["name"],
-        layer["op"],
-        weights,
-        act,
-        layer["kernel"],
-        layer["core"],
-        layer["layout"],
-        "bytes" if layer["input"] == "uint8" else "float",
-        epilogue,
-        schedule,
-    )
+    """The stage printer of every command (:func:`~fgq_tvm.reporting.progress_printer`)."""
+    return progress_printer(PROG)
 
 
 def _print_outputs(output: Path) -> None:
@@ -1058,7 +876,9 @@ def _run(args: argparse.Namespace) -> int:
         files = {"the module": args.module, "its sidecar": sidecar_path(args.module)}
         _refuse_overwriting(args.output, {**files, "the input": args.input})
     x = read_npy(args.input)
-    logits = load(args.module)(x, check_finite=not args.allow_nonfinite)
+    model = load(args.module)
+    logits = model(x, check_finite=not args.allow_nonfinite)
+    print(f"{PROG}: {model.threads_reason}", file=sys.stderr, flush=True)
     if output is not None:
         write_atomically(output, lambda file: np.save(file, logits))
     print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))
@@ -1081,43 +901,16 @@ def _bench(args: argparse.Namespace) -> int:
     target = _target(args.target)
     out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
-    from .data import load_calibration
-
-    calibration, warning = load_calibration(args.calib, spec, "calib", args.calib_images)
-    if warning:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     options = bench.BenchOptions(
         args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs)
     )
-    note = bench.describe_calibration(spec, args.calib, len(calibration))
-    result = bench.run_bench(model, spec, quant, calibration, target, options, note, progress)
-    paths = bench.write_results(result, out_dir)
+    result, paths = bench.bench_model(
+        model, spec, quant, target, options, out_dir, args.calib, args.calib_images, progress,
+        warn=lambda warning: print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True),
+    )  # fmt: skip
     print(bench.format_markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
-
-
-def read_npy(path: str | os.PathLike) -> np.ndarray:
-    """Read a ``.npy`` array without pickles.
-
-    Raises
-    ------
-    FGQError
-        The file is missing, unreadable or not a ``.npy`` array.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FGQError(f"input file {path} does not exist; check the path")
-    with path.open("rb") as file:
-        if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise FGQError(f"{path} is not a .npy file; save the input with numpy.save")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise FGQError(
-            f"cannot read {path} as a .npy array ({_first_line(error)}); save the input with "
-            "numpy.save"
-        ) from None
 
 
 def _checked_output(text: str) -> Path:
@@ -1152,8 +945,3 @@ def _same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
 
 def _print_error(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""

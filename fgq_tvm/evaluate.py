@@ -5,21 +5,33 @@ set batch by batch (each batch is read once for all of them) and counts top-1 an
 The predictors are the float model, the quantized network as the PyTorch reference computes it
 (:attr:`~fgq_tvm.quant.quantize.QuantizedModel.reference`) and, for the ``tvm`` backend, the
 compiled module itself (:func:`module_predictor`): its accuracy is that of what is deployed,
-and its top-1 agreement with the reference is reported beside it.
+and its top-1 agreement with the reference is reported beside it. :func:`evaluate_quantized`
+does all of ``fgq-tvm eval``: quantize, compile if asked, evaluate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from .data import LabelledImages
 
+if TYPE_CHECKING:
+    from tvm.target import Target
+
+    from .config import QuantConfig
+    from .models import ModelSpec
+    from .quant.quantize import QuantizedModel
+
 Predictor = Callable[[torch.Tensor], np.ndarray]  # normalised NCHW batch -> logits [B, classes]
 Progress = Callable[[int, int], None]  # (images done, images in all)
+Backend = Literal["torch", "tvm"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,181 @@ class EvalResult:
     @property
     def drop_top5(self) -> float:
         return 100 * (self.full_precision.top5 - self.quantized.top5)
+
+
+@dataclass(frozen=True)
+class QuantizedEvaluation:
+    """What :func:`evaluate_quantized` measured, and on what.
+
+    Attributes
+    ----------
+    model
+        The model's name.
+    data, images
+        The images evaluated on (their description) and how many.
+    backend
+        What ran the quantized network: ``"torch"`` (the PyTorch reference) or ``"tvm"`` (the
+        compiled module).
+    result
+        The accuracies.
+    """
+
+    model: str
+    data: str
+    images: int
+    backend: Backend
+    result: EvalResult
+
+    def heading(self) -> str:
+        """The line above the accuracy table (:func:`format_result`)."""
+        runner = "the compiled module" if self.backend == "tvm" else "the PyTorch reference"
+        return (
+            f"{self.model} on {self.images} images of {self.data}, quantized network run by "
+            f"{runner}"
+        )
+
+    def record(
+        self,
+        quant: QuantConfig,
+        layer_overrides: Sequence[str],
+        weights: str | None,
+        baseline_weights: str | None,
+    ) -> dict:
+        """The JSON record of ``fgq-tvm eval --json``.
+
+        Parameters
+        ----------
+        quant
+            The quantization evaluated.
+        layer_overrides
+            Its per-layer overrides as written (``--layer``).
+        weights, baseline_weights
+            The files the quantized and the full-precision model were loaded from (``None``:
+            random weights; ``baseline_weights`` ``None``: those of ``weights``).
+
+        Returns
+        -------
+        dict
+            JSON-ready values.
+        """
+        result = self.result
+        models = {"full_precision": result.full_precision, "quantized": result.quantized}
+        accuracy = {
+            name: {"top1": value.top1, "top5": value.top5} for name, value in models.items()
+        }
+        return {
+            "model": self.model,
+            "data": self.data,
+            "images": self.images,
+            "backend": self.backend,
+            "weights": weights,
+            "baseline_weights": baseline_weights or weights,
+            "quantization": vars(quant) | {"overrides": list(layer_overrides)},
+            **accuracy,
+            "drop_top1_points": result.drop_top1,
+            "drop_top5_points": result.drop_top5,
+            "top1_agreement_with_reference": result.agreement,
+        }
+
+
+def default_batch_size(spec: ModelSpec) -> int:
+    """Images per evaluation batch: 100 for inputs up to 64x64 pixels, else 10."""
+    return 100 if max(spec.input_shape[2:]) <= 64 else 10
+
+
+def evaluate_quantized(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    quant: QuantConfig,
+    calibration: torch.Tensor,
+    images: LabelledImages,
+    *,
+    backend: Backend = "torch",
+    target: Target | None = None,
+    batch_size: int | None = None,
+    tuning_logs: Path | None = None,
+    baseline: torch.nn.Module | None = None,
+    progress: Callable[[str], None] | None = None,
+    image_progress: Progress | None = None,
+) -> QuantizedEvaluation:
+    """Quantize ``model`` as compile would and measure it against the full-precision model.
+
+    Parameters
+    ----------
+    model, spec
+        The float model (eval mode) and its spec.
+    quant, calibration
+        The quantization and the normalised calibration images (as for
+        :func:`~fgq_tvm.compiler.compile_model`).
+    images
+        The labelled images to evaluate on.
+    backend
+        ``"torch"``: the quantized network runs as the PyTorch reference; ``"tvm"``: it is
+        compiled for ``target`` (at ``batch_size`` images, in a temporary folder) and the module
+        runs, its top-1 agreement with the reference measured beside it.
+    target
+        The target of the compiled module (needed for ``"tvm"``).
+    batch_size
+        Images per batch, also the compiled module's batch; ``None``:
+        :func:`default_batch_size`.
+    tuning_logs
+        Tuning databases of the compiled module (as for
+        :func:`~fgq_tvm.compiler.compile_model`); ``None``: default schedules.
+    baseline
+        The full-precision model the drop is measured against; ``None``: ``model``.
+    progress
+        Called with a short description of each stage.
+    image_progress
+        Called with the images done and the images in all after each batch.
+
+    Returns
+    -------
+    QuantizedEvaluation
+    """
+    from .compiler import quantize
+
+    if backend == "tvm" and target is None:
+        raise ValueError("the tvm backend needs a target")
+    report = progress or (lambda stage: None)
+    batch = batch_size or default_batch_size(spec)
+    quantized = quantize(model, spec, quant, calibration, progress)
+    predictors = {
+        "full": torch_predictor(model if baseline is None else baseline),
+        "reference": torch_predictor(quantized.reference),
+    }
+    with tempfile.TemporaryDirectory(prefix="fgq-tvm-eval-") as folder:
+        if backend == "tvm":
+            module = Path(folder) / "model.so"
+            predictors["module"] = _compiled_predictor(
+                quantized, spec, target, batch, module, tuning_logs, progress
+            )
+        report(f"evaluate on {images.count} images of {images.description}")
+        accuracies, top1 = evaluate_models(predictors, images, batch, image_progress)
+    agreement = None
+    if backend == "tvm":
+        agreement = float((top1["module"] == top1["reference"]).mean())
+    deployed = "module" if backend == "tvm" else "reference"
+    result = EvalResult(accuracies["full"], accuracies[deployed], agreement)
+    return QuantizedEvaluation(spec.name, images.description, images.count, backend, result)
+
+
+def _compiled_predictor(
+    quantized: QuantizedModel,
+    spec: ModelSpec,
+    target: Target,
+    batch: int,
+    output: Path,
+    tuning_logs: Path | None,
+    progress: Callable[[str], None] | None,
+) -> Predictor:
+    """The quantized network compiled at ``batch`` images into ``output``, as a predictor."""
+    from .compiler import compile_quantized
+    from .runtime import load
+
+    if not spec.fixed_batch:
+        spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
+    compile_quantized(quantized, spec, target, output, progress, tuning_logs)
+    return module_predictor(load(output))
 
 
 def torch_predictor(model: torch.nn.Module) -> Predictor:

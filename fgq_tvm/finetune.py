@@ -15,6 +15,8 @@ later epochs run slower than that).
 The result is a float model in the input model's architecture: ``compile --weights`` ternarizes
 its weights again with the same solver, so the deployed network is the one trained here (its
 BatchNorm statistics and activation scales re-estimated on the calibration images).
+:func:`finetuned_accuracy` measures what the training bought, :func:`finetune_checkpoint` and
+:func:`finetune_record` are what ``fgq-tvm finetune`` writes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,10 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .evaluate import Accuracy, evaluate_models, torch_predictor
 from .quant.layers import QuantizedLayer
 from .quant.ternary import TernaryMethod, quantize_int8_per_channel, ternarize_groups
 
+if TYPE_CHECKING:
+    from .config import QuantConfig
+    from .data import LabelledImages
+    from .quant.quantize import QuantizedModel
+
 Progress = Callable[[str], None]
+ACCURACY_BATCH_SIZE = 100  # images per batch of finetuned_accuracy
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,118 @@ def finetune(
         _detach_quantizers(student, layers, handles)
     student.eval()
     return result
+
+
+def finetune_settings(config: FinetuneConfig, quant: QuantConfig) -> dict[str, object]:
+    """The settings a fine-tuned checkpoint and its record carry: the training settings and the
+    quantization trained through (which ``compile`` must use on the checkpoint).
+
+    Parameters
+    ----------
+    config
+        The training settings.
+    quant
+        The quantization the network trained through.
+
+    Returns
+    -------
+    dict[str, object]
+        JSON-ready values.
+    """
+    return vars(config) | {
+        "group_size": quant.group_size, "act_bits": quant.act_bits, "method": quant.method
+    }  # fmt: skip
+
+
+def finetune_checkpoint(result: FinetuneResult, settings: Mapping[str, object]) -> dict:
+    """The checkpoint of a fine-tuned model: its state dict, which ``compile --weights`` loads,
+    and its settings (:func:`finetune_settings`), for ``torch.save``."""
+    return {"state_dict": result.model.state_dict(), "fgq_tvm_finetune": settings}
+
+
+def finetune_record(
+    model_name: str,
+    training: str,
+    settings: Mapping[str, object],
+    result: FinetuneResult,
+    accuracies: Mapping[str, Accuracy] | None = None,
+) -> dict:
+    """The JSON record of a fine-tuning run.
+
+    Parameters
+    ----------
+    model_name
+        The model's name.
+    training
+        The description of the training images.
+    settings
+        :func:`finetune_settings`.
+    result
+        The run.
+    accuracies
+        :func:`finetuned_accuracy`, if it was measured: recorded as top-1 per network.
+
+    Returns
+    -------
+    dict
+        JSON-ready values.
+    """
+    record = {"model": model_name, "training": training, "config": dict(settings)}
+    record["epochs"] = [vars(epoch) for epoch in result.epochs]
+    if accuracies is not None:
+        record["accuracy"] = {name: accuracy.top1 for name, accuracy in accuracies.items()}
+    return record
+
+
+def finetuned_accuracy(
+    model: nn.Module,
+    before: QuantizedModel,
+    after: QuantizedModel,
+    images: LabelledImages,
+    progress: Progress | None = None,
+    image_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Accuracy]:
+    """Accuracy of the full-precision model and of its quantized network before and after
+    fine-tuning, on the same images.
+
+    Parameters
+    ----------
+    model
+        The full-precision model.
+    before, after
+        The model and the fine-tuned model, each quantized as compile would.
+    images
+        The labelled images (not those trained on).
+    progress
+        Called with a short description of each stage.
+    image_progress
+        Called with the images done and the images in all after each batch.
+
+    Returns
+    -------
+    dict[str, Accuracy]
+        ``"full precision"``, ``"quantized"`` and ``"quantized after fine-tuning"``, in order.
+    """
+    predictors = {
+        "full precision": torch_predictor(model),
+        "quantized": torch_predictor(before.reference),
+        "quantized after fine-tuning": torch_predictor(after.reference),
+    }
+    if progress is not None:
+        progress(f"evaluate on {images.count} images of {images.description}")
+    accuracies, _ = evaluate_models(predictors, images, ACCURACY_BATCH_SIZE, image_progress)
+    return accuracies
+
+
+def format_finetuned_accuracy(accuracies: Mapping[str, Accuracy], images: LabelledImages) -> str:
+    """The top-1 table of :func:`finetuned_accuracy`, each drop against the full-precision
+    model's."""
+    full = accuracies["full precision"].top1
+    lines = [f"top-1 on {images.count} images of {images.description}:"]
+    for name, accuracy in accuracies.items():
+        drop = "" if name == "full precision" else f"  (drop {100 * (full - accuracy.top1):.2f})"
+        lines.append(f"  {name:<28} {100 * accuracy.top1:6.2f}%{drop}")
+    return "\n".join(lines)
 
 
 def _fits(epochs: list[EpochRecord], budget_s: float) -> bool:

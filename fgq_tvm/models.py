@@ -10,7 +10,7 @@ import copy
 import operator
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -651,6 +651,48 @@ def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, Model
         model, num_classes = _load_weights(name, Path(weights))
         check_finite(model, weights)
     return model.eval(), _spec(name, num_classes)
+
+
+def with_input_shape(
+    model: nn.Module, spec: ModelSpec, input_shape: tuple[int, int, int, int]
+) -> ModelSpec:
+    """``spec`` with another input shape, once one forward pass of ``model`` took it.
+
+    Parameters
+    ----------
+    model, spec
+        The model and its spec (:func:`build_model`).
+    input_shape
+        The NCHW shape the model is to run at.
+
+    Returns
+    -------
+    ModelSpec
+        ``spec`` with ``input_shape``.
+
+    Raises
+    ------
+    UsageError
+        The model does not run at ``input_shape``.
+    """
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    except Exception as error:  # the model's own shape checks raise various types
+        raise UsageError(
+            f"{spec.name} does not accept input shape {list(input_shape)} ({brief(error)}); "
+            f"its default is {list(spec.input_shape)}"
+        ) from None
+    return replace(spec, input_shape=input_shape)
+
+
+def layer_ops(model: nn.Module) -> dict[str, str]:
+    """``module path -> "conv2d" | "linear"`` of the model's conv and linear layers, in order."""
+    return {
+        name: "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    }
 
 
 def check_finite(model: nn.Module, source: str) -> None:

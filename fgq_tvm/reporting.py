@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +19,59 @@ def progress_bar(done: int, total: int) -> str:
     """``[#####---------------] done/total``."""
     filled = BAR_WIDTH * done // total
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total}"
+
+
+def progress_printer(prefix: str) -> Callable[[str], None]:
+    """A progress callback that prints each stage on stderr with the seconds since it was
+    created: ``PREFIX: [  12.3s] stage``.
+
+    Parameters
+    ----------
+    prefix
+        What each line starts with, e.g. the program's name.
+
+    Returns
+    -------
+    Callable[[str], None]
+        The callback, called with one stage at a time.
+    """
+    start = time.monotonic()
+
+    def report(stage: str) -> None:
+        print(f"{prefix}: [{time.monotonic() - start:6.1f}s] {stage}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def progress_bar_printer(prefix: str, unit: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` progress callback that draws :func:`progress_bar` on stderr:
+    redrawn in place on a terminal, else a line per tenth.
+
+    Parameters
+    ----------
+    prefix
+        What each line starts with, e.g. the program's name.
+    unit
+        What is counted, written after the bar (``"images"``).
+
+    Returns
+    -------
+    Callable[[int, int], None]
+        The callback, called with the items done and the items in all.
+    """
+    shown = [-1]
+
+    def update(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        terminal = sys.stderr.isatty()
+        if not terminal and tenth == shown[0]:
+            return
+        shown[0] = tenth
+        end = "\n" if not terminal or done == total else ""
+        line = f"\r{prefix}: {progress_bar(done, total)} {unit}"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    return update
 
 
 def output_folder(path: Path) -> Path:

@@ -13,22 +13,31 @@ of it and runs it in slices of that size.
 The sidecar records the SHA-256 of its module (:func:`module_digest`), and :func:`load` checks
 it before the library is opened: a module and a sidecar that two compiles wrote over each other
 are refused instead of run with the wrong description.
+
+A module runs with the threads :func:`~fgq_tvm.threads.choose_threads` picks: ``load``'s
+``threads``, else ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``), else one per CPU core this
+process may use, not TVM's default of half the logical CPUs (:func:`_use_threads`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import struct
+import threading
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from . import cpu_features
 from .errors import FGQError
+from .threads import choose_threads, cores, usable_cpus
 
 SIDECAR_FORMAT = "fgq-tvm-module/3"
 _FORMAT_NAME = SIDECAR_FORMAT.split("/")[0]
@@ -63,13 +72,22 @@ class CompiledModel:
         The NCHW input shape the module was compiled for (its batch is the slice size).
     input_dtype
         Always ``float32``.
+    threads
+        How many threads it runs with (TVM's thread pool of each thread that calls it).
+    threads_reason
+        Why, in a line such as ``"2 threads: one per CPU core this process may use; set
+        TVM_NUM_THREADS to change"``.
     """
 
-    def __init__(self, path: Path, info: dict, vm, prepared) -> None:
+    def __init__(
+        self, path: Path, info: dict, vm, prepared, threads: int = 1, threads_reason: str = ""
+    ) -> None:
         self.path = path
         self.info = info
         self.input_shape: tuple[int, ...] = tuple(info["input"]["shape"])
         self.input_dtype = INPUT_DTYPE
+        self.threads = threads
+        self.threads_reason = threads_reason
         self._vm = vm
         self._prepared = prepared
 
@@ -104,6 +122,7 @@ class CompiledModel:
 
         batch = self.input_shape[0]
         x = np.ascontiguousarray(x)
+        _use_threads(self.threads)
         try:
             outputs = [
                 self._vm["main"](tvm.runtime.tensor(x[start : start + batch]), self._prepared)[
@@ -146,6 +165,7 @@ class CompiledModel:
                 runs[-1][name] = runs[-1].get(name, 0.0) + elapsed
 
         image = tvm.runtime.tensor(np.ascontiguousarray(x))
+        _use_threads(self.threads)
         self._vm["main"](image, self._prepared)
         self._vm.set_instrument(instrument)
         try:
@@ -190,13 +210,82 @@ def _check_finite(x: np.ndarray) -> None:
     )
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
+# TVM's affinity modes for runtime.config_threadpool (src/runtime/threading_backend.h).
+_ONE_CPU_PER_THREAD = -2  # kSpecifyOneCorePerThread
+_SHARE_CPUS = -3  # kSpecifyThreadShareAllCore
+_pool = threading.local()  # .asked, .runs: the count set on this thread's TVM pool, and its own
+# .forked: this thread forked the process it is in, and its TVM pool lost its threads
+
+
+def _use_threads(count: int) -> int:
+    """Make the calling thread's TVM thread pool run ``count`` threads; return how many it runs.
+
+    TVM keeps one pool per calling thread. Left to itself, it makes it at the thread's first
+    parallel loop, as large as ``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``, else half the
+    logical CPUs) says, and runs the loops on the calling thread alone where that is 1; the
+    pool cannot grow later. ``runtime.config_threadpool`` with a list of CPUs makes the pool
+    one thread per listed CPU where this thread has none yet, and runs ``count`` of its threads
+    (at most its size) pinned one to a CPU (the first CPU of each core first, then their
+    hyperthreads), or sharing all CPUs where ``count`` exceeds them. It also sets the calling
+    thread's own affinity to the listed CPUs: that is put back.
+    """
+    if getattr(_pool, "asked", None) == count or getattr(_pool, "forked", False):
+        return _pool.runs
+    import tvm
+
+    usable = usable_cpus()
+    order = [cpu for core in zip_longest(*cores(usable)) for cpu in core if cpu is not None]
+    mode = _ONE_CPU_PER_THREAD if count <= len(order) else _SHARE_CPUS
+    listed = [str(order[i % len(order)]) for i in range(count)]
+    tvm.get_global_func("runtime.config_threadpool")(mode, count, listed)
+    with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
+        os.sched_setaffinity(0, usable)
+    _pool.asked, _pool.runs = count, int(tvm.get_global_func("runtime.NumThreads")())
+    return _pool.runs
+
+
+def _after_fork_in_child() -> None:
+    """Run the loops of the thread that forked serially in the child process.
+
+    A fork copies only the calling thread, so the child's copy of that thread's TVM pool
+    points at threads that do not exist, and its first parallel loop would wait for them for
+    ever. One thread (``runtime.config_threadpool`` with one CPU: TVM then runs each loop on
+    the calling thread) avoids them; affinities are not set (``TVM_BIND_THREADS=0``), since
+    the lost threads' ids may name the parent's. Threads the child starts get pools of their
+    own.
+    """
+    if getattr(_pool, "runs", 1) == 1:
+        return
+    import tvm
+
+    bind = os.environ.get("TVM_BIND_THREADS")
+    os.environ["TVM_BIND_THREADS"] = "0"
+    try:
+        tvm.get_global_func("runtime.config_threadpool")(_SHARE_CPUS, 1, ["0"])
+    finally:
+        if bind is None:
+            del os.environ["TVM_BIND_THREADS"]
+        else:
+            os.environ["TVM_BIND_THREADS"] = bind
+    _pool.runs, _pool.forked = 1, True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
     """Load a module written by ``fgq-tvm compile``.
 
     Parameters
     ----------
     path
         The ``.so`` file; its sidecar ``<path>.json`` must be beside it.
+    threads
+        How many threads to run it with. Default: ``TVM_NUM_THREADS`` (else
+        ``OMP_NUM_THREADS``) where set, else one per CPU core this process may use
+        (:func:`~fgq_tvm.threads.choose_threads`). The model's :attr:`~CompiledModel.threads`
+        and :attr:`~CompiledModel.threads_reason` say what it runs with and why.
 
     Returns
     -------
@@ -209,8 +298,11 @@ def load(path: str | os.PathLike) -> CompiledModel:
         version or describes another module (its ``module_sha256`` differs: two compiles wrote
         the pair), the file is not a loadable shared library (truncated, foreign, built for
         another machine), or it was compiled for a CPU with instructions this one lacks
-        (:func:`missing_extensions`). All of it is checked before the library is opened.
+        (:func:`~fgq_tvm.cpu_features.missing_extensions`). All of it is checked before the
+        library is opened.
+        ``threads`` or ``TVM_NUM_THREADS`` is not a positive integer.
     """
+    count, reason = choose_threads(threads)
     path = Path(path)
     if not path.is_file():
         raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
@@ -223,7 +315,13 @@ def load(path: str | os.PathLike) -> CompiledModel:
         )
     _check_cpu(path, info)
     vm = _virtual_machine(path)
-    return CompiledModel(path, info, vm, _prepare(path, vm))
+    runs = _use_threads(count)
+    if runs < count:
+        reason = (
+            f"{runs} of the {count} threads asked ({reason.split(': ', 1)[1]}): TVM's thread pool "
+            "of this thread was made smaller and cannot grow; load it in another thread"
+        )
+    return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason)
 
 
 def read_sidecar(module_path: str | os.PathLike) -> dict:
@@ -331,61 +429,6 @@ def _elf_extents(path: Path, handle: BinaryIO) -> list[int]:
     return extents
 
 
-# LLVM's names of the x86 extensions compiled code may use, with their /proc/cpuinfo flags
-# (AMX is left out: LLVM emits it only for its intrinsics, which fgq-tvm never calls).
-X86_EXTENSIONS = {
-    "sse4.1": "sse4_1",
-    "sse4.2": "sse4_2",
-    "sse4a": "sse4a",
-    "avx": "avx",
-    "avx2": "avx2",
-    "fma": "fma",
-    "f16c": "f16c",
-    "bmi2": "bmi2",
-    "avx512f": "avx512f",
-    "avx512bw": "avx512bw",
-    "avx512dq": "avx512dq",
-    "avx512vl": "avx512vl",
-    "avx512cd": "avx512cd",
-    "avx512vnni": "avx512_vnni",
-    "avx512vpopcntdq": "avx512_vpopcntdq",
-    "avx512bitalg": "avx512_bitalg",
-    "avx512vbmi": "avx512vbmi",
-    "avx512vbmi2": "avx512_vbmi2",
-    "avx512bf16": "avx512_bf16",
-    "avx512fp16": "avx512_fp16",
-    "avxvnni": "avx_vnni",
-    "gfni": "gfni",
-}
-
-
-def missing_extensions(target: str, host_flags: set[str]) -> list[str]:
-    """The x86 extensions code compiled for ``target`` (the sidecar's ``target``: a TVM target
-    as JSON) may use and a CPU with ``host_flags`` (``/proc/cpuinfo`` flags) lacks.
-
-    Empty when ``target`` is no x86 LLVM target or this TVM has no LLVM to ask (a runtime-only
-    installation): the check is then left to the loader.
-
-    Raises
-    ------
-    ValueError
-        ``target`` does not describe a target (see :func:`parse_compiled_target`).
-    """
-    compiled_for = parse_compiled_target(target)
-    if not _is_llvm_for_a_cpu(compiled_for):
-        return []
-    from tvm.target import codegen
-
-    try:
-        return [
-            name
-            for name, flag in X86_EXTENSIONS.items()
-            if flag not in host_flags and codegen.llvm_cpu_has_features([name], compiled_for)
-        ]
-    except AttributeError:  # a TVM without LLVM
-        return []
-
-
 def parse_compiled_target(target: str):
     """The :class:`tvm.target.Target` that a sidecar's ``target`` (a TVM target as JSON)
     describes, or ``None`` where TVM has no LLVM to check it (a runtime-only installation).
@@ -410,54 +453,25 @@ def parse_compiled_target(target: str):
         return None
     except Exception as error:  # TVM reports a bad target config with several types
         raise ValueError(f"is not one TVM accepts ({_first_sentence(error)})") from None
-    if _is_llvm_for_a_cpu(compiled_for) and not _llvm_knows(compiled_for):
+    if cpu_features.is_llvm_cpu_target(compiled_for) and not cpu_features.llvm_knows_cpu(
+        compiled_for
+    ):
         raise ValueError(f"names CPU {str(compiled_for.attrs['mcpu'])!r}, unknown to this LLVM")
     return compiled_for
-
-
-def _is_llvm_for_a_cpu(target) -> bool:
-    """Whether ``target`` (a Target or None) is an LLVM target with an ``mcpu``."""
-    return target is not None and str(target.kind.name) == "llvm" and bool(target.attrs.get("mcpu"))
-
-
-def _llvm_knows(target) -> bool:
-    """Whether the LLVM in TVM knows the ``mcpu`` of ``target`` for its triple (True for a TVM
-    without LLVM: there is nothing to check against)."""
-    from tvm.target import Target, codegen
-
-    triple = target.attrs.get("mtriple")
-    base = Target({"kind": "llvm", **({"mtriple": str(triple)} if triple else {})})
-    try:
-        return str(target.attrs["mcpu"]) in {
-            str(cpu) for cpu in codegen.llvm_get_cpu_archlist(base)
-        }
-    except AttributeError:
-        return True
-
-
-def _host_flags() -> set[str] | None:
-    """The CPU flags of ``/proc/cpuinfo`` (``None`` where there is none to read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    lines = [line for line in text.splitlines() if line.startswith("flags")]
-    return set(lines[0].split(":", 1)[1].split()) if lines else None
 
 
 def _check_cpu(path: Path, info: dict) -> None:
     """Refuse a module whose code this CPU cannot run (it would die of an illegal
     instruction, not raise an error), or whose sidecar's target cannot be checked."""
     target = info["target"]
-    flags = _host_flags()  # None (no /proc/cpuinfo): check the target, assume every extension
+    flags = cpu_features.host_flags()  # None (no /proc/cpuinfo): check the target alone
     try:
-        missing = missing_extensions(
-            target, set(X86_EXTENSIONS.values()) if flags is None else flags
-        )
+        compiled_for = parse_compiled_target(target)
     except ValueError as error:
         raise FGQError(
             f"{sidecar_path(path)} is not an fgq-tvm sidecar (target {error}); recompile the model"
         ) from None
+    missing = [] if flags is None else cpu_features.missing_extensions(compiled_for, flags)
     if missing:
         raise FGQError(
             f"{path} was compiled for another CPU ({target}) and may use {', '.join(missing)}, "

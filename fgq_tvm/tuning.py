@@ -74,6 +74,7 @@ from .reporting import progress_bar
 from .schedules.kernel_spec import KernelSpec, kernel_arguments
 from .schedules.select import build_layer, core_named
 from .threads import thread_settings
+from .timing import time_rounds
 from .tuning_database import TuningDatabase, open_database, skipped_warning
 
 COMPARISONS = "default_comparisons.json"  # beside MetaSchedule's files, one JSON line each
@@ -186,7 +187,7 @@ def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> lis
 @dataclass(frozen=True)
 class Comparison:
     """A task's best record timed against its default schedule in the same interleaved rounds
-    (:func:`fgq_tvm.bench.time_rounds`): medians in milliseconds.
+    (:func:`fgq_tvm.timing.time_rounds`): medians in milliseconds.
 
     ``workload`` and ``trace`` are hashes of the task's workload and of the record's trace.
     """
@@ -213,8 +214,6 @@ def record_key(task: KernelTask, record) -> tuple[str, str]:
 
 def compare_with_default(task: KernelTask, record, target) -> Comparison:
     """Time ``record``'s kernel against the task's default kernel, interleaved."""
-    from .bench import time_rounds
-
     runs = {
         "tuned": task.runner(task.apply(record.trace), target),
         "default": task.runner(task.spec.kernels().layer, target),

@@ -10,18 +10,11 @@ from types import SimpleNamespace
 import pytest
 from helpers import fgq_tvm
 
-from fgq_tvm import bench
-from fgq_tvm.bench import BenchResult, LayerResult, PeerResult
+from fgq_tvm import bench, timing
+from fgq_tvm.bench import BenchResult, LayerResult, PeerResult, tables
+from fgq_tvm.bench.peers import PREPARE, prepare_fgq_tuned, prepared, relative_error
 from fgq_tvm.errors import FGQError, UsageError
 from fgq_tvm.target import parse_target
-
-CPUINFO = """processor\t: 0
-model name\t: Example CPU @ 2.00GHz
-cpu MHz\t\t: 2000.000
-processor\t: 1
-model name\t: Example CPU @ 2.00GHz
-cpu MHz\t\t: 3500.500
-"""
 
 
 def synthetic_result(ghz: float | None = 2.0) -> BenchResult:
@@ -67,38 +60,28 @@ def synthetic_result(ghz: float | None = 2.0) -> BenchResult:
 
 
 def test_median_of_odd_and_even_counts():
-    assert bench.median([3.0, 1.0, 2.0]) == 2.0
-    assert bench.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0
+    assert timing.median([4.0, 1.0, 3.0, 2.0]) == 2.5
     with pytest.raises(ValueError):
-        bench.median([])
+        timing.median([])
 
 
 def test_ratio_is_none_without_a_usable_reference():
-    assert bench.ratio(10.0, 20.0) == 0.5
-    assert bench.ratio(None, 20.0) is None
-    assert bench.ratio(10.0, None) is None
-    assert bench.ratio(10.0, 0.0) is None
+    assert timing.ratio(10.0, 20.0) == 0.5
+    assert timing.ratio(None, 20.0) is None
+    assert timing.ratio(10.0, None) is None
+    assert timing.ratio(10.0, 0.0) is None
 
 
 def test_relative_error():
-    assert bench.relative_error([[1.0, -2.0]], [[1.0, -4.0]]) == 0.5
-    assert bench.relative_error([1.0, 2.0], [1.0]) == float("inf")
-    assert bench.relative_error([float("nan")], [1.0]) == float("inf")
+    assert relative_error([[1.0, -2.0]], [[1.0, -4.0]]) == 0.5
+    assert relative_error([1.0, 2.0], [1.0]) == float("inf")
+    assert relative_error([float("nan")], [1.0]) == float("inf")
 
 
-def test_clock_and_cpu_name_from_cpuinfo():
-    assert bench.cpu_ghz(CPUINFO) == pytest.approx(3.5005)
-    assert bench.cpu_ghz("processor: 0\n") is None
-    assert bench.cpu_name(CPUINFO) == "Example CPU @ 2.00GHz"
-
-
-def test_vnni_peak_and_parameter_bytes():
+def test_parameter_bytes():
     from torch import nn
 
-    assert bench.vnni_peak_gmacs(2.3, 2) == pytest.approx(64 * 2 * 2.3)
-    assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=znver4")) == 64
-    assert bench.vnni_macs_per_cycle(parse_target("llvm -mcpu=emeraldrapids")) == 128
-    assert bench.vnni_macs_per_cycle(parse_target("llvm")) == 64
     assert bench.fp32_parameter_bytes(nn.Linear(3, 2)) == (3 * 2 + 2) * 4
 
 
@@ -110,10 +93,26 @@ def test_parse_peers():
         bench.parse_peers("torch,onnx")
 
 
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"peers": ("torch", "onnx")}, "unknown peers 'onnx'"),
+        ({"repeats": 0}, "repeats must be an integer of at least 1, got 0"),
+        ({"warmup": -1}, "warmup must be an integer of at least 0"),
+        ({"threads": 1.5}, "threads must be an integer of at least 1"),
+        ({"ghz": 0.0}, "clock must be a positive number"),
+        ({"ghz": float("nan")}, "clock must be a positive number"),
+    ],
+)
+def test_bench_options_refuse_what_cannot_be_timed(options, problem):
+    with pytest.raises(UsageError, match=problem):
+        bench.BenchOptions(**options)
+
+
 def test_runtimes_are_timed_in_interleaved_rounds():
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    times = bench.time_rounds(runs, repeats=3, warmup=2, settle_s=0)
+    times = timing.time_rounds(runs, repeats=3, warmup=2, settle_s=0)
     assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
     assert all(t >= 0 for values in times.values() for t in values)
     assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then rounds
@@ -123,20 +122,20 @@ def test_runtimes_are_timed_in_interleaved_rounds():
 
 
 def test_peer_rows_give_medians_and_ratios():
-    rows = {row[0]: row for row in bench.peer_rows(synthetic_result())}
+    rows = {row[0]: row for row in tables.peer_rows(synthetic_result())}
     assert rows[bench.LABELS["fgq"]][1:5] == ["10.00", "9.00", "0.50x", "2.00x"]
     assert rows[bench.LABELS["torch"]][1:5] == ["20.00", "19.00", "1.00x", "4.00x"]
     assert rows[bench.LABELS["fgq-tuned"]][1] == "n/a"
     assert rows[bench.LABELS["ort"]][1] == "not installed"
-    assert all(len(row) == len(bench.PEER_COLUMNS) for row in rows.values())
+    assert all(len(row) == len(tables.PEER_COLUMNS) for row in rows.values())
 
 
 def test_layer_rows_give_mac_rates_against_the_peak():
-    rows = bench.layer_rows(synthetic_result(ghz=2.0))  # peak 64 x 2 x 2 = 256 GMAC/s
+    rows = tables.layer_rows(synthetic_result(ghz=2.0))  # peak 64 x 2 x 2 = 256 GMAC/s
     assert rows[0][5:] == ["2.0", "0.100", "20.0", "7.8"]
     assert rows[-1][0] == "**all layers**"
     assert rows[-1][5:7] == ["2.1", "0.102"]
-    no_clock = bench.layer_rows(synthetic_result(ghz=None))
+    no_clock = tables.layer_rows(synthetic_result(ghz=None))
     assert no_clock[0][-1] == ""
 
 
@@ -152,8 +151,8 @@ def test_json_and_markdown_carry_the_same_numbers():
     assert data["size_ratio"] == 0.25
     json.dumps(data)
     markdown = bench.format_markdown(result)
-    assert "| " + " | ".join(bench.PEER_COLUMNS) + " |" in markdown
-    assert "| " + " | ".join(bench.LAYER_COLUMNS) + " |" in markdown
+    assert "| " + " | ".join(tables.PEER_COLUMNS) + " |" in markdown
+    assert "| " + " | ".join(tables.LAYER_COLUMNS) + " |" in markdown
     assert "= 256 GMAC/s" in markdown and "(0.25x)" in markdown
 
 
@@ -171,14 +170,14 @@ def test_write_results_refuses_a_file_as_folder(tmp_path):
 def test_missing_onnxruntime_reads_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     for key in ("ort", "ort-int8"):
-        row = bench.prepared(key, lambda key=key: bench.PREPARE[key](None))
+        row = prepared(key, lambda key=key: PREPARE[key](None))
         assert (row.key, row.status) == (key, "not installed")
         assert "fgq-tvm[bench]" in row.note
 
 
 def test_tuned_row_is_not_available_without_a_database(tmp_path):
     setup = SimpleNamespace(target=parse_target("llvm -mcpu=znver4"), tuning_logs=tmp_path)
-    row = bench.prepared("fgq-tuned", lambda: bench.prepare_fgq_tuned(setup))
+    row = prepared("fgq-tuned", lambda: prepare_fgq_tuned(setup))
     assert row.status == "n/a" and "llvm-znver4" in row.note
 
 
@@ -186,7 +185,7 @@ def test_a_failing_peer_is_reported_not_raised():
     def broken():
         raise RuntimeError("exporter broke\nmore detail")
 
-    row = bench.prepared("torch-int8", broken)
+    row = prepared("torch-int8", broken)
     assert (row.status, row.note) == ("failed", "RuntimeError: exporter broke")
 
 
@@ -213,8 +212,8 @@ def test_bench_smoke_run_writes_both_tables(tmp_path):
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "cifar_resnet20.md").read_text()
     data = json.loads((tmp_path / "cifar_resnet20.json").read_text())
-    assert "| " + " | ".join(bench.PEER_COLUMNS) + " |" in markdown
-    assert "| " + " | ".join(bench.LAYER_COLUMNS) + " |" in markdown
+    assert "| " + " | ".join(tables.PEER_COLUMNS) + " |" in markdown
+    assert "| " + " | ".join(tables.LAYER_COLUMNS) + " |" in markdown
     assert markdown in result.stdout
     assert [peer["key"] for peer in data["peers"]] == ["fgq", "fgq-tuned", "torch"]
     fgq, tuned, torch_fp32 = data["peers"]

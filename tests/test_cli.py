@@ -23,6 +23,7 @@ from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
 from fgq_tvm.errors import UsageError
 from fgq_tvm.runtime import module_digest, sidecar_path
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.summary import format_summary
 from fgq_tvm.target import host_target, parse_target
 
 RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
@@ -166,7 +167,7 @@ def test_parse_input_shape():
 def test_default_target_is_the_host():
     from fgq_tvm.target import parse_target
 
-    target = parse_target(cli.default_target())
+    target = parse_target(host_target())
     assert target.kind.name == "llvm"
 
 
@@ -258,7 +259,7 @@ def test_format_summary_lists_float_layers():
         "input": "float32",
     }
     sidecar = {"layers": [layer], "float_layers": [{"name": "fc", "reason": "config: float"}]}
-    lines = cli.format_summary(sidecar, {"fc": "linear", "conv": "conv2d"}).splitlines()
+    lines = format_summary(sidecar, {"fc": "linear", "conv": "conv2d"}).splitlines()
     assert lines[1].split() == ["fc", "linear", "float", "stayed", "float:", "config:", "float"]
     assert lines[2].split() == [
         "conv",

@@ -8,9 +8,11 @@ compiled network are in test_cli.py.
 import _ctypes
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from helpers import TINY_SHAPE as SHAPE
 from helpers import tiny_sidecar, write_tiny_module
 
 import fgq_tvm
-from fgq_tvm import runtime
+from fgq_tvm import cpu_features, runtime
 from fgq_tvm.errors import FGQError
+from fgq_tvm.threads import cores
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ CPU_OPTION = json.dumps({"kind": "llvm", "mcpu": "skylake", "frobnicate": 1})
 @pytest.mark.parametrize("flags", [{"sse4_1", "avx2"}, None])
 def test_bad_sidecar(tiny, copy_of, monkeypatch, entries, problem, flags):
     # flags None: a machine without /proc/cpuinfo, where the CPU check is skipped
-    monkeypatch.setattr(runtime, "_host_flags", lambda: flags)
+    monkeypatch.setattr(cpu_features, "host_flags", lambda: flags)
     path = copy_of(tiny.read_bytes())
     runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), **entries}))
     with pytest.raises(FGQError, match=problem) as error:
@@ -218,7 +221,7 @@ def test_module_for_a_cpu_with_more_extensions_is_refused(tiny, copy_of, monkeyp
     path = copy_of(tiny.read_bytes())
     cascadelake = json.dumps({"kind": "llvm", "mcpu": "cascadelake"})
     runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), "target": cascadelake}))
-    monkeypatch.setattr(runtime, "_host_flags", lambda: {"sse4_1", "sse4_2", "avx", "avx2"})
+    monkeypatch.setattr(cpu_features, "host_flags", lambda: {"sse4_1", "sse4_2", "avx", "avx2"})
     with pytest.raises(FGQError, match="compiled for another CPU .* avx512vnni.* recompile it"):
         fgq_tvm.load(path)
 
@@ -264,3 +267,204 @@ def test_runs_without_torch(tiny):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [[1.0] * 3] * 2
+
+
+def cores_of(cpus: set[int]) -> int:
+    """How many cores the logical CPUs ``cpus`` span (hyperthreads of one core count once)."""
+    topology = "/sys/devices/system/cpu/cpu{}/topology/thread_siblings_list"
+    try:
+        return len({Path(topology.format(cpu)).read_text() for cpu in cpus})
+    except OSError:
+        return len(cpus)
+
+
+def load_in_fresh_process(module: Path, **env: str) -> dict:
+    """Load ``module`` in a new process whose environment has no thread count but ``env``, run
+    it, and say what it runs with: TVM's own count of its pool's threads included."""
+    code = (
+        "import json, os, numpy as np, tvm, fgq_tvm\n"
+        "cpus = os.sched_getaffinity(0)\n"
+        f"model = fgq_tvm.load({str(module)!r})\n"
+        f"model(np.ones({SHAPE}, np.float32))\n"
+        "print(json.dumps({'threads': model.threads, 'reason': model.threads_reason,\n"
+        "    'tvm': tvm.get_global_func('runtime.NumThreads')(), 'cpus': sorted(cpus),\n"
+        "    'cpus_after': sorted(os.sched_getaffinity(0))}))\n"
+    )
+    unset = ("TVM_NUM_THREADS", "OMP_NUM_THREADS")
+    environ = {key: value for key, value in os.environ.items() if key not in unset}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_threads_default_to_the_cores_this_process_may_use(tiny):
+    # TVM's own default is half the logical CPUs: 1 of 2 vCPUs, 1.5 to 1.8 times slower
+    seen = load_in_fresh_process(tiny, TVM_NUM_THREADS="")  # empty: unset
+    count, cpus = cores_of(set(seen["cpus"])), len(seen["cpus"])
+    assert seen["threads"] == seen["tvm"] == count
+    shared = f" ({cpus} CPUs, hyperthreads counted once)" if count < cpus else ""
+    assert seen["reason"] == (
+        f"{count} thread{'s' if count > 1 else ''}: one per CPU core this process may use"
+        f"{shared}; set TVM_NUM_THREADS to change"
+    )
+    assert seen["cpus_after"] == seen["cpus"]  # TVM's pool leaves the caller's CPUs alone
+
+
+def test_threads_follow_the_cpus_the_process_may_use(tiny):
+    cpu = min(os.sched_getaffinity(0))
+    result = run_python(
+        "import os\nfor name in ('TVM_NUM_THREADS', 'OMP_NUM_THREADS'):\n"
+        "    os.environ.pop(name, None)\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})  # as taskset -c {cpu} would\n"
+        f"import fgq_tvm\nmodel = fgq_tvm.load({str(tiny)!r})\n"
+        "print(model.threads, *os.sched_getaffinity(0))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"1 {cpu}\n"
+
+
+def test_user_setting_of_threads_wins(tiny):
+    seen = load_in_fresh_process(tiny, TVM_NUM_THREADS="1")
+    assert (seen["threads"], seen["tvm"]) == (1, 1)
+    assert seen["reason"] == "1 thread: TVM_NUM_THREADS=1 in the environment"
+    seen = load_in_fresh_process(tiny, OMP_NUM_THREADS="3")
+    assert (seen["threads"], seen["tvm"]) == (3, 3)
+    assert seen["reason"] == "3 threads: OMP_NUM_THREADS=3 in the environment"
+
+
+def in_new_thread(function):
+    """Call ``function`` in a new thread (TVM keeps a thread pool per calling thread)."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["result"] = function()
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_threads_argument_wins(tiny, monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    pool_threads = tvm_pool_threads()
+
+    def load_and_run():
+        model = fgq_tvm.load(tiny, threads=2)
+        model(batch(2))
+        return model.threads, model.threads_reason, pool_threads()
+
+    assert in_new_thread(load_and_run) == (2, "2 threads: threads=2 given to load", 2)
+
+
+def tvm_pool_threads():
+    import tvm
+
+    return tvm.get_global_func("runtime.NumThreads")
+
+
+def test_each_model_runs_with_its_threads_in_one_thread(tiny):
+    pool_threads = tvm_pool_threads()
+
+    def alternate():
+        two, one = fgq_tvm.load(tiny, threads=2), fgq_tvm.load(tiny, threads=1)
+        seen = []
+        for model in (two, one, two, one):
+            expected = batch(2).mean(axis=(2, 3))
+            np.testing.assert_allclose(model(batch(2)), expected, rtol=1e-6, atol=1e-6)
+            seen.append(pool_threads())
+        return seen
+
+    assert in_new_thread(alternate) == [2, 1, 2, 1]
+
+
+def test_a_thread_pool_that_cannot_grow_is_reported(tiny):
+    def grow():
+        fgq_tvm.load(tiny, threads=1)
+        model = fgq_tvm.load(tiny, threads=3)
+        return model.threads, model.threads_reason
+
+    assert in_new_thread(grow) == (
+        1,
+        "1 of the 3 threads asked (threads=3 given to load): TVM's thread pool of this thread "
+        "was made smaller and cannot grow; load it in another thread",
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "2 threads"])
+def test_bad_thread_variable(tiny, monkeypatch, value):
+    monkeypatch.setenv("TVM_NUM_THREADS", value)
+    message = (
+        f"TVM_NUM_THREADS={value!r} is not a number of threads: give a positive integer such as "
+        "2, or unset it to run one thread per CPU core"
+    )
+    with pytest.raises(FGQError, match="^" + re.escape(message) + "$"):
+        fgq_tvm.load(tiny)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "many"])
+def test_bad_threads_argument(tiny, value):
+    message = f"threads={value!r} is not a number of threads: give a positive integer such as 2"
+    with pytest.raises(FGQError, match="^" + re.escape(message) + "$"):
+        fgq_tvm.load(tiny, threads=value)
+
+
+def test_run_says_how_many_threads(tiny, tmp_path):
+    np.save(tmp_path / "x.npy", batch(2))
+    result = fgq_tvm_cli("run", tiny, "--input", tmp_path / "x.npy", TVM_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "fgq-tvm: 1 thread: TVM_NUM_THREADS=1 in the environment\n"
+    result = fgq_tvm_cli("run", tiny, "--input", tmp_path / "x.npy", TVM_NUM_THREADS="x")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "fgq-tvm: error: TVM_NUM_THREADS='x' is not a number of threads: give a positive integer "
+        "such as 2, or unset it to run one thread per CPU core\n"
+    )
+
+
+def fgq_tvm_cli(*args: object, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "FGQ_TVM_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "fgq_tvm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cores_count_hyperthreads_once():
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4-5", 5: "4-5", 6: None, 7: "bad"}
+    assert cores(list(siblings), siblings.get) == [[0, 2], [1, 3], [4, 5], [6], [7]]
+    assert cores([2, 3], siblings.get) == [[2], [3]]
+
+
+def test_a_forked_child_runs_the_forking_thread_serially(tiny):
+    # A fork copies only the calling thread: the child's copy of its TVM pool has no threads,
+    # and a parallel loop would wait for them for ever. The parent keeps its threads.
+    result = run_python(
+        "import os, numpy as np, tvm, fgq_tvm\n"
+        "pool_threads = tvm.get_global_func('runtime.NumThreads')\n"
+        f"model = fgq_tvm.load({str(tiny)!r}, threads=2)\n"
+        f"x = np.ones({SHAPE}, np.float32)\n"
+        "model(x)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if model(x).tolist() == [[1.0] * 3] * 2 and pool_threads() == 1 else 3)\n"
+        "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), pool_threads())\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "0 2\n"

@@ -88,9 +88,9 @@ class PopcountSchedule:
 
 def available(target) -> bool:
     """True if ``target`` (an llvm :class:`tvm.target.Target`) has AVX-512 VPOPCNTDQ."""
-    from tvm.target import codegen
+    from .. import cpu_features
 
-    return bool(codegen.llvm_cpu_has_features([FEATURE], target))
+    return cpu_features.target_has(target, FEATURE)
 
 
 def supports(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:

@@ -52,9 +52,9 @@ class DotInstruction:
 
     def available(self, target) -> bool:
         """True if ``target`` (an llvm :class:`tvm.target.Target`) has :attr:`feature`."""
-        from tvm.target import codegen
+        from .. import cpu_features
 
-        return bool(codegen.llvm_cpu_has_features([self.feature], target))
+        return cpu_features.target_has(target, self.feature)
 
 
 VNNI_DOT = DotInstruction("fgq_dot_16x4_u8i8i32_vnni", 16, 4, "uint8", "int8", "avx512vnni", 16)
