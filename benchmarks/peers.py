@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=bench.DEFAULT_THREADS)
     parser.add_argument("--peers", default="all", help="as for fgq-tvm bench --peers")
     parser.add_argument(
+        "--batches", default="8,32", help="as for fgq-tvm bench --batches (default: 8,32)"
+    )
+    parser.add_argument(
         "--ghz", type=float, help="clock of the VNNI peak (default: from /proc/cpuinfo)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             scales=args.scales,
         )
         peers = bench.parse_peers(args.peers)
-        options = bench.BenchOptions(peers, args.repeats, args.warmup, args.threads, args.ghz)
+        options = bench.BenchOptions(
+            peers, args.repeats, args.warmup, args.threads, args.ghz,
+            batches=bench.parse_batches(args.batches),
+        )  # fmt: skip
     except FGQError as error:
         parser.error(str(error))
     try:

@@ -472,8 +472,9 @@ def _add_bench(commands) -> None:
         "bench",
         help="time a model compiled by fgq-tvm against PyTorch, ONNX Runtime and TVM FP32",
         description="Compile MODEL with fgq-tvm (default schedules) and time it at batch 1 "
-        "against its peers on the same input and threads; time every quantized layer's kernel "
-        "against the int8 VNNI peak. Prints the table and writes <model>.md and <model>.json.",
+        "against its peers on the same input and threads (and at --batches, in images per "
+        "second); time every quantized layer's kernel against the int8 VNNI peak. Prints the "
+        "tables and writes <model>.md and <model>.json.",
         allow_abbrev=False,
     )
     sub.set_defaults(handler=_bench)
@@ -490,6 +491,13 @@ def _add_bench(commands) -> None:
         metavar="LIST",
         help="comma list of torch, torch-int8, ort, ort-int8, tvm-fp32, or all, or none "
         "(default: all; fgq-tvm itself is always timed)",
+    )
+    sub.add_argument(
+        "--batches",
+        type=_batches,
+        default=(),
+        metavar="LIST",
+        help="larger batches to time every runtime at as well, e.g. 8,32 (default: none)",
     )
     sub.add_argument(
         "--repeats", type=_positive_int, default=20, metavar="N", help="timed runs (default: 20)"
@@ -534,6 +542,16 @@ def _peers(text: str) -> tuple[str, ...]:
 
     try:
         return parse_peers(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    """argparse type of ``--batches``."""
+    from .bench import parse_batches
+
+    try:
+        return parse_batches(text)
     except UsageError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -902,8 +920,9 @@ def _bench(args: argparse.Namespace) -> int:
     out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
     options = bench.BenchOptions(
-        args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs)
-    )
+        args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs),
+        args.batches,
+    )  # fmt: skip
     result, paths = bench.bench_model(
         model, spec, quant, target, options, out_dir, args.calib, args.calib_images, progress,
         warn=lambda warning: print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True),

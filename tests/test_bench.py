@@ -130,6 +130,40 @@ def test_peer_rows_give_medians_and_ratios():
     assert all(len(row) == len(tables.PEER_COLUMNS) for row in rows.values())
 
 
+def test_throughput_rows_give_images_per_second_against_onnx_runtime_int8():
+    result = synthetic_result()
+    result.batches = {
+        8: [
+            PeerResult("fgq", bench.LABELS["fgq"], "ok", "", [20.0, 19.0, 21.0]),
+            PeerResult("ort-int8", bench.LABELS["ort-int8"], "ok", "", [40.0]),
+            PeerResult("torch", bench.LABELS["torch"], "failed", "RuntimeError: boom"),
+        ],
+        32: [
+            PeerResult("fgq", bench.LABELS["fgq"], "ok", "", [64.0]),
+            PeerResult("ort-int8", bench.LABELS["ort-int8"], "ok", "", [128.0]),
+            PeerResult("torch", bench.LABELS["torch"], "ok", "", [320.0]),
+        ],
+    }
+    assert tables.throughput_columns(result)[1:3] == ["batch 8 images/s", "batch 8 x ORT int8"]
+    rows = {row[0]: row[1:] for row in tables.throughput_rows(result)}
+    assert rows[bench.LABELS["fgq"]] == ["400.0", "2.00x", "500.0", "2.00x"]
+    assert rows[bench.LABELS["ort-int8"]] == ["200.0", "1.00x", "250.0", "1.00x"]
+    assert rows[bench.LABELS["torch"]] == ["failed", "", "100.0", "0.40x"]
+    data = bench.to_json(result)
+    assert data["batches"][32][0]["images_per_s"] == 500.0
+    assert "## Throughput at larger batches" in bench.format_markdown(result)
+    assert "Throughput" not in bench.format_markdown(synthetic_result())
+
+
+def test_parse_batches():
+    assert bench.parse_batches("8,32") == (8, 32)
+    assert bench.parse_batches("32, 8,32") == (32, 8)
+    assert bench.parse_batches("none") == ()
+    for text in ("1", "0", "eight", "512", "8,,32"):
+        with pytest.raises(UsageError, match="give batches of 2 to 256 images"):
+            bench.parse_batches(text)
+
+
 def test_layer_rows_give_mac_rates_against_the_peak():
     rows = tables.layer_rows(synthetic_result(ghz=2.0))  # peak 64 x 2 x 2 = 256 GMAC/s
     assert rows[0][5:] == ["2.0", "0.100", "20.0", "7.8"]
@@ -206,7 +240,7 @@ def test_bad_peers_value_is_one_usage_error(tmp_path):
 def test_bench_smoke_run_writes_both_tables(tmp_path):
     result = fgq_tvm(
         "bench", "cifar_resnet20", "--repeats", "2", "--warmup", "1", "--peers", "torch",
-        "--calib-images", "8", "--ghz", "2.5", "--out", tmp_path,
+        "--calib-images", "8", "--ghz", "2.5", "--out", tmp_path, "--batches", "4",
         "--tuning-logs", tmp_path / "no-tuning-logs",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -227,6 +261,10 @@ def test_bench_smoke_run_writes_both_tables(tmp_path):
     assert len(layers) == 20 and layers["linear"]["input_shape"] == [1, 64, 1, 1]
     assert layers["layer2.0.conv2"]["input_shape"] == [1, 32, 16, 16]
     assert all(layer["gmacs_per_s"] > 0 for layer in layers.values())
+    batch_fgq, batch_tuned, batch_torch = data["batches"]["4"]
+    assert batch_fgq["status"] == batch_torch["status"] == "ok" and batch_tuned["status"] == "n/a"
+    assert batch_fgq["rel_error"] < 0.5 and batch_fgq["images_per_s"] > 0
+    assert "| runtime | batch 4 images/s | batch 4 x ORT int8 |" in markdown
 
 
 def test_summary_has_one_row_per_model():

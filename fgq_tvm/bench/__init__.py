@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,7 +63,17 @@ from .peers import (
     prepare_torch,
     prepared,
 )
-from .results import FGQ, FGQ_TUNED, LABELS, PEERS, BenchResult, LayerResult, PeerResult, to_json
+from .results import (
+    FGQ,
+    FGQ_TUNED,
+    LABELS,
+    NOT_AVAILABLE,
+    PEERS,
+    BenchResult,
+    LayerResult,
+    PeerResult,
+    to_json,
+)
 from .tables import default_out_dir, format_markdown, summary_markdown, target_text, write_results
 
 if TYPE_CHECKING:
@@ -73,6 +83,7 @@ if TYPE_CHECKING:
 
     from ..config import QuantConfig
     from ..models import ModelSpec
+    from ..quant.quantize import QuantizedModel
 
 __all__ = [
     "DEFAULT_CALIB_IMAGES",
@@ -91,6 +102,7 @@ __all__ = [
     "describe_environment",
     "format_markdown",
     "fp32_parameter_bytes",
+    "parse_batches",
     "parse_peers",
     "run_bench",
     "summary_markdown",
@@ -103,6 +115,7 @@ DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_THREADS = 2
 DEFAULT_CALIB_IMAGES = 32
+MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,9 @@ class BenchOptions:
         ``/proc/cpuinfo``.
     tuning_logs
         Where the tuning databases live (``<target key>`` under it).
+    batches
+        Larger batches to time every runtime at as well (throughput; each in rounds of its
+        own), at most :data:`MAX_BATCH` images.
 
     Raises
     ------
@@ -138,6 +154,7 @@ class BenchOptions:
     threads: int = DEFAULT_THREADS
     ghz: float | None = None
     tuning_logs: Path = TUNING_LOGS
+    batches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [peer for peer in self.peers if peer not in PEERS]
@@ -150,6 +167,27 @@ class BenchOptions:
                 raise UsageError(f"{name} must be an integer of at least {least}, got {value!r}")
         if self.ghz is not None and not 0 < self.ghz < math.inf:
             raise UsageError(f"the clock must be a positive number of GHz, got {self.ghz!r}")
+        for batch in self.batches:
+            if isinstance(batch, bool) or not isinstance(batch, int) or not 1 < batch <= MAX_BATCH:
+                raise UsageError(
+                    f"batch {batch!r} cannot be timed: give batches of 2 to {MAX_BATCH} images"
+                )
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """Parse ``--batches``: a comma list of batch sizes (2..:data:`MAX_BATCH`) or ``none``.
+
+    Raises
+    ------
+    UsageError
+        A word is not such a batch size.
+    """
+    if text.strip() == "none":
+        return ()
+    words = [word.strip() for word in text.split(",")]
+    batches = tuple(int(word) if word.isdigit() else word for word in words)
+    BenchOptions(batches=batches)  # its checks, in one place
+    return tuple(dict.fromkeys(batches))
 
 
 def bench_model(
@@ -293,6 +331,10 @@ def run_bench(
         expected = prepare_torch(setup).run()
         report(f"time {len(runners)} runtimes in {options.repeats} interleaved rounds")
         peers = measure(runners, expected, options.repeats, options.warmup)
+        batches = {
+            batch: _time_batch(setup, compiled.quantized, batch, options, report)
+            for batch in options.batches
+        }
         layers = time_layers(compiled, target, options.repeats, report)
         so_bytes = compiled.output.stat().st_size
         environment = describe_environment(load_start)
@@ -315,7 +357,40 @@ def run_bench(
         ghz_source=ghz_source,
         environment=environment,
         macs_per_cycle=vnni_macs_per_cycle(target),
+        batches=batches,
     )
+
+
+def _time_batch(
+    setup: BenchSetup,
+    quantized: QuantizedModel,
+    batch: int,
+    options: BenchOptions,
+    report: Progress,
+) -> list[PeerResult]:
+    """Every runtime of the run prepared again for ``batch`` images per run (fgq-tvm compiles
+    the model it quantized once more for that input shape) and timed in interleaved rounds of
+    their own."""
+    if setup.spec.fixed_batch:
+        return [
+            PeerResult(key, LABELS[key], NOT_AVAILABLE, f"{setup.spec.name} runs at one batch")
+            for key in (FGQ, FGQ_TUNED, *options.peers)
+        ]
+    spec = replace(setup.spec, input_shape=(batch, *setup.spec.input_shape[1:]))
+    x = np.random.default_rng(batch).standard_normal(spec.input_shape).astype(np.float32)
+    workdir = setup.workdir / f"batch{batch}"
+    workdir.mkdir()
+    setup = replace(setup, spec=spec, x=x, workdir=workdir)
+    report(f"compile with fgq-tvm for batch {batch}")
+    runners: dict[str, Runner | PeerResult] = {
+        FGQ: prepared(FGQ, lambda: prepare_fgq(setup, quantized=quantized)[0]),
+        FGQ_TUNED: prepared(FGQ_TUNED, lambda: prepare_fgq_tuned(setup, quantized)),
+    }
+    for key in options.peers:
+        report(f"prepare {LABELS[key]} for batch {batch}")
+        runners[key] = prepared(key, lambda key=key: PREPARE[key](setup))
+    report(f"time {len(runners)} runtimes at batch {batch} in {options.repeats} rounds")
+    return measure(runners, prepare_torch(setup).run(), options.repeats, options.warmup)
 
 
 def _clock(override: float | None) -> tuple[float | None, str]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ..compiler import CompileResult
     from ..config import QuantConfig
     from ..models import ModelSpec
+    from ..quant.quantize import QuantizedModel
 
 ONNX_OPSET = 17
 
@@ -155,7 +156,7 @@ def _quiet() -> Iterator[None]:
 
 
 def prepare_fgq(
-    setup: BenchSetup, tuning_logs: Path | None = None
+    setup: BenchSetup, tuning_logs: Path | None = None, quantized: QuantizedModel | None = None
 ) -> tuple[Runner, CompileResult, float]:
     """Compile the model with fgq-tvm and load the ``.so``: default schedules, or the tuned
     ones of ``tuning_logs`` where it has them.
@@ -166,6 +167,9 @@ def prepare_fgq(
         The model, its calibration images, the timed input, the target and the threads.
     tuning_logs
         Where the tuning databases live; None: default schedules.
+    quantized
+        The model as an earlier compile quantized it (only compiled again, for the input
+        shape of ``setup.spec``), or None to quantize it.
 
     Returns
     -------
@@ -173,28 +177,33 @@ def prepare_fgq(
         The loaded module's runner, :func:`~fgq_tvm.compiler.compile_model`'s result and the
         compile time.
     """
-    from ..compiler import compile_model
+    from ..compiler import compile_model, compile_quantized
     from ..runtime import load
 
     start = time.perf_counter()
     variant = "tuned" if tuning_logs is not None else "default"
     output = setup.workdir / f"{setup.spec.name}.{variant}.so"
-    result = compile_model(
-        setup.model, setup.spec, setup.quant, setup.calibration, setup.target, output,
-        tuning_logs=tuning_logs,
-    )  # fmt: skip
+    if quantized is None:
+        result = compile_model(
+            setup.model, setup.spec, setup.quant, setup.calibration, setup.target, output,
+            tuning_logs=tuning_logs,
+        )  # fmt: skip
+    else:
+        result = compile_quantized(quantized, setup.spec, setup.target, output, None, tuning_logs)
     seconds = time.perf_counter() - start
     module = load(result.output)
     return Runner(lambda: module(setup.x), f"compiled in {seconds:.1f} s"), result, seconds
 
 
-def prepare_fgq_tuned(setup: BenchSetup) -> Runner:
+def prepare_fgq_tuned(setup: BenchSetup, quantized: QuantizedModel | None = None) -> Runner:
     """fgq-tvm with the tuned schedules of the target's database (verified at compile).
 
     Parameters
     ----------
     setup
         The model, its calibration images, the timed input, the target and the threads.
+    quantized
+        As for :func:`prepare_fgq`.
 
     Returns
     -------
@@ -208,7 +217,7 @@ def prepare_fgq_tuned(setup: BenchSetup) -> Runner:
     folder = database_folder(setup.target, setup.tuning_logs)
     if not folder.is_dir():
         raise PeerUnavailable(NOT_AVAILABLE, f"no tuning database in {folder}")
-    runner, result, _ = prepare_fgq(setup, setup.tuning_logs)
+    runner, result, _ = prepare_fgq(setup, setup.tuning_logs, quantized)
     layers = result.sidecar["layers"]
     tuned = sum(layer["schedule"] == "tuned" for layer in layers)
     note = f"{tuned} of {len(layers)} kernels tuned ({folder}); {runner.note}"

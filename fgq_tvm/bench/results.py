@@ -74,6 +74,11 @@ class PeerResult:
         """The fastest of :attr:`times_ms` (None without times)."""
         return min(self.times_ms) if self.times_ms else None
 
+    def images_per_s(self, batch: int) -> float | None:
+        """Throughput at ``batch`` images per run: ``batch`` over :attr:`median_ms`, per second
+        (None without times)."""
+        return batch / (self.median_ms / 1e3) if self.median_ms else None
+
 
 @dataclass
 class LayerResult:
@@ -123,7 +128,7 @@ class BenchResult:
     calibration
         Where the calibration images came from.
     peers, layers
-        The latency rows (fgq-tvm's first) and the per-layer kernel rows.
+        The latency rows at batch 1 (fgq-tvm's first) and the per-layer kernel rows.
     so_bytes, fp32_param_bytes
         Size of fgq-tvm's ``.so`` and of the model's parameters as float32.
     compile_s
@@ -136,6 +141,9 @@ class BenchResult:
     macs_per_cycle
         int8 MACs per cycle per core of the target's CPU
         (:func:`~fgq_tvm.cpu_features.vnni_macs_per_cycle`).
+    batches
+        ``batch -> rows`` of the same runtimes timed at larger batches (throughput), each
+        batch in its own interleaved rounds.
     """
 
     model: str
@@ -155,6 +163,7 @@ class BenchResult:
     ghz_source: str
     environment: dict
     macs_per_cycle: int = VNNI_MACS_PER_CYCLE
+    batches: dict[int, list[PeerResult]] = field(default_factory=dict)
 
     def peer(self, key: str) -> PeerResult | None:
         """The row of the runtime ``key``, or None where it was not measured."""
@@ -194,6 +203,10 @@ def to_json(result: BenchResult) -> dict:
         row["min_ms"] = peer.min_ms
         row["ratio_to_torch_fp32"] = ratio(peer.median_ms, torch_fp32)
         row["ratio_to_torch_int8"] = ratio(peer.median_ms, torch_int8)
+    for batch, rows in result.batches.items():
+        for row, peer in zip(data["batches"][batch], rows, strict=True):
+            row["median_ms"] = peer.median_ms
+            row["images_per_s"] = peer.images_per_s(batch)
     peak = result.peak_gmacs
     for row, layer in zip(data["layers"], result.layers, strict=True):
         row["gmacs_per_s"] = layer.gmacs_per_s()

@@ -1,7 +1,7 @@
-"""The bench's Markdown and files: the latency table (:func:`peer_rows`), the per-layer table
-(:func:`layer_rows`), the report (:func:`format_markdown`) and its files
-(:func:`write_results`, in :func:`default_out_dir`), and the summary of several models
-(:func:`summary_markdown`).
+"""The bench's Markdown and files: the latency table (:func:`peer_rows`), the throughput table
+(:func:`throughput_rows`), the per-layer table (:func:`layer_rows`), the report
+(:func:`format_markdown`) and its files (:func:`write_results`, in :func:`default_out_dir`),
+and the summary of several models (:func:`summary_markdown`).
 """
 
 from __future__ import annotations
@@ -91,6 +91,44 @@ def peer_rows(result: BenchResult) -> list[list[str]]:
     return rows
 
 
+def throughput_columns(result: BenchResult) -> list[str]:
+    """The header of the throughput table: the runtime, then images per second and the ratio
+    to ONNX Runtime int8 at each batch of ``result.batches``."""
+    columns = ["runtime"]
+    for batch in result.batches:
+        columns += [f"batch {batch} images/s", f"batch {batch} x ORT int8"]
+    return columns
+
+
+def throughput_rows(result: BenchResult) -> list[list[str]]:
+    """Rows of the throughput table (:func:`throughput_columns`).
+
+    Parameters
+    ----------
+    result
+        A bench run with larger batches (``result.batches``).
+
+    Returns
+    -------
+    list of list of str
+        One row per runtime: images per second and the ratio of that to ONNX Runtime int8's
+        (above 1: more images per second) at each batch; the status where a runtime has no
+        time.
+    """
+    rows: dict[str, list[str]] = {}
+    for batch, peers in result.batches.items():
+        reference = next((peer for peer in peers if peer.key == "ort-int8"), None)
+        reference_rate = reference.images_per_s(batch) if reference else None
+        for peer in peers:
+            row = rows.setdefault(peer.key, [peer.label])
+            rate = peer.images_per_s(batch)
+            if rate is None:
+                row += [peer.status, ""]
+            else:
+                row += [_number(rate, 1), _number(ratio(rate, reference_rate), suffix="x")]
+    return list(rows.values())
+
+
 def layer_rows(result: BenchResult) -> list[list[str]]:
     """Rows of the per-layer table (:data:`LAYER_COLUMNS`), then a total row.
 
@@ -173,6 +211,7 @@ def format_markdown(result: BenchResult) -> str:
         f"({_number(ratio(result.so_bytes, result.fp32_param_bytes))}x); compiled in "
         f"{result.compile_s:.1f} s.",
         "",
+        *_throughput_section(result),
         "## Quantized layers, each kernel timed standalone",
         "",
         f"int8 VNNI peak: {peak_text}. Whole model through fgq-tvm: {_number(fgq_rate, 1)} GMAC/s.",
@@ -180,6 +219,22 @@ def format_markdown(result: BenchResult) -> str:
         markdown_table(LAYER_COLUMNS, layer_rows(result)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _throughput_section(result: BenchResult) -> list[str]:
+    """The throughput table's lines, or none without larger batches."""
+    if not result.batches:
+        return []
+    return [
+        "## Throughput at larger batches",
+        "",
+        "Each batch on a random input of its own, every runtime prepared for it again (fgq-tvm "
+        "compiles the same quantized model for that input shape), timed like batch 1 in rounds "
+        "of their own; images per second from the median.",
+        "",
+        markdown_table(throughput_columns(result), throughput_rows(result)),
+        "",
+    ]
 
 
 def target_text(target: Target) -> str:
