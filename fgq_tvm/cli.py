@@ -24,10 +24,18 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 from .config import (
+    BATCHNORM_MODES,
+    CALIB_IMAGES,
+    METHODS,
+    NOISE_CALIB_IMAGES,
+    RECONSTRUCTION_CALIB_IMAGES,
+    RECONSTRUCTION_MAX_MACS,
+    RECONSTRUCTION_MODES,
     SCALE_MODES,
     SWEEP_ACT_BITS,
     SWEEP_GROUP_SIZES,
     QuantConfig,
+    data_defaults,
     parse_act_bits,
     parse_group_size,
     parse_override,
@@ -297,8 +305,9 @@ def _add_finetune(commands) -> None:
     )
     sub.add_argument("--json", metavar="FILE", help="also write the training and accuracy record")
     _add_model_arguments(sub)
-    # training runs through a fixed ternarizer: the exact solver, not compile's default gptq
-    sub.set_defaults(method="exact")
+    # training runs through a fixed ternarizer (the exact solver, not compile's default gptq)
+    # and moves the weights that reconstruction would fit
+    sub.set_defaults(method="exact", reconstruction="off")
 
 
 def _add_report(commands) -> None:
@@ -387,11 +396,10 @@ def _add_model_arguments(sub) -> None:
     )
     quant.add_argument(
         "--method",
-        choices=("exact", "twn", "gptq"),
-        default="gptq",
+        choices=METHODS,
         help="ternarization rule: the exact per-group solver with error compensation on the "
-        "calibration inputs (gptq, default; minutes on ImageNet models), the exact solver "
-        "alone (fast), or TWN's threshold",
+        "calibration inputs (gptq: the default with calibration data; minutes on ImageNet "
+        "models), the exact solver alone (fast; the default without), or TWN's threshold",
     )
     quant.add_argument(
         "--first-last",
@@ -421,11 +429,18 @@ def _add_model_arguments(sub) -> None:
     )
     quant.add_argument(
         "--batchnorm",
-        choices=("correct", "reestimate", "keep"),
-        default="correct",
+        choices=BATCHNORM_MODES,
         help="BatchNorm statistics of the quantized network: the trained ones shifted and scaled "
-        "by the change quantization causes on the calibration data (default), measured anew on "
-        "it, or kept",
+        "by the change quantization causes on the calibration data (the default with "
+        "calibration data), measured anew on it, or kept (the default without)",
+    )
+    quant.add_argument(
+        "--reconstruction",
+        choices=RECONSTRUCTION_MODES,
+        help="re-solve each residual block's ternary rounding, scales and biases against the "
+        "full-precision block on the calibration data (block: the default with calibration "
+        f"data for models up to {RECONSTRUCTION_MAX_MACS // 10**6} MMACs per image, about a "
+        "minute for a CIFAR ResNet-20 on two cores), or not (off)",
     )
     calib = sub.add_argument_group("calibration data")
     calib.add_argument(
@@ -443,9 +458,10 @@ def _add_model_arguments(sub) -> None:
     calib.add_argument(
         "--calib-images",
         type=_positive_int,
-        default=256,
         metavar="N",
-        help="most calibration images to use (default: 256)",
+        help=f"most calibration images to use (default: {RECONSTRUCTION_CALIB_IMAGES} with "
+        f"block reconstruction, else {CALIB_IMAGES}; without calibration data, "
+        f"{NOISE_CALIB_IMAGES} random ones)",
     )
 
 
@@ -635,17 +651,24 @@ def _target(text: str | None):
 
 
 def _model_inputs(args: argparse.Namespace):
-    """``(model, spec, quant, target, calibration)`` from the options of compile and tune."""
-    from .data import load_calibration
-    from .models import layer_ops
+    """``(model, spec, quant, target, calibration)`` from the options of compile and tune;
+    the settings not given default by the calibration data (:func:`~fgq_tvm.config.
+    data_defaults`)."""
+    from .data import has_real_calibration, load_calibration
+    from .models import layer_ops, macs_per_image
 
-    quant = _quant_config(args)
+    given = _quant_fields(args)  # bad options are refused before the model loads
     model, spec, target = _model_and_target(args)
+    defaults = data_defaults(has_real_calibration(args.calib, spec), macs_per_image(model, spec))
+    quant = QuantConfig(**{**defaults.quant_fields(), **given})
     quant.check_overrides(list(layer_ops(model)))  # before loading the calibration images
 
-    calibration, warning = load_calibration(args.calib, spec, args.calib_split, args.calib_images)
-    if warning:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    images = args.calib_images or defaults.calib_images
+    calibration, warning = load_calibration(args.calib, spec, args.calib_split, images)
+    unset = [field for field in defaults.quant_fields() if field not in given]
+    for line in (warning, defaults.note if unset else None):
+        if line:
+            print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
     return model, spec, quant, target, calibration
 
 
@@ -827,21 +850,25 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quant_config(args: argparse.Namespace) -> QuantConfig:
+def _quant_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The :class:`QuantConfig` fields the options give, parsed; those that default by the
+    calibration data are left out unless given."""
     if not 0 < args.percentile <= 100:
         raise UsageError(f"percentile {args.percentile} is out of range: use 0 < P <= 100")
-    return QuantConfig(
-        group_size=parse_group_size(args.group_size),
-        act_bits=parse_act_bits(args.act_bits),
-        scales=args.scales,
-        method=args.method,
-        first_last=args.first_last,
-        first_last_act_bits=parse_act_bits(args.first_last_act_bits),
-        calibration=args.calibration,
-        percentile=args.percentile,
-        batchnorm=args.batchnorm,
-        overrides=tuple(parse_override(text) for text in args.layer),
-    )
+    fields = {
+        "group_size": parse_group_size(args.group_size),
+        "act_bits": parse_act_bits(args.act_bits),
+        "scales": args.scales,
+        "method": args.method,
+        "first_last": args.first_last,
+        "first_last_act_bits": parse_act_bits(args.first_last_act_bits),
+        "calibration": args.calibration,
+        "percentile": args.percentile,
+        "batchnorm": args.batchnorm,
+        "reconstruction": args.reconstruction,
+        "overrides": tuple(parse_override(text) for text in args.layer),
+    }
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int, int]:
@@ -909,16 +936,18 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     """``fgq-tvm bench``: compile, prepare the peers, time them, print and write the tables."""
     from . import bench
+    from .data import has_real_calibration
+    from .models import macs_per_image
 
     progress = _progress_printer()
-    quant = QuantConfig(
-        group_size=parse_group_size(args.group_size),
-        act_bits=parse_act_bits(args.act_bits),
-        scales=args.scales,
-    )
+    group_size, act_bits = parse_group_size(args.group_size), parse_act_bits(args.act_bits)
     target = _target(args.target)
     out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
+    defaults = data_defaults(has_real_calibration(args.calib, spec), macs_per_image(model, spec))
+    # the kernels timed do not depend on how the weights were fitted: no reconstruction
+    fitting = defaults.quant_fields() | {"reconstruction": "off"}
+    quant = QuantConfig(group_size=group_size, act_bits=act_bits, scales=args.scales, **fitting)
     options = bench.BenchOptions(
         args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs),
         args.batches,

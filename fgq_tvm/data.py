@@ -206,10 +206,22 @@ def _npy_calibration(batch: np.ndarray, path: Path, spec: ModelSpec, limit: int)
     return torch.from_numpy(batch[:limit].astype(np.float32))
 
 
+def has_real_calibration(path: str | Path | None, spec: ModelSpec) -> bool:
+    """Whether :func:`load_calibration` would return real images for ``path`` (a file given, or
+    the default CIFAR-10 calibration split present for a 3x32x32 model), not random ones."""
+    return path is not None or _default_cifar(spec) is not None
+
+
+def _default_cifar(spec: ModelSpec) -> Path | None:
+    """The CIFAR-10 ``.npz`` under :func:`data_dir` when it exists and ``spec`` is 3x32x32."""
+    cifar = data_dir() / CIFAR10_NPZ
+    return cifar if tuple(spec.input_shape[1:]) == (3, 32, 32) and cifar.is_file() else None
+
+
 def _default_calibration(spec: ModelSpec, limit: int) -> tuple[torch.Tensor, str]:
     """The CIFAR-10 calibration split for 32x32 models when present, else seeded noise."""
-    cifar = data_dir() / CIFAR10_NPZ
-    if tuple(spec.input_shape[1:]) == (3, 32, 32) and cifar.is_file():
+    cifar = _default_cifar(spec)
+    if cifar is not None:
         x, _ = load_npz_split(cifar, "calib", spec, limit)
         return x, (
             f"no --calib given: calibrated on {len(x)} CIFAR-10 images of {cifar}; "

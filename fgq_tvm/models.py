@@ -695,6 +695,40 @@ def layer_ops(model: nn.Module) -> dict[str, str]:
     }
 
 
+def macs_per_image(model: nn.Module, spec: ModelSpec) -> int:
+    """The multiply-adds of the model's conv and linear layers per image, counted by one
+    forward pass of zeros (one image, or the fixed batch of a model that has one).
+
+    Parameters
+    ----------
+    model
+        The model (in eval mode; it is not modified).
+    spec
+        Its spec (input shape).
+
+    Returns
+    -------
+    int
+    """
+    batch = spec.input_shape[0] if spec.fixed_batch else 1
+    total = 0
+
+    def count(module: nn.Module, args, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = module.weight[0].numel()  # conv: C/groups * R * S; linear: C
+        total += per_output * output.numel()
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = [layer.register_forward_hook(count) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, *spec.input_shape[1:]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total // batch
+
+
 def check_finite(model: nn.Module, source: str) -> None:
     """Refuse weights and BatchNorm statistics that are not finite, and negative variances:
     quantization would carry them into every output without a word.

@@ -84,7 +84,7 @@ def test_eval_of_the_compiled_module_on_cifar10(tmp_path):
     record = tmp_path / "r20.json"
     result = fgq_tvm(
         "eval", "cifar_resnet20", "--weights", RESNET20, "--data", data_dir() / CIFAR10_NPZ,
-        "--images", 500, "--backend", "tvm", "--json", record,
+        "--images", 500, "--backend", "tvm", "--json", record, "--reconstruction", "off",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "[####################] 500/500 images" in result.stderr

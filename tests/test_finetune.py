@@ -126,12 +126,13 @@ def test_finetune_command_writes_a_checkpoint_that_compile_takes(tmp_path):
     assert isinstance(model, nn.Module)
     compiled = fgq_tvm(
         "compile", "cifar_resnet20", "--weights", checkpoint, "--group-size", 64,
-        "-o", tmp_path / "r20-ft.so",
+        "--reconstruction", "off", "-o", tmp_path / "r20-ft.so",
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
     evaluated = fgq_tvm(
         "eval", "cifar_resnet20", "--weights", checkpoint, "--baseline-weights", RESNET20,
         "--data", npz, "--group-size", 64, "--images", 300, "--json", tmp_path / "eval.json",
+        "--reconstruction", "off",
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     evaluation = json.loads((tmp_path / "eval.json").read_text())

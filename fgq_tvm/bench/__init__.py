@@ -250,12 +250,11 @@ def describe_calibration(spec: ModelSpec, path: str | os.PathLike | None, count:
     str
         Such as ``"32 images of the CIFAR-10 calibration split"``.
     """
-    from ..data import CIFAR10_NPZ, data_dir
+    from ..data import has_real_calibration
 
     if path is not None:
         return f"{count} images of {path}"
-    cifar = data_dir() / CIFAR10_NPZ
-    if tuple(spec.input_shape[1:]) == (3, 32, 32) and cifar.is_file():
+    if has_real_calibration(path, spec):
         return f"{count} images of the CIFAR-10 calibration split"
     return f"{count} random normal images (fixed seed)"
 

@@ -17,9 +17,13 @@
    layer's record is folded without re-ternarizing (``t_f = t * sign(factor)``, scales
    ``* |factor|``: :meth:`TernaryGroups.folded`); an int8 layer quantizes its folded float
    weight.
-6. Build one :class:`~fgq_tvm.quant.layers.QuantizedLayer` per quantized layer and the
-   ``reference`` model, whose quantized layers compute :func:`reference_forward` and whose
-   average-pooling modules sum in float64 (:class:`Float64Average`).
+6. Build one :class:`~fgq_tvm.quant.layers.QuantizedLayer` per quantized layer.
+7. With ``config.reconstruction == "block"``, improve the records block by block against the
+   full-precision network, BatchNorm folded with its trained statistics
+   (:func:`~fgq_tvm.quant.reconstruction.reconstruct_blocks`); their biases go into
+   ``folded_model``.
+8. Build the ``reference`` model, whose quantized layers compute :func:`reference_forward` and
+   whose average-pooling modules sum in float64 (:class:`Float64Average`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from .calibration import calibrate_inputs, make_act_quant
 from .gptq import HessianObserver, ternarize_gptq
 from .layers import ActQuant, QuantizedLayer, reference_forward
 from .observe import observe_inputs, run_hooked
+from .reconstruction import ReconstructionConfig, reconstruct_blocks
 from .ternary import TernaryGroups, quantize_int8_per_channel, ternarize_groups
 
 Progress = Callable[[str], None]
@@ -119,6 +124,7 @@ def quantize_model(
     config: QuantConfig,
     calib_batches: list[torch.Tensor],
     progress: Progress | None = None,
+    reconstruction: ReconstructionConfig | None = None,
 ) -> QuantizedModel:
     """Quantize the conv and linear layers of ``model`` (see the module docstring for the steps).
 
@@ -131,7 +137,11 @@ def quantize_model(
     calib_batches
         Model inputs used to re-estimate BatchNorm statistics and to calibrate activations.
     progress
-        Called with the name of each stage as it starts.
+        Called with the name of each stage as it starts (and, while blocks are reconstructed,
+        with a line per block).
+    reconstruction
+        The settings of ``config.reconstruction == "block"`` (default:
+        :class:`~fgq_tvm.quant.reconstruction.ReconstructionConfig`'s defaults).
 
     Returns
     -------
@@ -173,6 +183,13 @@ def quantize_model(
             continue
         act = make_act_quant(*ranges[name], plan.config.act_bits)
         layers[name] = _build_layer(name, plan, act, ternary.get(name), factors.get(name))
+    if config.reconstruction == "block":
+        report("reconstruct blocks")
+        float_model = fold_batchnorm(copy.deepcopy(model).eval())
+        layers = reconstruct_blocks(
+            layers, work, float_model, calib_batches, reconstruction, progress=report
+        )
+        _set_biases(work, layers)
     report("reference")
     reference = _reference_model(work, layers)
     return QuantizedModel(work, reference, layers, float_layers, config)
@@ -335,6 +352,13 @@ def _build_layer(
         dilation=tuple(module.dilation) if is_conv else (1, 1),
         **fields,
     )
+
+
+def _set_biases(model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
+    """Give each quantized layer's module its record's bias."""
+    for name, layer in layers.items():
+        module = model.get_submodule(name)
+        module.bias = nn.Parameter(torch.from_numpy(layer.bias.copy()).to(module.weight.dtype))
 
 
 def _bias(module: nn.Module) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""The settings that fit the calibration data default by what that data is
+(fgq_tvm.config.data_defaults, fgq_tvm.data.has_real_calibration, fgq_tvm.models.macs_per_image)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+from helpers import fgq_tvm
+from torch import nn
+
+from fgq_tvm.config import (
+    CALIB_IMAGES,
+    NOISE_CALIB_IMAGES,
+    RECONSTRUCTION_CALIB_IMAGES,
+    RECONSTRUCTION_MAX_MACS,
+    QuantConfig,
+    data_defaults,
+)
+from fgq_tvm.data import CIFAR10_NPZ, data_dir, has_real_calibration
+from fgq_tvm.models import ModelSpec, build_model, macs_per_image
+
+RESNET20 = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
+
+
+def test_real_data_gets_the_best_method_and_reconstruction_up_to_the_bound():
+    small = data_defaults(True, RECONSTRUCTION_MAX_MACS)
+    assert small.quant_fields() == {"method": "gptq", "batchnorm": "correct",
+                                    "reconstruction": "block"}  # fmt: skip
+    assert small.calib_images == RECONSTRUCTION_CALIB_IMAGES and small.note is None
+    large = data_defaults(True, 4_089_184_256)
+    assert large.quant_fields() == {"method": "gptq", "batchnorm": "correct",
+                                    "reconstruction": "off"}  # fmt: skip
+    assert large.calib_images == CALIB_IMAGES
+    assert "4.1 GMACs per image" in large.note and "--reconstruction block" in large.note
+
+
+@pytest.mark.parametrize("macs", [1, 4_089_184_256])
+def test_without_data_nothing_is_fitted(macs):
+    defaults = data_defaults(False, macs)
+    assert defaults.quant_fields() == {"method": "exact", "batchnorm": "keep",
+                                       "reconstruction": "off"}  # fmt: skip
+    assert defaults.calib_images == NOISE_CALIB_IMAGES
+    assert "--calib" in defaults.note and "\n" not in defaults.note
+    assert QuantConfig(**defaults.quant_fields()).method == "exact"
+
+
+def test_macs_count_every_conv_and_linear_layer():
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1),  # 8 x 6 x 6 outputs, 4 * 3 * 3 MACs each
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),  # 8 x 3 x 3 outputs, 2 * 3 * 3
+        nn.Flatten(),
+        nn.Linear(72, 10),
+    )
+    spec = ModelSpec("toy", (1, 4, 6, 6), (0.0,) * 4, (1.0,) * 4)
+    assert macs_per_image(model, spec) == 288 * 36 + 72 * 18 + 72 * 10
+
+
+def test_macs_of_a_fixed_batch_model_are_per_image():
+    model, spec = build_model("cifar_resnet20")
+    fixed = replace(spec, input_shape=(4, 3, 32, 32), fixed_batch=True)
+    # 40,550,400 multiply-adds in the convs, 640 in the linear layer
+    assert macs_per_image(model, fixed) == macs_per_image(model, spec) == 40_551_040
+
+
+def test_real_calibration_is_a_file_or_the_cifar_split(monkeypatch, tmp_path):
+    _, cifar = build_model("cifar_resnet20")
+    _, imagenet = build_model("resnet18")
+    monkeypatch.delenv("FGQ_TVM_DATA", raising=False)
+    assert (data_dir() / CIFAR10_NPZ).is_file()
+    assert has_real_calibration(None, cifar)
+    assert not has_real_calibration(None, imagenet)
+    assert has_real_calibration(tmp_path / "x.npy", imagenet)
+    monkeypatch.setenv("FGQ_TVM_DATA", str(tmp_path))
+    assert not has_real_calibration(None, cifar)
+
+
+def fitting(result, folder) -> tuple[str, str, str]:
+    """The method, BatchNorm mode and reconstruction that ``fgq-tvm report`` recorded."""
+    assert result.returncode == 0, result.stderr
+    config = json.loads((folder / "cifar_resnet20.json").read_text())["config"]
+    return config["method"], config["batchnorm"], config["reconstruction"]
+
+
+@pytest.mark.slow
+def test_cli_defaults_follow_the_calibration_data(monkeypatch, tmp_path):
+    real = tmp_path / "real"
+    result = fgq_tvm("report", "cifar_resnet20", "--weights", RESNET20, "--calib-images", 8,
+                     "--out", real)  # fmt: skip
+    assert fitting(result, real) == ("gptq", "correct", "block")
+    assert "unit 11/11 linear (1 layers): loss" in result.stderr
+    assert "fit nothing" not in result.stderr
+
+    monkeypatch.setenv("FGQ_TVM_DATA", str(tmp_path / "no-data"))
+    noise = tmp_path / "noise"
+    result = fgq_tvm("report", "cifar_resnet20", "--weights", RESNET20, "--out", noise)
+    assert fitting(result, noise) == ("exact", "keep", "off")
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2
+    assert f"calibrated on {NOISE_CALIB_IMAGES} random normal images" in warnings[0]
+    assert "the defaults fit nothing" in warnings[1]
+    assert "reconstruct blocks" not in result.stderr
+
+    given = tmp_path / "given"
+    result = fgq_tvm(
+        "report", "cifar_resnet20", "--weights", RESNET20, "--out", given, "--method", "gptq",
+        "--batchnorm", "correct", "--reconstruction", "off", "--calib-images", 8,
+    )  # fmt: skip
+    assert fitting(result, given) == ("gptq", "correct", "off")
+    assert "calibrated on 8 random normal images" in result.stderr
+    assert "fit nothing" not in result.stderr
