@@ -663,7 +663,7 @@ def _model_inputs(args: argparse.Namespace):
     quant = QuantConfig(**{**defaults.quant_fields(), **given})
     quant.check_overrides(list(layer_ops(model)))  # before loading the calibration images
 
-    images = args.calib_images or defaults.calib_images
+    images = args.calib_images or defaults.calib_images(quant.reconstruction)
     calibration, warning = load_calibration(args.calib, spec, args.calib_split, images)
     unset = [field for field in defaults.quant_fields() if field not in given]
     for line in (warning, defaults.note if unset else None):

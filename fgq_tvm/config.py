@@ -195,19 +195,29 @@ class DataDefaults:
 
     Attributes
     ----------
+    real_data
+        Whether the calibration images are real.
     method, batchnorm, reconstruction
         Defaults of :class:`QuantConfig`'s fields of those names.
-    calib_images
-        Most calibration images to load.
     note
         One line that says why the defaults are not the best method, or None when they are.
     """
 
+    real_data: bool
     method: Literal["exact", "twn", "gptq"]
     batchnorm: Literal["correct", "reestimate", "keep"]
     reconstruction: Literal["off", "block"]
-    calib_images: int
     note: str | None = None
+
+    def calib_images(self, reconstruction: str) -> int:
+        """Most calibration images to load for a configuration whose reconstruction is
+        ``reconstruction``: :data:`NOISE_CALIB_IMAGES` random ones without real data, else
+        :data:`RECONSTRUCTION_CALIB_IMAGES` for block reconstruction (fewer let the scales
+        overfit: ResNet-20 at N=64 dropped 2.6 to 3.0 points with 256 images, 2.2 with 1,024),
+        else :data:`CALIB_IMAGES`."""
+        if not self.real_data:
+            return NOISE_CALIB_IMAGES
+        return RECONSTRUCTION_CALIB_IMAGES if reconstruction == "block" else CALIB_IMAGES
 
     def quant_fields(self) -> dict[str, str]:
         """The :class:`QuantConfig` fields these defaults set."""
@@ -221,14 +231,13 @@ class DataDefaults:
 def data_defaults(real_data: bool, macs_per_image: int) -> DataDefaults:
     """The defaults of the settings that fit the calibration data.
 
-    With real images: GPTQ, BatchNorm correction and :data:`CALIB_IMAGES` images; when the
-    model has at most :data:`RECONSTRUCTION_MAX_MACS` multiply-adds per image (CIFAR-scale
-    models, where it takes one to a few minutes on two cores; on ImageNet models it would take
-    tens of minutes, so there it is opt-in), block reconstruction too, on
-    :data:`RECONSTRUCTION_CALIB_IMAGES` images (fewer let the scales overfit: ResNet-20 at N=64
-    dropped 2.6 to 3.0 points with 256 images, 2.2 with 1,024). Without (random normal images stand
-    in): nothing to fit, so the exact solver, the trained BatchNorm statistics, no
-    reconstruction and :data:`NOISE_CALIB_IMAGES` images, which set the activation ranges only.
+    With real images: GPTQ and BatchNorm correction; when the model has at most
+    :data:`RECONSTRUCTION_MAX_MACS` multiply-adds per image (CIFAR-scale models, where it takes
+    one to a few minutes on two cores; on ImageNet models it would take tens of minutes, so
+    there it is opt-in), block reconstruction too. Without (random normal images stand in):
+    nothing to fit, so the exact solver, the trained BatchNorm statistics and no
+    reconstruction; the images (:meth:`DataDefaults.calib_images`) set the activation ranges
+    only.
 
     Parameters
     ----------
@@ -243,15 +252,15 @@ def data_defaults(real_data: bool, macs_per_image: int) -> DataDefaults:
     """
     if not real_data:
         return DataDefaults(
-            "exact", "keep", "off", NOISE_CALIB_IMAGES,
+            False, "exact", "keep", "off",
             "without calibration data the defaults fit nothing: the exact solver, the trained "
             "BatchNorm statistics, no reconstruction; --calib with real images brings gptq and "
             "BatchNorm correction",
         )  # fmt: skip
     if macs_per_image <= RECONSTRUCTION_MAX_MACS:
-        return DataDefaults("gptq", "correct", "block", RECONSTRUCTION_CALIB_IMAGES)
+        return DataDefaults(True, "gptq", "correct", "block")
     return DataDefaults(
-        "gptq", "correct", "off", CALIB_IMAGES,
+        True, "gptq", "correct", "off",
         f"block reconstruction is off for a model of {macs_per_image / 1e9:.1f} GMACs per image "
         "(tens of minutes on a few cores); --reconstruction block turns it on",
     )  # fmt: skip

@@ -26,11 +26,14 @@ def test_real_data_gets_the_best_method_and_reconstruction_up_to_the_bound():
     small = data_defaults(True, RECONSTRUCTION_MAX_MACS)
     assert small.quant_fields() == {"method": "gptq", "batchnorm": "correct",
                                     "reconstruction": "block"}  # fmt: skip
-    assert small.calib_images == RECONSTRUCTION_CALIB_IMAGES and small.note is None
+    assert small.note is None
+    assert small.calib_images("block") == RECONSTRUCTION_CALIB_IMAGES
+    assert small.calib_images("off") == CALIB_IMAGES
     large = data_defaults(True, 4_089_184_256)
     assert large.quant_fields() == {"method": "gptq", "batchnorm": "correct",
                                     "reconstruction": "off"}  # fmt: skip
-    assert large.calib_images == CALIB_IMAGES
+    assert large.calib_images("off") == CALIB_IMAGES
+    assert large.calib_images("block") == RECONSTRUCTION_CALIB_IMAGES
     assert "4.1 GMACs per image" in large.note and "--reconstruction block" in large.note
 
 
@@ -39,7 +42,7 @@ def test_without_data_nothing_is_fitted(macs):
     defaults = data_defaults(False, macs)
     assert defaults.quant_fields() == {"method": "exact", "batchnorm": "keep",
                                        "reconstruction": "off"}  # fmt: skip
-    assert defaults.calib_images == NOISE_CALIB_IMAGES
+    assert defaults.calib_images("off") == defaults.calib_images("block") == NOISE_CALIB_IMAGES
     assert "--calib" in defaults.note and "\n" not in defaults.note
     assert QuantConfig(**defaults.quant_fields()).method == "exact"
 
