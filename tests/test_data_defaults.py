@@ -8,6 +8,7 @@ import pytest
 from helpers import fgq_tvm
 from torch import nn
 
+from fgq_tvm import cli
 from fgq_tvm.config import (
     CALIB_IMAGES,
     NOISE_CALIB_IMAGES,
@@ -77,37 +78,40 @@ def test_real_calibration_is_a_file_or_the_cifar_split(monkeypatch, tmp_path):
     assert not has_real_calibration(None, cifar)
 
 
-def fitting(result, folder) -> tuple[str, str, str]:
-    """The method, BatchNorm mode and reconstruction that ``fgq-tvm report`` recorded."""
-    assert result.returncode == 0, result.stderr
-    config = json.loads((folder / "cifar_resnet20.json").read_text())["config"]
-    return config["method"], config["batchnorm"], config["reconstruction"]
+def model_inputs(capsys, *options):
+    """``(quant, calibration images, warning lines)`` that ``fgq-tvm report cifar_resnet20``
+    would quantize with, from the CLI's own wiring (no quantization runs)."""
+    args = cli.build_parser().parse_args(["report", "cifar_resnet20", *map(str, options)])
+    _, _, quant, _, calibration = cli._model_inputs(args)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    return (quant.method, quant.batchnorm, quant.reconstruction), len(calibration), warnings
 
 
-@pytest.mark.slow
-def test_cli_defaults_follow_the_calibration_data(monkeypatch, tmp_path):
-    real = tmp_path / "real"
-    result = fgq_tvm("report", "cifar_resnet20", "--weights", RESNET20, "--calib-images", 8,
-                     "--out", real)  # fmt: skip
-    assert fitting(result, real) == ("gptq", "correct", "block")
-    assert "unit 11/11 linear (1 layers): loss" in result.stderr
-    assert "fit nothing" not in result.stderr
+def test_cli_defaults_follow_the_calibration_data(monkeypatch, capsys, tmp_path):
+    fitting, images, warnings = model_inputs(capsys, "--weights", RESNET20)
+    assert fitting == ("gptq", "correct", "block") and images == RECONSTRUCTION_CALIB_IMAGES
+    assert len(warnings) == 1 and "CIFAR-10 images" in warnings[0]  # the split, no other note
+    fitting, images, _ = model_inputs(capsys, "--reconstruction", "off")
+    assert fitting == ("gptq", "correct", "off") and images == CALIB_IMAGES
 
-    monkeypatch.setenv("FGQ_TVM_DATA", str(tmp_path / "no-data"))
-    noise = tmp_path / "noise"
-    result = fgq_tvm("report", "cifar_resnet20", "--weights", RESNET20, "--out", noise)
-    assert fitting(result, noise) == ("exact", "keep", "off")
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    monkeypatch.setenv("FGQ_TVM_DATA", str(tmp_path))
+    fitting, images, warnings = model_inputs(capsys)
+    assert fitting == ("exact", "keep", "off") and images == NOISE_CALIB_IMAGES
     assert len(warnings) == 2
     assert f"calibrated on {NOISE_CALIB_IMAGES} random normal images" in warnings[0]
     assert "the defaults fit nothing" in warnings[1]
-    assert "reconstruct blocks" not in result.stderr
+    given = ("--method", "gptq", "--batchnorm", "correct", "--reconstruction", "off")
+    fitting, images, warnings = model_inputs(capsys, *given, "--calib-images", 8)
+    assert fitting == ("gptq", "correct", "off") and images == 8
+    assert len(warnings) == 1 and "fit nothing" not in warnings[0]
 
-    given = tmp_path / "given"
-    result = fgq_tvm(
-        "report", "cifar_resnet20", "--weights", RESNET20, "--out", given, "--method", "gptq",
-        "--batchnorm", "correct", "--reconstruction", "off", "--calib-images", 8,
-    )  # fmt: skip
-    assert fitting(result, given) == ("gptq", "correct", "off")
-    assert "calibrated on 8 random normal images" in result.stderr
-    assert "fit nothing" not in result.stderr
+
+@pytest.mark.slow
+def test_cli_reconstructs_blocks_by_default_with_calibration_data(tmp_path):
+    result = fgq_tvm("report", "cifar_resnet20", "--weights", RESNET20, "--calib-images", 8,
+                     "--out", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "cifar_resnet20.json").read_text())["config"]
+    assert config["reconstruction"] == "block"
+    assert "quantize: reconstruct blocks" in result.stderr
+    assert "unit 11/11 linear (1 layers): loss" in result.stderr
