@@ -654,12 +654,12 @@ def _model_inputs(args: argparse.Namespace):
     """``(model, spec, quant, target, calibration)`` from the options of compile and tune;
     the settings not given default by the calibration data (:func:`~fgq_tvm.config.
     data_defaults`)."""
-    from .data import has_real_calibration, load_calibration
-    from .models import layer_ops, macs_per_image
+    from .data import load_calibration
+    from .models import layer_ops
 
     given = _quant_fields(args)  # bad options are refused before the model loads
     model, spec, target = _model_and_target(args)
-    defaults = data_defaults(has_real_calibration(args.calib, spec), macs_per_image(model, spec))
+    defaults = _data_defaults(args, model, spec)
     quant = QuantConfig(**{**defaults.quant_fields(), **given})
     quant.check_overrides(list(layer_ops(model)))  # before loading the calibration images
 
@@ -850,6 +850,15 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_defaults(args: argparse.Namespace, model, spec):
+    """The defaults of the settings that fit the calibration data of ``--calib``
+    (:func:`~fgq_tvm.config.data_defaults`) for ``model``."""
+    from .data import has_real_calibration
+    from .models import macs_per_image
+
+    return data_defaults(has_real_calibration(args.calib, spec), macs_per_image(model, spec))
+
+
 def _quant_fields(args: argparse.Namespace) -> dict[str, object]:
     """The :class:`QuantConfig` fields the options give, parsed; those that default by the
     calibration data are left out unless given."""
@@ -936,15 +945,13 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     """``fgq-tvm bench``: compile, prepare the peers, time them, print and write the tables."""
     from . import bench
-    from .data import has_real_calibration
-    from .models import macs_per_image
 
     progress = _progress_printer()
     group_size, act_bits = parse_group_size(args.group_size), parse_act_bits(args.act_bits)
     target = _target(args.target)
     out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
-    defaults = data_defaults(has_real_calibration(args.calib, spec), macs_per_image(model, spec))
+    defaults = _data_defaults(args, model, spec)
     # the kernels timed do not depend on how the weights were fitted: no reconstruction
     fitting = defaults.quant_fields() | {"reconstruction": "off"}
     quant = QuantConfig(group_size=group_size, act_bits=act_bits, scales=args.scales, **fitting)
