@@ -1,12 +1,15 @@
 """The ``fgq-tvm`` command line: ``compile`` a model into a ``.so``, ``run`` a compiled module,
-``tune`` its kernels with MetaSchedule, ``bench`` a model against its peers, ``eval`` its
-accuracy against the full-precision model, ``finetune`` it through its quantizers, ``report``
-what the quantization buys at each group size.
+``bundle`` it with the TVM runtime for machines without fgq-tvm, ``tune`` its kernels with
+MetaSchedule, ``bench`` a model against its peers, ``eval`` its accuracy against the
+full-precision model, ``finetune`` it through its quantizers, ``report`` what the quantization
+buys at each group size.
 
 Every failure is reported as one line, ``fgq-tvm: error: <message>``, with exit status 2 for
 command-line mistakes and 1 otherwise; unexpected exceptions are reported the same way as
-"internal error" unless ``FGQ_TVM_DEBUG=1`` asks for the traceback. ``run`` needs only the TVM
-runtime and NumPy: the modules that import PyTorch are imported inside ``compile`` alone.
+"internal error" unless ``FGQ_TVM_DEBUG=1`` asks for the traceback
+(:func:`~fgq_tvm.errors.exit_status`). ``run`` needs only NumPy, apache-tvm-ffi and TVM's
+runtime library (:mod:`fgq_tvm.run_command`): the modules that import PyTorch or the compiler
+are imported inside the other commands alone.
 """
 
 from __future__ import annotations
@@ -14,14 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .config import (
     BATCHNORM_MODES,
@@ -40,8 +40,7 @@ from .config import (
     parse_group_size,
     parse_override,
 )
-from .errors import FGQError, Interrupted, UsageError, brief
-from .inputs import read_npy
+from .errors import FGQError, Interrupted, UsageError, exit_status
 from .reporting import (
     output_file,
     output_folder,
@@ -50,6 +49,7 @@ from .reporting import (
     write_atomically,
     write_text_atomically,
 )
+from .run_command import OneLineParser, add_run_options, run_npy
 from .target import TUNING_LOGS, database_folder, host_target, is_target_flag, parse_target
 
 if TYPE_CHECKING:
@@ -58,14 +58,6 @@ if TYPE_CHECKING:
     from .models import ModelSpec
 
 PROG = "fgq-tvm"
-MAX_TOP1_SHOWN = 16
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one-line :class:`UsageError`\\ s."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,20 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 2 for usage errors, 1 for other errors.
     """
     words = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def command() -> int:
         args = build_parser().parse_args(join_target_words(words))
         return args.handler(args)
-    except FGQError as error:
-        _print_error(str(error))
-        return error.exit_code
-    except KeyboardInterrupt:
-        _print_error("interrupted")
-        return 130
-    except Exception as error:
-        if os.environ.get("FGQ_TVM_DEBUG") == "1":
-            raise
-        _print_error(f"internal error: {brief(error)}")
-        return 1
+
+    return exit_status(command, PROG)
 
 
 def join_target_words(argv: Sequence[str]) -> list[str]:
@@ -119,7 +103,7 @@ def join_target_words(argv: Sequence[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fgq-tvm`` and its subcommands."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Compile PyTorch CNNs into fine-grained ternary (FGQ) native modules.",
         allow_abbrev=False,
@@ -127,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_compile(commands)
     _add_run(commands)
+    _add_bundle(commands)
     _add_tune(commands)
     _add_bench(commands)
     _add_eval(commands)
     _add_finetune(commands)
     _add_report(commands)
+    _add_sweep(commands)
     return parser
 
 
@@ -167,9 +153,10 @@ def _add_tune(commands) -> None:
         "tune",
         help="tune a model's kernels with MetaSchedule into the target's database",
         description="Quantize MODEL as compile would, then tune each distinct integer dot core "
-        "kernel with MetaSchedule (XGBoost cost model, candidates timed on this machine, each "
-        "new best verified against the reference arithmetic) and append the records to "
-        "DIR/<target key>, where compile finds them.",
+        "kernel with MetaSchedule (XGBoost cost model, candidates timed on this machine or on "
+        "the RPC servers of --rpc-key, each new best verified against the reference arithmetic "
+        "where it was timed) and append the records to DIR/<target key>, where compile finds "
+        "them.",
         allow_abbrev=False,
     )
     sub.set_defaults(handler=_tune)
@@ -201,7 +188,27 @@ def _add_tune(commands) -> None:
         help="tune bench's TVM FP32 peer instead: the full-precision model with MetaSchedule's "
         "default rules, into DIR/<target key>/tvm-fp32 (tasks with records are skipped)",
     )
+    _add_rpc_arguments(sub, "time, verify and compare the candidates")
+    sub.add_argument(
+        "--rpc-workers",
+        type=_positive_int,
+        metavar="N",
+        help="candidates timed at once on the RPC servers (default: one per server under KEY)",
+    )
     _add_model_arguments(sub)
+
+
+def _add_rpc_arguments(sub, what: str) -> None:
+    """``--rpc-tracker`` and ``--rpc-key`` of tune and bench: ``what`` they run remotely."""
+    sub.add_argument(
+        "--rpc-tracker",
+        metavar="HOST:PORT",
+        help=f"{what} on the servers registered with this TVM RPC tracker (python -m "
+        "tvm.exec.rpc_tracker) under --rpc-key; the target must describe their CPU",
+    )
+    sub.add_argument(
+        "--rpc-key", metavar="KEY", help="the servers' key (python -m tvm.exec.rpc_server --key)"
+    )
 
 
 def _add_eval(commands) -> None:
@@ -354,6 +361,76 @@ def _add_report(commands) -> None:
     _add_model_arguments(sub)
 
 
+def _add_sweep(commands) -> None:
+    sub = commands.add_parser(
+        "sweep",
+        help="compile, tune, time and evaluate models over group sizes, widths and devices",
+        description="For every model x group size x activation width x target x device: "
+        "quantize as compile would, tune the kernels (up to --trials each, candidates timed on "
+        "the device), compile with the verified tuned schedules, time the module on the device "
+        "and, where the model has evaluation images, measure its top-1 drop. Each point is "
+        "appended to DIR/points.jsonl as it ends, and DIR/sweep.md, .json, .csv and .png "
+        "(drop against latency) are written anew; rerun the same command to resume.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_sweep)
+    sub.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL[=WEIGHTS]",
+        help="models as compile takes them, each with its weights file (default: random)",
+    )
+    sub.add_argument(
+        "--group-sizes", type=_group_sizes, default=(4, 64), metavar="LIST",
+        help="group sizes (default: 4,64)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--act-bits", type=_act_bits_list, default=(8,), metavar="LIST",
+        help="activation bits (default: 8)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--target", action="append", metavar="TARGET",
+        help="a target as compile takes it, repeatable (default: the host CPU)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--rpc-tracker", metavar="HOST:PORT",
+        help="time on the servers registered with this TVM RPC tracker under each --rpc-key "
+        "(default: this machine)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--rpc-key", action="append", metavar="KEY",
+        help="a key of the tracker's servers, repeatable: one device per key",
+    )  # fmt: skip
+    sub.add_argument(
+        "--trials", type=_count, default=16, metavar="N",
+        help="tuning trials per kernel and point (default: 16; 0: default schedules and the "
+        "records tuned before)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--tuning-logs", default=str(TUNING_LOGS), metavar="DIR",
+        help=f"where the databases live (default: {TUNING_LOGS})",
+    )  # fmt: skip
+    sub.add_argument(
+        "--data", metavar="D",
+        help="labelled images for the accuracy, as for eval (default: the CIFAR-10 evaluation "
+        "split for 32x32 models when ../shared/data has it; other models are not evaluated)",
+    )  # fmt: skip
+    sub.add_argument("--images", type=_positive_int, metavar="N", help="evaluate on N images only")
+    sub.add_argument(
+        "--rounds", type=_positive_int, default=20, metavar="N",
+        help="timed inferences per point (default: 20)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--threads", type=_positive_int, default=2, metavar="N",
+        help="threads of the candidates timed on this machine (default: 2)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--out", default="sweeps", metavar="DIR", help="output folder (default: sweeps)"
+    )
+    _add_quant_arguments(sub, swept=True)
+    sub.set_defaults(split="eval")  # the images evaluated on; calibration is on --calib-split
+
+
 def _add_model_arguments(sub) -> None:
     """The model, target, quantization and calibration options of compile and tune."""
     sub.add_argument(
@@ -369,22 +446,29 @@ def _add_model_arguments(sub) -> None:
     )
     sub.add_argument("--weights", metavar="FILE", help="state dict to load (default: random)")
     sub.add_argument("--input-shape", metavar="N,C,H,W", help="override the model's input shape")
+    _add_quant_arguments(sub, swept=False)
+
+
+def _add_quant_arguments(sub, swept: bool) -> None:
+    """The quantization and calibration options; a sweep gives group sizes and activation
+    bits of its own (``swept``)."""
     quant = sub.add_argument_group("quantization")
-    quant.add_argument(
-        "--group-size",
-        default="4",
-        metavar="N|channel",
-        help="input channels per ternary group, 1..64 (default: 4)",
-    )
+    if not swept:
+        quant.add_argument(
+            "--group-size",
+            default="4",
+            metavar="N|channel",
+            help="input channels per ternary group, 1..64 (default: 4)",
+        )
+        quant.add_argument(
+            "--act-bits", default="8", metavar="8|4", help="activation bits (default: 8)"
+        )
     quant.add_argument(
         "--layer",
         action="append",
         default=[],
         metavar="PATTERN=SPEC",
         help="per-layer override, e.g. 'layer4.*=16,a4' or 'fc=float' (repeatable)",
-    )
-    quant.add_argument(
-        "--act-bits", default="8", metavar="8|4", help="activation bits (default: 8)"
     )
     quant.add_argument(
         "--scales",
@@ -474,12 +558,23 @@ def _add_run(commands) -> None:
     )
     sub.set_defaults(handler=_run)
     sub.add_argument("module", metavar="MODULE", help="a .so written by fgq-tvm compile")
-    sub.add_argument("--input", required=True, metavar="X.npy", help="normalised float32 batch")
-    sub.add_argument("--output", metavar="Y.npy", help="where to save the logits")
+    add_run_options(sub)
+
+
+def _add_bundle(commands) -> None:
+    sub = commands.add_parser(
+        "bundle",
+        help="write a compiled module with the TVM runtime into a folder that runs without fgq-tvm",
+        description="Write MODULE, its sidecar, TVM's libtvm_runtime.so, the fgq-tvm loader "
+        "(import fgq_tvm; fgq_tvm.load(path)(x)) and run.py into the new folder DIR. It runs "
+        "with only NumPy and apache-tvm-ffi installed: pip install -r DIR/requirements.txt; "
+        "python DIR/run.py --input X.npy [--output Y.npy], as fgq-tvm run.",
+        allow_abbrev=False,
+    )
+    sub.set_defaults(handler=_bundle)
+    sub.add_argument("module", metavar="MODULE", help="a .so written by fgq-tvm compile")
     sub.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="run inputs with NaN or infinite values (refused by default)",
+        "-o", "--output", required=True, metavar="DIR", help="folder to write (new or empty)"
     )
 
 
@@ -503,10 +598,10 @@ def _add_bench(commands) -> None:
     sub.add_argument(
         "--peers",
         type=_peers,
-        default="all",
         metavar="LIST",
         help="comma list of torch, torch-int8, ort, ort-int8, tvm-fp32, or all, or none "
-        "(default: all; fgq-tvm itself is always timed)",
+        "(default: all, none with --rpc-tracker: peers run on this machine only; fgq-tvm "
+        "itself is always timed)",
     )
     sub.add_argument(
         "--batches",
@@ -550,6 +645,7 @@ def _add_bench(commands) -> None:
         help="tuning databases for the 'fgq-tvm tuned' row: DIR/<target key> "
         f"(default: {TUNING_LOGS})",
     )
+    _add_rpc_arguments(sub, "run and time fgq-tvm's modules and kernels (threads: the servers')")
 
 
 def _peers(text: str) -> tuple[str, ...]:
@@ -654,29 +750,26 @@ def _model_inputs(args: argparse.Namespace):
     """``(model, spec, quant, target, calibration)`` from the options of compile and tune;
     the settings not given default by the calibration data (:func:`~fgq_tvm.config.
     data_defaults`)."""
-    from .data import load_calibration
-    from .models import layer_ops
+    from .defaults import quantization_inputs
 
     given = _quant_fields(args)  # bad options are refused before the model loads
     model, spec, target = _model_and_target(args)
-    defaults = _data_defaults(args, model, spec)
-    quant = QuantConfig(**{**defaults.quant_fields(), **given})
-    quant.check_overrides(list(layer_ops(model)))  # before loading the calibration images
-
-    images = args.calib_images or defaults.calib_images(quant.reconstruction)
-    calibration, warning = load_calibration(args.calib, spec, args.calib_split, images)
-    unset = [field for field in defaults.quant_fields() if field not in given]
-    for line in (warning, defaults.note if unset else None):
-        if line:
-            print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
-    return model, spec, quant, target, calibration
+    inputs = quantization_inputs(
+        model, spec, given, args.calib, args.calib_split, args.calib_images
+    )
+    for line in inputs.warnings:
+        print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
+    return model, spec, inputs.quant, target, inputs.calibration
 
 
 def _tune(args: argparse.Namespace) -> int:
     """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
     progress = _progress_printer()
     if args.fp32:
+        if args.rpc_tracker:
+            raise UsageError("tune --fp32 times on this machine only; drop --rpc-tracker")
         return _tune_fp32(args, progress)
+    device = _device(args, args.rpc_workers)  # a tracker without servers fails here, at once
     model, spec, quant, target, calibration = _model_inputs(args)
     from .compiler import lower_to_relax, quantize
     from .tuning import kernel_tasks, tune
@@ -687,8 +780,12 @@ def _tune(args: argparse.Namespace) -> int:
         raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")
     folder = database_folder(target, Path(args.tuning_logs))
     progress(f"tune {len(tasks)} kernels, up to {args.trials} trials each, into {folder}")
+    if args.rpc_tracker:
+        progress(f"time them on the {device.servers()} RPC server(s) under {device.name}")
     with _reporting_interrupts(folder):
-        results = tune(tasks, target, args.trials, folder, progress, threads=args.threads)
+        results = tune(
+            tasks, target, args.trials, folder, progress, threads=args.threads, device=device
+        )
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
     return 0
@@ -709,6 +806,30 @@ def _tune_fp32(args: argparse.Namespace, progress) -> int:
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} functions have a tuned schedule in {folder}")
     return 0
+
+
+def _device(args: argparse.Namespace, workers: int | None = None):
+    """Where tune and bench run kernels: this machine, or the RPC servers of ``--rpc-tracker``
+    and ``--rpc-key``, checked to have one (:class:`~fgq_tvm.remote.RemoteDevice`).
+
+    Raises
+    ------
+    UsageError
+        ``--rpc-key`` or ``--rpc-workers`` without ``--rpc-tracker``, or the other way round.
+    FGQError
+        The tracker cannot be reached or has no server under the key.
+    """
+    from .remote import LOCAL_DEVICE, RemoteDevice
+
+    if not args.rpc_tracker:
+        if args.rpc_key or workers:
+            raise UsageError("--rpc-key and --rpc-workers need --rpc-tracker HOST:PORT")
+        return LOCAL_DEVICE
+    if not args.rpc_key:
+        raise UsageError("--rpc-tracker needs --rpc-key KEY: the key its servers registered")
+    device = RemoteDevice.parse(args.rpc_tracker, args.rpc_key, workers)
+    device.servers()
+    return device
 
 
 @contextlib.contextmanager
@@ -753,7 +874,9 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(format_result(evaluation.result, evaluation.heading()))
     if json_output is not None:
-        record = evaluation.record(quant, args.layer, args.weights, args.baseline_weights)
+        record = evaluation.record(
+            quant, args.layer, args.weights, args.baseline_weights, len(calibration)
+        )
         write_text_atomically(json_output, json.dumps(record, indent=2) + "\n")
     return 0
 
@@ -787,6 +910,83 @@ def _report(args: argparse.Namespace) -> int:
     print(paths[0].read_text(), end="")
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``fgq-tvm sweep``: the points of the arguments measured in turn, resumably."""
+    from .sweep import PointMeasurer, SweepResults, SweepSettings, run_sweep, sweep_points
+    from .target import target_key
+
+    progress = _progress_printer()
+    given = _quant_fields(args)
+    models = [_model_choice(text) for text in args.models]
+    targets = {target_key(target): target for target in map(_target, args.target or [None])}
+    devices = _sweep_devices(args)
+    if args.data:
+        _calibrate_apart(args)
+    folder = output_folder(Path(args.out))
+    results = SweepResults(folder)
+    for line in results.skipped:
+        progress(f"warning: skipped an unreadable line of the results: {line}")
+    points = sweep_points(models, args.group_sizes, args.act_bits, list(targets), list(devices))
+    settings = SweepSettings(
+        given, args.calib, args.calib_split, args.calib_images, args.trials,
+        Path(args.tuning_logs), args.rounds, threads=args.threads,
+    )  # fmt: skip
+    images = _sweep_images(args, models)
+    measure = PointMeasurer(settings, targets, devices, images, folder, progress)
+    progress(f"sweep {len(points)} points into {folder}")
+    try:
+        run_sweep(points, results, measure, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; the finished points are in {folder}: run the same command to resume"
+        ) from None
+    paths = results.write_outputs(points)
+    print(paths[0].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    failed = [p.key for p in points if not results.done(p)]
+    if failed:
+        raise FGQError(
+            f"{len(failed)} of {len(points)} points failed ({failed[0]}, ...): see {paths[0]}"
+        )
+    return 0
+
+
+def _model_choice(text: str) -> tuple[str, str | None]:
+    """``MODEL[=WEIGHTS]`` of ``fgq-tvm sweep``."""
+    name, _, weights = text.partition("=")
+    if not name or (weights == "" and text.endswith("=")):
+        raise UsageError(f"expected MODEL or MODEL=WEIGHTS, not {text!r}")
+    return name, weights or None
+
+
+def _sweep_devices(args: argparse.Namespace) -> dict[str, object]:
+    """The devices of ``fgq-tvm sweep`` by name (each is checked before each point)."""
+    from .remote import LOCAL_DEVICE, RemoteDevice
+
+    if not args.rpc_tracker:
+        if args.rpc_key:
+            raise UsageError("--rpc-key needs --rpc-tracker HOST:PORT")
+        return {LOCAL_DEVICE.name: LOCAL_DEVICE}
+    if not args.rpc_key:
+        raise UsageError("--rpc-tracker needs --rpc-key KEY: the key its servers registered")
+    devices = [RemoteDevice.parse(args.rpc_tracker, key) for key in args.rpc_key]
+    return {device.name: device for device in devices}
+
+
+def _sweep_images(args: argparse.Namespace, models: list[tuple[str, str | None]]) -> dict:
+    """The evaluation images of each model of a sweep that has some (``--data``, else the
+    CIFAR-10 evaluation split for 32x32 models)."""
+    from .data import default_cifar_data, load_labelled_images
+
+    images = {}
+    for name, weights in models:
+        spec = _load_model(name, weights, None)[1]
+        data = args.data or default_cifar_data(spec)
+        if data is not None:
+            images[name] = load_labelled_images(data, spec, "eval", args.images)
+    return images
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -865,8 +1065,6 @@ def _quant_fields(args: argparse.Namespace) -> dict[str, object]:
     if not 0 < args.percentile <= 100:
         raise UsageError(f"percentile {args.percentile} is out of range: use 0 < P <= 100")
     fields = {
-        "group_size": parse_group_size(args.group_size),
-        "act_bits": parse_act_bits(args.act_bits),
         "scales": args.scales,
         "method": args.method,
         "first_last": args.first_last,
@@ -877,7 +1075,12 @@ def _quant_fields(args: argparse.Namespace) -> dict[str, object]:
         "reconstruction": args.reconstruction,
         "overrides": tuple(parse_override(text) for text in args.layer),
     }
-    return {name: value for name, value in fields.items() if value is not None}
+    given = {name: value for name, value in fields.items() if value is not None}
+    if "group_size" in args:  # else a sweep's: each point has its own
+        # None is a group size: all channels of a layer
+        given["group_size"] = parse_group_size(args.group_size)
+        given["act_bits"] = parse_act_bits(args.act_bits)
+    return given
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int, int]:
@@ -923,22 +1126,15 @@ def _print_outputs(output: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """``fgq-tvm run``: run a module on a .npy batch, print the top-1 classes, save logits."""
-    from .runtime import load, sidecar_path
+    return run_npy(args.module, args.input, args.output, args.allow_nonfinite, PROG)
 
-    output = _checked_output(args.output) if args.output else None
-    if output is not None:
-        files = {"the module": args.module, "its sidecar": sidecar_path(args.module)}
-        _refuse_overwriting(args.output, {**files, "the input": args.input})
-    x = read_npy(args.input)
-    model = load(args.module)
-    logits = model(x, check_finite=not args.allow_nonfinite)
-    print(f"{PROG}: {model.threads_reason}", file=sys.stderr, flush=True)
-    if output is not None:
-        write_atomically(output, lambda file: np.save(file, logits))
-    print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))
-    top1 = [str(label) for label in logits.reshape(len(logits), -1).argmax(axis=1)]
-    more = f" ... ({len(top1) - MAX_TOP1_SHOWN} more)" if len(top1) > MAX_TOP1_SHOWN else ""
-    print(f"top-1: {' '.join(top1[:MAX_TOP1_SHOWN])}{more}")
+
+def _bundle(args: argparse.Namespace) -> int:
+    """``fgq-tvm bundle``: the module, the TVM runtime and the loader in a new folder."""
+    from .bundle import write_bundle
+
+    written = write_bundle(args.module, args.output)
+    print(f"wrote {written.folder}: {', '.join(written.files)} ({written.size_mb:.1f} MB)")
     return 0
 
 
@@ -948,6 +1144,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     progress = _progress_printer()
     group_size, act_bits = parse_group_size(args.group_size), parse_act_bits(args.act_bits)
+    device = _device(args)
+    default_peers = "none" if args.rpc_tracker else "all"
+    peers = bench.parse_peers(default_peers) if args.peers is None else args.peers
     target = _target(args.target)
     out_dir = output_folder(Path(args.out) if args.out else bench.default_out_dir(target))
     model, spec = _load_model(args.model, args.weights, None)
@@ -956,9 +1155,11 @@ def _bench(args: argparse.Namespace) -> int:
     fitting = defaults.quant_fields() | {"reconstruction": "off"}
     quant = QuantConfig(group_size=group_size, act_bits=act_bits, scales=args.scales, **fitting)
     options = bench.BenchOptions(
-        args.peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs),
-        args.batches,
+        peers, args.repeats, args.warmup, args.threads, args.ghz, Path(args.tuning_logs),
+        args.batches, device,
     )  # fmt: skip
+    if args.rpc_tracker:
+        progress(f"time fgq-tvm alone on an RPC server under {device.name} (no peers there)")
     result, paths = bench.bench_model(
         model, spec, quant, target, options, out_dir, args.calib, args.calib_images, progress,
         warn=lambda warning: print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True),
@@ -972,31 +1173,3 @@ def _checked_output(text: str) -> Path:
     """The output path, refused before any work if it cannot be written
     (:func:`~fgq_tvm.reporting.output_file`)."""
     return output_file(Path(text))
-
-
-def _refuse_overwriting(output: str, files: dict[str, str | os.PathLike]) -> None:
-    """Refuse an ``output`` that names one of ``files`` (``description -> path``), also through
-    another spelling of the path, a symbolic or a hard link.
-
-    Raises
-    ------
-    UsageError
-        ``output`` is one of ``files``.
-    """
-    for description, path in files.items():
-        if _same_file(output, path):
-            raise UsageError(f"output {output!r} is {description}; give another file name")
-
-
-def _same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
-    """Whether two paths name one file (which need not exist)."""
-    if os.path.realpath(first) == os.path.realpath(second):
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
-
-
-def _print_error(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ RECONSTRUCTION_MODES = ("off", "block")
 METHODS = ("exact", "twn", "gptq")
 BATCHNORM_MODES = ("correct", "reestimate", "keep")
 CALIB_IMAGES = 256  # calibration images by default, when they are real
-RECONSTRUCTION_CALIB_IMAGES = 1024  # the same when blocks are reconstructed by default
+RECONSTRUCTION_CALIB_IMAGES = 2048  # the same when blocks are reconstructed by default
 NOISE_CALIB_IMAGES = 32  # random images by default, when there is no calibration data
 RECONSTRUCTION_MAX_MACS = 300_000_000  # per image: the largest model reconstructed by default
 
@@ -213,8 +213,9 @@ class DataDefaults:
         """Most calibration images to load for a configuration whose reconstruction is
         ``reconstruction``: :data:`NOISE_CALIB_IMAGES` random ones without real data, else
         :data:`RECONSTRUCTION_CALIB_IMAGES` for block reconstruction (fewer let the scales
-        overfit: ResNet-20 at N=64 dropped 2.6 to 3.0 points with 256 images, 2.2 with 1,024),
-        else :data:`CALIB_IMAGES`."""
+        overfit: ResNet-20 at N=64 dropped 2.6 to 3.0 points with 256 images, 2.2 with 1,024;
+        at N=4, 2,048 images brought its KL divergence from the full-precision model 4% below
+        1,024's on held-out calibration images, in two seeds), else :data:`CALIB_IMAGES`."""
         if not self.real_data:
             return NOISE_CALIB_IMAGES
         return RECONSTRUCTION_CALIB_IMAGES if reconstruction == "block" else CALIB_IMAGES

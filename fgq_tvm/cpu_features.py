@@ -5,9 +5,13 @@ peak of a core.
   flags (:func:`host_flags`, :func:`host_has`).
 * A target: :func:`target_has` asks the LLVM inside TVM whether code built for a
   :class:`tvm.target.Target` may use an instruction set extension (LLVM's names, such as
-  ``"avx512vnni"`` or ``"amx-int8"``); :func:`missing_extensions` lists those of
-  :data:`X86_EXTENSIONS` that a host lacks, so that a module built for another CPU is refused
-  before it dies of an illegal instruction.
+  ``"avx512vnni"`` or ``"amx-int8"``).
+* A sidecar's target (its JSON config), without the compiler: :func:`compiled_extensions`
+  reads the extensions of :data:`X86_EXTENSIONS` its code may use from tables of what LLVM
+  enables for each x86 CPU and ``-mattr`` feature (:mod:`fgq_tvm.x86_tables`, written from
+  LLVM by :func:`write_x86_tables`); :func:`missing_extensions` lists those a host lacks, so
+  that :func:`fgq_tvm.load` refuses a module built for another CPU before it dies of an
+  illegal instruction, on a machine with the TVM runtime alone.
 * The peak: :func:`vnni_macs_per_cycle` and :func:`vnni_peak_gmacs`.
 
 TVM is imported only inside the functions that ask LLVM about a target: a deployed runtime may
@@ -17,8 +21,13 @@ lack the compiler, and reading the host's flags needs none of it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
+import json
 import os
 import platform
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,72 +203,238 @@ def target_has(target: Target | None, *features: str) -> bool:
         return False
 
 
-def is_llvm_cpu_target(target: Target | None) -> bool:
-    """Whether ``target`` (a :class:`tvm.target.Target` or None) is an LLVM target with an
-    ``-mcpu``.
+# --------------------------------------------------------------------------------------------
+# A sidecar's target, without the compiler
+# --------------------------------------------------------------------------------------------
+
+X86_ARCHITECTURES = frozenset({"x86_64", "amd64", "x86", "i386", "i486", "i586", "i686"})
+"""Architectures (the first word of a target triple, or :func:`platform.machine`) whose code
+may use :data:`X86_EXTENSIONS`."""
+X86_TRIPLE = "x86_64-unknown-linux-gnu"
+"""The triple LLVM is asked about for :mod:`fgq_tvm.x86_tables`."""
+
+
+def is_x86_target(config: Mapping) -> bool:
+    """Whether a target config compiles x86 code.
 
     Parameters
     ----------
-    target
-        The target, or None.
+    config
+        A TVM target as a dict, such as a sidecar's ``{"kind": "llvm", "mcpu": "znver4"}``.
 
     Returns
     -------
     bool
+        Judged by the architecture of its ``mtriple``, else of this machine (TVM compiles for
+        the host's triple where none is given).
     """
-    return target is not None and str(target.kind.name) == "llvm" and bool(target.attrs.get("mcpu"))
+    triple = config.get("mtriple")
+    arch = str(triple).split("-")[0] if triple else platform.machine()
+    return arch.lower() in X86_ARCHITECTURES
 
 
-def llvm_knows_cpu(target: Target) -> bool:
-    """Whether the LLVM inside TVM knows the ``-mcpu`` of ``target`` for its triple.
+def compiled_extensions(config: Mapping) -> list[str]:
+    """The extensions of :data:`X86_EXTENSIONS` that code compiled for a target config may use,
+    read from :mod:`fgq_tvm.x86_tables` (no compiler needed).
+
+    Those of its ``mcpu`` (LLVM's ``generic`` CPU where it has none), then each ``mattr``
+    entry in order, as LLVM applies them: ``+F`` adds ``F`` and what it implies, ``-F`` (or
+    ``F`` without a sign) removes ``F`` and what implies it.
 
     Parameters
     ----------
-    target
-        An LLVM :class:`tvm.target.Target` with an ``-mcpu`` (:func:`is_llvm_cpu_target`).
+    config
+        A TVM ``llvm`` target as a dict, its ``mcpu`` a string and ``mattr`` a list of strings.
 
     Returns
     -------
-    bool
-        True for a TVM without LLVM: there is nothing to check against.
+    list of str
+        LLVM's names of the extensions, in the order of :data:`X86_EXTENSIONS`; empty for a
+        target that does not compile x86 code (:func:`is_x86_target`).
+
+    Raises
+    ------
+    ValueError
+        The target is x86 and LLVM does not know its ``mcpu``.
     """
-    from tvm.target import Target, codegen
+    if not is_x86_target(config):
+        return []
+    from . import x86_tables
 
-    triple = target.attrs.get("mtriple")
-    base = Target({"kind": "llvm", **({"mtriple": str(triple)} if triple else {})})
-    try:
-        return str(target.attrs["mcpu"]) in {
-            str(cpu) for cpu in codegen.llvm_get_cpu_archlist(base)
-        }
-    except AttributeError:
-        return True
+    mcpu = config.get("mcpu") or "generic"
+    if mcpu not in _cpu_extensions():
+        raise ValueError(f"names CPU {mcpu!r}, which LLVM does not know")
+    used = set(_cpu_extensions()[mcpu])
+    for entry in config.get("mattr", []):
+        if entry.startswith("+"):
+            used |= set(x86_tables.ENABLES.get(entry[1:], "").split())
+        else:
+            used -= set(x86_tables.DISABLES.get(entry.removeprefix("-"), "").split())
+    return [name for name in X86_EXTENSIONS if name in used]
 
 
-def missing_extensions(target: Target | None, flags: set[str]) -> list[str]:
-    """The x86 extensions of :data:`X86_EXTENSIONS` that code compiled for ``target`` may use
-    and a CPU with ``flags`` lacks.
+def missing_extensions(config: Mapping, flags: set[str]) -> list[str]:
+    """The extensions that code compiled for a target config may use and a CPU with ``flags``
+    lacks (:func:`compiled_extensions`; no compiler needed).
 
     Parameters
     ----------
-    target
-        A :class:`tvm.target.Target`, or None (TVM has no LLVM to parse it with).
+    config
+        A TVM ``llvm`` target as a dict (a sidecar's ``target``, parsed).
     flags
         The CPU's ``/proc/cpuinfo`` flags (:func:`host_flags`).
 
     Returns
     -------
     list of str
-        LLVM's names of the missing extensions. Empty when ``target`` is no LLVM target with
-        an ``-mcpu`` or TVM has no LLVM to ask (a runtime-only installation): the check is then
-        left to the loader.
+        LLVM's names of the missing extensions.
+
+    Raises
+    ------
+    ValueError
+        The target is x86 and LLVM does not know its ``mcpu``.
     """
-    if not is_llvm_cpu_target(target):
-        return []
-    return [
-        name
-        for name, flag in X86_EXTENSIONS.items()
-        if flag not in flags and target_has(target, name)
-    ]
+    return [name for name in compiled_extensions(config) if X86_EXTENSIONS[name] not in flags]
+
+
+@functools.cache
+def _cpu_extensions() -> dict[str, list[str]]:
+    """``CPU -> extensions`` of :data:`fgq_tvm.x86_tables.CPUS`."""
+    from . import x86_tables
+
+    return {
+        cpu: extensions.split()
+        for extensions, cpus in x86_tables.CPUS.items()
+        for cpu in cpus.split()
+    }
+
+
+def llvm_x86_tables() -> dict[str, dict[str, str]]:
+    """What the LLVM inside TVM enables of :data:`X86_EXTENSIONS` for each x86 CPU and ``-mattr``
+    feature: the contents of :mod:`fgq_tvm.x86_tables`. Needs the compiler.
+
+    Returns
+    -------
+    dict
+        ``"CPUS"``: the extensions of a CPU (space-separated) -> the CPUs that have exactly
+        those; ``"ENABLES"``: feature -> the extensions ``+feature`` enables; ``"DISABLES"``:
+        feature -> the extensions ``-feature`` disables (those that imply it). Features with
+        none are left out.
+    """
+    cpus: dict[str, list[str]] = {}
+    for cpu in _llvm_x86_cpus():
+        cpus.setdefault(" ".join(_llvm_enables(mcpu=cpu)), []).append(cpu)
+    features = _llvm_x86_features()
+    enables = {feature: " ".join(_llvm_enables(mattr=[f"+{feature}"])) for feature in features}
+    disables = {
+        feature: " ".join(
+            name
+            for name in X86_EXTENSIONS
+            if name not in _llvm_enables(mattr=[f"+{name}", f"-{feature}"])
+        )
+        for feature in features
+    }
+    return {
+        "CPUS": {extensions: " ".join(names) for extensions, names in cpus.items()},
+        "ENABLES": {feature: names for feature, names in enables.items() if names},
+        "DISABLES": {feature: names for feature, names in disables.items() if names},
+    }
+
+
+def write_x86_tables(path: str | os.PathLike | None = None) -> Path:
+    """Write :func:`llvm_x86_tables` as the module :mod:`fgq_tvm.x86_tables` (after an upgrade
+    of TVM, whose LLVM may know other CPUs). Needs the compiler.
+
+    Parameters
+    ----------
+    path
+        Where to write it (default: ``x86_tables.py`` beside this file).
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    import tvm
+
+    path = Path(path) if path is not None else Path(__file__).with_name("x86_tables.py")
+    text = io.StringIO()
+    text.write(_X86_TABLES_HEADER.format(version=tvm.__version__))
+    for name, table in llvm_x86_tables().items():
+        text.write(f"\n{name}: dict[str, str] = {{\n")
+        entries = (f"    {json.dumps(key)}: {json.dumps(value)},\n" for key, value in table.items())
+        text.writelines(entries)
+        text.write("}\n")
+    path.write_text(text.getvalue())
+    return path
+
+
+_X86_TABLES_HEADER = '''"""What the LLVM of TVM {version} enables of the x86 extensions that fgq-tvm
+checks (:data:`fgq_tvm.cpu_features.X86_EXTENSIONS`), for checking modules without the compiler
+(:func:`fgq_tvm.cpu_features.compiled_extensions`).
+
+Written by :func:`fgq_tvm.cpu_features.write_x86_tables`; a test compares it with LLVM. ``CPUS``:
+the extensions of a CPU (space-separated) -> the CPUs that have exactly those. ``ENABLES``:
+feature -> what ``-mattr=+feature`` enables. ``DISABLES``: feature -> what ``-mattr=-feature``
+disables (the extensions that imply it).
+"""
+
+# ruff: noqa: E501
+'''
+
+
+def _llvm_x86_target(**options: object):
+    from tvm.target import Target
+
+    return Target({"kind": "llvm", "mtriple": X86_TRIPLE, **options})
+
+
+def _llvm_x86_cpus() -> list[str]:
+    from tvm.target import codegen
+
+    return sorted(str(cpu) for cpu in codegen.llvm_get_cpu_archlist(_llvm_x86_target()))
+
+
+def _llvm_enables(**options: object) -> list[str]:
+    """The extensions of :data:`X86_EXTENSIONS` LLVM enables for an x86 target with
+    ``options``."""
+    from tvm.target import codegen
+
+    enabled = {str(name) for name in codegen.llvm_get_cpu_features(_llvm_x86_target(**options))}
+    return [name for name in X86_EXTENSIONS if name in enabled]
+
+
+def _llvm_x86_features() -> list[str]:
+    """Every feature name LLVM's x86 target knows (it lists them for ``-mattr=+help``)."""
+    from tvm.target import codegen
+
+    with _captured_output() as output:
+        codegen.llvm_get_cpu_features(_llvm_x86_target(mattr=["+help"]))
+    listing = output.getvalue().split("Available features for this target:")[1]
+    return sorted(line.split()[0] for line in listing.splitlines() if " - " in line)
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """What is written to file descriptors 1 and 2 meanwhile (LLVM writes there itself)."""
+    import tempfile
+
+    captured = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile("w+") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        sink.seek(0)
+        captured.write(sink.read())
 
 
 # --------------------------------------------------------------------------------------------

@@ -209,10 +209,10 @@ def _npy_calibration(batch: np.ndarray, path: Path, spec: ModelSpec, limit: int)
 def has_real_calibration(path: str | Path | None, spec: ModelSpec) -> bool:
     """Whether :func:`load_calibration` would return real images for ``path`` (a file given, or
     the default CIFAR-10 calibration split present for a 3x32x32 model), not random ones."""
-    return path is not None or _default_cifar(spec) is not None
+    return path is not None or default_cifar_data(spec) is not None
 
 
-def _default_cifar(spec: ModelSpec) -> Path | None:
+def default_cifar_data(spec: ModelSpec) -> Path | None:
     """The CIFAR-10 ``.npz`` under :func:`data_dir` when it exists and ``spec`` is 3x32x32."""
     cifar = data_dir() / CIFAR10_NPZ
     return cifar if tuple(spec.input_shape[1:]) == (3, 32, 32) and cifar.is_file() else None
@@ -220,7 +220,7 @@ def _default_cifar(spec: ModelSpec) -> Path | None:
 
 def _default_calibration(spec: ModelSpec, limit: int) -> tuple[torch.Tensor, str]:
     """The CIFAR-10 calibration split for 32x32 models when present, else seeded noise."""
-    cifar = _default_cifar(spec)
+    cifar = default_cifar_data(spec)
     if cifar is not None:
         x, _ = load_npz_split(cifar, "calib", spec, limit)
         return x, (

@@ -107,6 +107,7 @@ class QuantizedEvaluation:
         layer_overrides: Sequence[str],
         weights: str | None,
         baseline_weights: str | None,
+        calibration_images: int,
     ) -> dict:
         """The JSON record of ``fgq-tvm eval --json``.
 
@@ -119,6 +120,8 @@ class QuantizedEvaluation:
         weights, baseline_weights
             The files the quantized and the full-precision model were loaded from (``None``:
             random weights; ``baseline_weights`` ``None``: those of ``weights``).
+        calibration_images
+            How many images the quantization was calibrated on.
 
         Returns
         -------
@@ -138,6 +141,7 @@ class QuantizedEvaluation:
             "weights": weights,
             "baseline_weights": baseline_weights or weights,
             "quantization": vars(quant) | {"overrides": list(layer_overrides)},
+            "calibration_images": calibration_images,
             **accuracy,
             "drop_top1_points": result.drop_top1,
             "drop_top5_points": result.drop_top5,
@@ -203,11 +207,37 @@ def evaluate_quantized(
 
     if backend == "tvm" and target is None:
         raise ValueError("the tvm backend needs a target")
+    quantized = quantize(model, spec, quant, calibration, progress)
+    baseline = model if baseline is None else baseline
+    return evaluate_quantized_model(
+        quantized, baseline, spec, images, backend=backend, target=target,
+        batch_size=batch_size, tuning_logs=tuning_logs, progress=progress,
+        image_progress=image_progress,
+    )  # fmt: skip
+
+
+def evaluate_quantized_model(
+    quantized: QuantizedModel,
+    baseline: torch.nn.Module,
+    spec: ModelSpec,
+    images: LabelledImages,
+    *,
+    backend: Backend = "torch",
+    target: Target | None = None,
+    batch_size: int | None = None,
+    tuning_logs: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    image_progress: Progress | None = None,
+) -> QuantizedEvaluation:
+    """The second half of :func:`evaluate_quantized`: a network quantized already, measured
+    against the full-precision ``baseline`` (the parameters are those of
+    :func:`evaluate_quantized`)."""
+    if backend == "tvm" and target is None:
+        raise ValueError("the tvm backend needs a target")
     report = progress or (lambda stage: None)
     batch = batch_size or default_batch_size(spec)
-    quantized = quantize(model, spec, quant, calibration, progress)
     predictors = {
-        "full": torch_predictor(model if baseline is None else baseline),
+        "full": torch_predictor(baseline),
         "reference": torch_predictor(quantized.reference),
     }
     with tempfile.TemporaryDirectory(prefix="fgq-tvm-eval-") as folder:

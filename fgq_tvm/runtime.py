@@ -1,9 +1,13 @@
-"""Run compiled fgq-tvm modules with only the TVM runtime and NumPy.
+"""Run compiled fgq-tvm modules with only NumPy, apache-tvm-ffi and ``libtvm_runtime.so``.
 
 :func:`load` opens a ``.so`` written by ``fgq-tvm compile`` together with its sidecar JSON
 (``model.so.json``, see :func:`sidecar_path`) and returns a :class:`CompiledModel` that maps a
-float32 NCHW batch to its logits. Nothing here imports PyTorch (``tvm_ffi`` imports it
-opportunistically when it is installed; it is not needed).
+float32 NCHW batch to its logits. Nothing here imports the ``tvm`` package or PyTorch
+(``tvm_ffi`` imports PyTorch opportunistically when it is installed; it is not needed): the
+module runs in TVM's Relax virtual machine of ``libtvm_runtime.so``
+(:func:`runtime_library`), called through ``tvm_ffi``, and the check that this CPU can run its
+code reads tables of LLVM's CPUs, not LLVM (:func:`~fgq_tvm.cpu_features.compiled_extensions`).
+This module and those it imports are what ``fgq-tvm bundle`` ships (:mod:`fgq_tvm.bundle`).
 
 The module's ``prepare`` function (weights packed for the kernels) runs once, at load time; its
 result is passed to every call of ``main``. A module is compiled for one batch size,
@@ -22,7 +26,9 @@ process may use, not TVM's default of half the logical CPUs (:func:`_use_threads
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -40,10 +46,15 @@ from .errors import FGQError
 from .threads import choose_threads, cores, usable_cpus
 
 SIDECAR_FORMAT = "fgq-tvm-module/3"
+RUNTIME_LIBRARY = "libtvm_runtime.so"
+LIBRARY_PATH_VARIABLE = "TVM_LIBRARY_PATH"  # TVM's own: a folder searched first
 _FORMAT_NAME = SIDECAR_FORMAT.split("/")[0]
 _DIGEST = re.compile("[0-9a-f]{64}")  # a SHA-256 in hexadecimal
 _CHUNK = 1 << 20
 INPUT_DTYPE = np.dtype("float32")
+_ALIGNMENT = 64  # bytes: TVM's allocations, which compiled kernels may assume of their inputs
+_CPU = (1, 0)  # DLPack device type and index of the CPU
+_POOLED_ALLOCATOR = 2  # the Relax VM's memory allocator kind, as tvm.relax.VirtualMachine picks
 _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
 # ELF class (32 or 64 bit) -> format and offset of e_phoff/e_shoff, offset of e_phentsize,
@@ -118,16 +129,11 @@ class CompiledModel:
         self._check_input(x)
         if check_finite:
             _check_finite(x)
-        import tvm
-
         batch = self.input_shape[0]
-        x = np.ascontiguousarray(x)
         _use_threads(self.threads)
         try:
             outputs = [
-                self._vm["main"](tvm.runtime.tensor(x[start : start + batch]), self._prepared)[
-                    0
-                ].numpy()
+                _to_numpy(self._vm["main"](_tensor(x[start : start + batch]), self._prepared)[0])
                 for start in range(0, len(x), batch)
             ]
         except Exception as error:  # any failure inside the foreign code is reported alike
@@ -149,8 +155,6 @@ class CompiledModel:
             the function's calls in that inference), in order of first call. Kernels are
             named ``fgq_<layer>...``.
         """
-        import tvm
-
         self._check_input(x)
         if len(x) != self.input_shape[0]:
             raise FGQError(f"profile one batch of {self.input_shape[0]}, not {len(x)} images")
@@ -164,16 +168,16 @@ class CompiledModel:
                 elapsed = time.perf_counter() - started.pop(name)
                 runs[-1][name] = runs[-1].get(name, 0.0) + elapsed
 
-        image = tvm.runtime.tensor(np.ascontiguousarray(x))
+        image = _tensor(x)
         _use_threads(self.threads)
         self._vm["main"](image, self._prepared)
-        self._vm.set_instrument(instrument)
+        self._vm["set_instrument"](instrument)
         try:
             for _ in range(repeats):
                 runs.append({})
                 self._vm["main"](image, self._prepared)
         finally:
-            self._vm.set_instrument(lambda *_args: None)
+            self._vm["set_instrument"](lambda *_args: None)
         return {name: [run.get(name, 0.0) for run in runs] for name in runs[0]}
 
     def _check_input(self, x: np.ndarray) -> None:
@@ -194,6 +198,23 @@ class CompiledModel:
 
 def _fits(x: np.ndarray, batch: int) -> bool:
     return len(x) > 0 and len(x) % batch == 0
+
+
+def _tensor(x: np.ndarray):
+    """A ``tvm_ffi`` tensor of a copy of ``x`` aligned as TVM aligns its own (the copy is C
+    contiguous; the tensor keeps it alive)."""
+    import tvm_ffi
+
+    buffer = np.empty(x.nbytes + _ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % _ALIGNMENT
+    aligned = buffer[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    aligned[...] = x
+    return tvm_ffi.from_dlpack(aligned, require_alignment=_ALIGNMENT)
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A NumPy copy of a ``tvm_ffi`` tensor (the virtual machine reuses its memory)."""
+    return np.from_dlpack(tensor).copy()
 
 
 def _check_finite(x: np.ndarray) -> None:
@@ -231,16 +252,16 @@ def _use_threads(count: int) -> int:
     """
     if getattr(_pool, "asked", None) == count or getattr(_pool, "forked", False):
         return _pool.runs
-    import tvm
+    import tvm_ffi
 
     usable = usable_cpus()
     order = [cpu for core in zip_longest(*cores(usable)) for cpu in core if cpu is not None]
     mode = _ONE_CPU_PER_THREAD if count <= len(order) else _SHARE_CPUS
     listed = [str(order[i % len(order)]) for i in range(count)]
-    tvm.get_global_func("runtime.config_threadpool")(mode, count, listed)
+    tvm_ffi.get_global_func("runtime.config_threadpool")(mode, count, listed)
     with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
         os.sched_setaffinity(0, usable)
-    _pool.asked, _pool.runs = count, int(tvm.get_global_func("runtime.NumThreads")())
+    _pool.asked, _pool.runs = count, int(tvm_ffi.get_global_func("runtime.NumThreads")())
     return _pool.runs
 
 
@@ -256,12 +277,12 @@ def _after_fork_in_child() -> None:
     """
     if getattr(_pool, "runs", 1) == 1:
         return
-    import tvm
+    import tvm_ffi
 
     bind = os.environ.get("TVM_BIND_THREADS")
     os.environ["TVM_BIND_THREADS"] = "0"
     try:
-        tvm.get_global_func("runtime.config_threadpool")(_SHARE_CPUS, 1, ["0"])
+        tvm_ffi.get_global_func("runtime.config_threadpool")(_SHARE_CPUS, 1, ["0"])
     finally:
         if bind is None:
             del os.environ["TVM_BIND_THREADS"]
@@ -298,11 +319,46 @@ def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
         version or describes another module (its ``module_sha256`` differs: two compiles wrote
         the pair), the file is not a loadable shared library (truncated, foreign, built for
         another machine), or it was compiled for a CPU with instructions this one lacks
-        (:func:`~fgq_tvm.cpu_features.missing_extensions`). All of it is checked before the
-        library is opened.
+        (:func:`~fgq_tvm.cpu_features.missing_extensions`). All of it is checked
+        before the library is opened.
         ``threads`` or ``TVM_NUM_THREADS`` is not a positive integer.
+        apache-tvm-ffi is not installed, or ``libtvm_runtime.so`` cannot be found
+        (:func:`runtime_library`).
     """
     count, reason = choose_threads(threads)
+    path = Path(path)
+    info = check_module(path)
+    _check_cpu(path, info)
+    vm = _virtual_machine(path)
+    runs = _use_threads(count)
+    if runs < count:
+        reason = (
+            f"{runs} of the {count} threads asked ({reason.split(': ', 1)[1]}): TVM's thread pool "
+            "of this thread was made smaller and cannot grow; load it in another thread"
+        )
+    return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason)
+
+
+def check_module(path: str | os.PathLike) -> dict:
+    """Check a module and its sidecar without opening the library or looking at this CPU.
+
+    Parameters
+    ----------
+    path
+        The ``.so`` file; its sidecar ``<path>.json`` must be beside it.
+
+    Returns
+    -------
+    dict
+        The sidecar (:func:`read_sidecar`).
+
+    Raises
+    ------
+    FGQError
+        The module or its sidecar is missing, the sidecar is not in the fgq-tvm format of this
+        version or describes another module, its target is not one this runtime can check
+        (:func:`parse_compiled_target`), or the file is not a complete ELF shared library.
+    """
     path = Path(path)
     if not path.is_file():
         raise FGQError(f"module {path} does not exist; compile one with 'fgq-tvm compile'")
@@ -313,15 +369,13 @@ def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
             f"module {path} does not match its sidecar (written by another compile?): compile "
             "it again"
         )
-    _check_cpu(path, info)
-    vm = _virtual_machine(path)
-    runs = _use_threads(count)
-    if runs < count:
-        reason = (
-            f"{runs} of the {count} threads asked ({reason.split(': ', 1)[1]}): TVM's thread pool "
-            "of this thread was made smaller and cannot grow; load it in another thread"
-        )
-    return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason)
+    try:
+        parse_compiled_target(info["target"])
+    except ValueError as error:
+        raise FGQError(
+            f"{sidecar_path(path)} is not an fgq-tvm sidecar (target {error}); recompile the model"
+        ) from None
+    return info
 
 
 def read_sidecar(module_path: str | os.PathLike) -> dict:
@@ -429,15 +483,48 @@ def _elf_extents(path: Path, handle: BinaryIO) -> list[int]:
     return extents
 
 
-def parse_compiled_target(target: str):
-    """The :class:`tvm.target.Target` that a sidecar's ``target`` (a TVM target as JSON)
-    describes, or ``None`` where TVM has no LLVM to check it (a runtime-only installation).
+# The options of TVM's llvm target and their types (TargetKind.options_from_name("llvm") of
+# TVM 0.27, which a test compares): what a sidecar's target may hold.
+LLVM_TARGET_OPTIONS = {
+    "kind": "str", "keys": "Array<str>", "tag": "str", "device": "str", "model": "str",
+    "libs": "Array<str>", "host": "target.Target", "from_device": "int",
+    "target_device_type": "int", "mattr": "Array<str>", "mcpu": "str", "mtriple": "str",
+    "mfloat-abi": "str", "mabi": "str", "num-cores": "int", "fast-math": "bool",
+    "fast-math-nnan": "bool", "fast-math-ninf": "bool", "fast-math-nsz": "bool",
+    "fast-math-arcp": "bool", "fast-math-contract": "bool", "fast-math-reassoc": "bool",
+    "opt-level": "int", "cl-opt": "Array<str>", "jit": "str", "vector-width": "int",
+}  # fmt: skip
+_OPTION_TYPES = {
+    "str": lambda value: isinstance(value, str),
+    "int": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "bool": lambda value: isinstance(value, bool),
+    "Array<str>": lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    "target.Target": lambda value: isinstance(value, (dict, str)),
+}
+
+
+def parse_compiled_target(target: str) -> dict:
+    """The config of the TVM target that a sidecar's ``target`` (a TVM target as JSON)
+    describes, checked without TVM: an ``llvm`` target with TVM's options for it
+    (:data:`LLVM_TARGET_OPTIONS`) and, for x86 code, a CPU that LLVM knows
+    (:func:`~fgq_tvm.cpu_features.compiled_extensions`).
+
+    Parameters
+    ----------
+    target
+        The sidecar's ``target``, such as ``'{"kind":"llvm","keys":["cpu"],"mcpu":"znver4"}'``.
+
+    Returns
+    -------
+    dict
+        The target's config.
 
     Raises
     ------
     ValueError
-        ``target`` is not a JSON object, TVM rejects it (an unknown kind or option), or it is
-        an LLVM target for a CPU this LLVM does not know (its code could not be checked).
+        ``target`` is not a JSON object, not a CPU (``llvm``) target, has an option TVM does
+        not know or of the wrong type, or names an x86 CPU that LLVM does not know (its code
+        could not be checked).
     """
     try:
         config = json.loads(target)
@@ -445,48 +532,100 @@ def parse_compiled_target(target: str):
         raise ValueError(f"is not a JSON object ({error})") from None
     if not isinstance(config, dict):
         raise ValueError("is not a JSON object")
-    try:
-        from tvm.target import Target
+    if config.get("kind") != "llvm":
+        raise ValueError(f"is not for a CPU (kind {config.get('kind')!r}, not 'llvm')")
+    problem = _target_problem(config)
+    if problem:
+        raise ValueError(f"is not one TVM accepts ({problem})")
+    cpu_features.compiled_extensions(config)
+    return config
 
-        compiled_for = Target(config)
-    except (ImportError, AttributeError):
-        return None
-    except Exception as error:  # TVM reports a bad target config with several types
-        raise ValueError(f"is not one TVM accepts ({_first_sentence(error)})") from None
-    if cpu_features.is_llvm_cpu_target(compiled_for) and not cpu_features.llvm_knows_cpu(
-        compiled_for
-    ):
-        raise ValueError(f"names CPU {str(compiled_for.attrs['mcpu'])!r}, unknown to this LLVM")
-    return compiled_for
+
+def _target_problem(config: dict) -> str | None:
+    """What TVM would reject in an ``llvm`` target config (in its words), or None."""
+    for name, value in config.items():
+        expected = LLVM_TARGET_OPTIONS.get(name)
+        if expected is None:
+            return f"Unknown config option {name!r}"
+        if not _OPTION_TYPES[expected](value):
+            return f"Option {name!r}: expected type {expected!r} but got {type(value).__name__!r}"
+    return None
 
 
 def _check_cpu(path: Path, info: dict) -> None:
-    """Refuse a module whose code this CPU cannot run (it would die of an illegal
-    instruction, not raise an error), or whose sidecar's target cannot be checked."""
-    target = info["target"]
-    flags = cpu_features.host_flags()  # None (no /proc/cpuinfo): check the target alone
-    try:
-        compiled_for = parse_compiled_target(target)
-    except ValueError as error:
-        raise FGQError(
-            f"{sidecar_path(path)} is not an fgq-tvm sidecar (target {error}); recompile the model"
-        ) from None
-    missing = [] if flags is None else cpu_features.missing_extensions(compiled_for, flags)
+    """Refuse a module whose code this CPU cannot run: it would die of an illegal instruction,
+    not raise an error (the target was checked by :func:`check_module`)."""
+    flags = cpu_features.host_flags()  # None (no /proc/cpuinfo): nothing to check against
+    config = parse_compiled_target(info["target"])
+    missing = [] if flags is None else cpu_features.missing_extensions(config, flags)
     if missing:
         raise FGQError(
-            f"{path} was compiled for another CPU ({target}) and may use {', '.join(missing)}, "
-            "which this CPU lacks; recompile it here (fgq-tvm compile targets the host CPU by "
-            "default)"
+            f"{path} was compiled for another CPU ({info['target']}) and may use "
+            f"{', '.join(missing)}, which this CPU lacks; recompile it here (fgq-tvm compile "
+            "targets the host CPU by default)"
         )
 
 
-def _virtual_machine(path: Path):
-    """Open the library with TVM and wrap it in a Relax virtual machine."""
-    import tvm
+def runtime_library() -> Path:
+    """Where ``libtvm_runtime.so`` is: in the folder ``TVM_LIBRARY_PATH`` names, else beside
+    the ``fgq_tvm`` package (a folder written by ``fgq-tvm bundle``), else in the installed
+    ``tvm`` package (found without importing it).
 
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    FGQError
+        None of them holds it.
+    """
+    folders = (
+        [Path(os.environ[LIBRARY_PATH_VARIABLE])] if LIBRARY_PATH_VARIABLE in os.environ else []
+    )
+    folders.append(Path(__file__).resolve().parent.parent)
+    folders += [Path(folder) / "lib" for folder in _tvm_package_folders()]
+    for folder in folders:
+        if (folder / RUNTIME_LIBRARY).is_file():
+            return folder / RUNTIME_LIBRARY
+    raise FGQError(
+        f"cannot find {RUNTIME_LIBRARY}: install apache-tvm, set {LIBRARY_PATH_VARIABLE} to the "
+        "folder that holds it, or run a folder written by fgq-tvm bundle"
+    )
+
+
+def _tvm_package_folders() -> list[str]:
+    """The folders of the installed ``tvm`` package, found without importing it."""
     try:
-        library = tvm.runtime.load_module(str(path))
-        return tvm.relax.VirtualMachine(library, tvm.cpu())
+        spec = importlib.util.find_spec("tvm")
+    except (ImportError, ValueError):  # ValueError: a tvm module without a spec
+        return []
+    return list(spec.submodule_search_locations or []) if spec else []
+
+
+def _tvm_ffi():
+    """The ``tvm_ffi`` module, with TVM's runtime library loaded once into the process."""
+    try:
+        import tvm_ffi
+    except ImportError:
+        raise FGQError("the TVM runtime needs apache-tvm-ffi: pip install apache-tvm-ffi") from None
+    if tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True) is None:
+        # not loaded yet (by us, or by an import of tvm): its symbols serve the modules
+        library = runtime_library()
+        try:
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        except OSError as error:
+            raise FGQError(f"cannot load {library} ({_first_line(error)})") from None
+    return tvm_ffi
+
+
+def _virtual_machine(path: Path):
+    """Open the library with ``tvm_ffi`` and start its Relax virtual machine on the CPU."""
+    tvm_ffi = _tvm_ffi()
+    try:
+        vm = tvm_ffi.load_module(str(path))["vm_load_executable"]()
+        vm["vm_initialization"](*_CPU, _POOLED_ALLOCATOR)
+        return vm
     except Exception as error:  # TVM raises several unrelated types for foreign files
         raise _not_loadable(path, _first_line(error)) from error
 
@@ -503,12 +642,6 @@ def _not_loadable(path: Path, reason: str) -> FGQError:
     return FGQError(
         f"{path} is not a loadable fgq-tvm module ({reason}); recompile it with fgq-tvm compile"
     )
-
-
-def _first_sentence(error: BaseException) -> str:
-    """The first sentence of ``error``'s message (TVM appends the whole config to it)."""
-    text = str(error).strip()
-    return text.split(". ")[0].splitlines()[0][:200] if text else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 SETTLE_S = 0.2  # pause between runtimes, so that one runtime's spinning threads go idle
+Timer = Callable[[], float]
+"""One round's turn of a runtime: an untimed call, then a timed one; returns its milliseconds."""
 
 
 def median(values: Sequence[float]) -> float:
@@ -54,14 +56,19 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def time_rounds(
-    runs: Mapping[str, Callable[[], object]], repeats: int, warmup: int, settle_s: float = SETTLE_S
+    runs: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    settle_s: float = SETTLE_S,
+    timers: Mapping[str, Timer] | None = None,
 ) -> dict[str, list[float]]:
-    """Wall times in milliseconds of ``repeats`` calls of each of ``runs``, interleaved.
+    """Times in milliseconds of ``repeats`` calls of each of ``runs``, interleaved.
 
     After ``warmup`` untimed calls of each, every one of ``repeats`` rounds gives each runtime
     in turn a pause of ``settle_s`` (the previous runtime's spinning threads go idle), one
-    untimed call (caches warm again) and one timed call. A slow drift of the machine's speed
-    (a neighbour on the host) then hits every runtime alike, and their ratios stay fair.
+    untimed call (caches warm again) and one timed call, timed by the wall clock here unless
+    ``timers`` has the runtime. A slow drift of the machine's speed (a neighbour on the host)
+    then hits every runtime alike, and their ratios stay fair.
 
     Parameters
     ----------
@@ -73,6 +80,9 @@ def time_rounds(
         Untimed calls of each first.
     settle_s
         Pause before each runtime's turn in a round, in seconds.
+    timers
+        For the runtimes the wall clock here cannot time (those on a remote device), their
+        :data:`Timer`: one untimed and one timed call, the latter's milliseconds returned.
 
     Returns
     -------
@@ -82,12 +92,22 @@ def time_rounds(
     for run in runs.values():
         for _ in range(warmup):
             run()
+    timers = {name: (timers or {}).get(name) or _wall_timer(run) for name, run in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name, timer in timers.items():
             time.sleep(settle_s)
-            run()
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(timer())
     return times
+
+
+def _wall_timer(run: Callable[[], object]) -> Timer:
+    """The :data:`Timer` of ``run`` by this machine's clock."""
+
+    def timer() -> float:
+        run()
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1e3
+
+    return timer

@@ -12,7 +12,9 @@ Space
     generic rules or postprocessors, since the dot tensorization is the project's own
     (MetaSchedule's x86 int8 tensorization is broken in this TVM, DESIGN.md).
 Search
-    Evolutionary, with the XGBoost cost model; candidates built and timed on this machine.
+    Evolutionary, with the XGBoost cost model; candidates built on this machine and timed on
+    it, or on the servers of a :class:`~fgq_tvm.remote.RemoteDevice` (MetaSchedule's RPC
+    runner), which then also runs the verification and the comparison below.
 Records
     A MetaSchedule JSON database in ``tuning_logs/<target key>/``
     (:mod:`fgq_tvm.tuning_database`); lines are appended, never rewritten.
@@ -32,9 +34,10 @@ Comparison
     drifts, a tile measured in a fast minute can beat a better one measured in a slow minute.
     After its search, each task's best record is timed against the default schedule in the
     same interleaved rounds, and the verdict is appended to ``default_comparisons.json`` beside
-    the database (``--trials 0``: only this, for every task with a record). ``compile`` takes a
-    tuned record only where its latest verdict says it beats the default (or where it was never
-    compared: databases from before the comparisons).
+    the database (``--trials 0``: only this, for every task with a record), with the remote
+    device that timed it, if any. ``compile`` takes a tuned record only where its latest
+    verdict says it beats the default (or where it was never compared: databases from before
+    the comparisons).
 Verification
     MetaSchedule never checks results. A measured candidate that would become its task's best
     is first run against the reference (the layer's weights, random inputs,
@@ -48,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -69,7 +71,9 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
 from .errors import FGQError
+from .jsonlines import JSONLines
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
+from .remote import LOCAL, LOCAL_DEVICE, Call, Device, Session
 from .reporting import progress_bar
 from .schedules.kernel_spec import KernelSpec, kernel_arguments
 from .schedules.select import build_layer, core_named
@@ -118,9 +122,12 @@ class KernelTask:
         trace.apply_to_schedule(sch, remove_postproc=False)
         return sch.mod["main"]
 
-    def verify(self, func: tvm.tirx.PrimFunc, target, seed: int = 0) -> bool:
-        """Whether ``func`` computes the layer and its epilogue bit for bit like the reference,
-        on a random input spanning the quantizer's range (and a random residual)."""
+    def verify(
+        self, func: tvm.tirx.PrimFunc, target, seed: int = 0, session: Session = LOCAL
+    ) -> bool:
+        """Whether ``func``, run on ``session`` (:mod:`fgq_tvm.remote`), computes the layer and
+        its epilogue bit for bit like the reference, on a random input spanning the
+        quantizer's range (and a random residual)."""
         import torch
 
         layer, shape, epilogue = self.spec.layer, self.spec.shape, self.spec.epilogue
@@ -130,20 +137,22 @@ class KernelTask:
         out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
         expected = epilogue.reference(expected.reshape(out_dims), *residual)
         given = layer.act.stored(x) if self.spec.quantized_input else x
-        return bool(np.array_equal(self._built(func, target)(given, *residual), expected))
+        built = self._built(func, target, session)
+        return bool(np.array_equal(built(given, *residual), expected))
 
-    def runner(self, func: tvm.tirx.PrimFunc, target) -> Callable[[], object]:
-        """A call of ``func`` (built for ``target``, weights packed) on a fixed random input;
-        ``func`` may come from any core's :meth:`~KernelSpec.kernels` of the same spec."""
+    def runner(self, func: tvm.tirx.PrimFunc, target, session: Session = LOCAL) -> Call:
+        """A call of ``func`` (built for ``target``, weights packed, loaded on ``session``) on
+        a fixed random input; ``func`` may come from any core's :meth:`~KernelSpec.kernels`
+        of the same spec."""
         x, residual = self._random_inputs(0)
         given = self.spec.layer.act.stored(x) if self.spec.quantized_input else x
-        built = self._built(func, target)
-        arguments = built.arguments(given, *residual)
-        return lambda: built.module["main"](*arguments)
+        built = self._built(func, target, session)
+        return Call(built.module, tuple(built.arguments(given, *residual)))
 
-    def _built(self, func: tvm.tirx.PrimFunc, target):
+    def _built(self, func: tvm.tirx.PrimFunc, target, session: Session):
         kernels = replace(self.spec.kernels(), layer=func)
-        return build_layer(kernels, kernel_arguments(self.spec.layer, self.spec.core), target)
+        stored = kernel_arguments(self.spec.layer, self.spec.core)
+        return build_layer(kernels, stored, target, session)
 
     def _random_inputs(self, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """``x`` uniform over the quantizer's range and a little beyond; the residual (if the
@@ -189,13 +198,16 @@ class Comparison:
     """A task's best record timed against its default schedule in the same interleaved rounds
     (:func:`fgq_tvm.timing.time_rounds`): medians in milliseconds.
 
-    ``workload`` and ``trace`` are hashes of the task's workload and of the record's trace.
+    ``workload`` and ``trace`` are hashes of the task's workload and of the record's trace;
+    ``device`` names where they were timed (:attr:`fgq_tvm.remote.RemoteDevice.name`, or
+    ``"local"``: this machine, which lines written by a local tune leave out).
     """
 
     workload: str
     trace: str
     tuned_ms: float
     default_ms: float
+    device: str = LOCAL_DEVICE.name
 
     @property
     def tuned_wins(self) -> bool:
@@ -212,31 +224,36 @@ def record_key(task: KernelTask, record) -> tuple[str, str]:
     return workload_key(task), hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
 
 
-def compare_with_default(task: KernelTask, record, target) -> Comparison:
-    """Time ``record``'s kernel against the task's default kernel, interleaved."""
-    runs = {
-        "tuned": task.runner(task.apply(record.trace), target),
-        "default": task.runner(task.spec.kernels().layer, target),
-    }
-    times = time_rounds(runs, COMPARISON_ROUNDS, warmup=3, settle_s=0.0)
-    return Comparison(*record_key(task, record), median(times["tuned"]), median(times["default"]))
+def compare_with_default(
+    task: KernelTask, record, target, device: Device = LOCAL_DEVICE
+) -> Comparison:
+    """Time ``record``'s kernel against the task's default kernel, interleaved, on ``device``."""
+    with device.session() as session:
+        funcs = {"tuned": task.apply(record.trace), "default": task.spec.kernels().layer}
+        calls = {name: task.runner(func, target, session) for name, func in funcs.items()}
+        times = time_rounds(
+            calls, COMPARISON_ROUNDS, warmup=3, settle_s=0.0, timers=session.timers(calls)
+        )
+    tuned, default = median(times["tuned"]), median(times["default"])
+    return Comparison(*record_key(task, record), tuned, default, device.name)
 
 
 def append_comparison(folder: Path, comparison: Comparison) -> None:
-    """Add ``comparison`` as one JSON line to the folder's :data:`COMPARISONS` file."""
-    _append_line(folder / COMPARISONS, vars(comparison))
+    """Add ``comparison`` as one JSON line to the folder's :data:`COMPARISONS` file (without
+    ``device`` where it is local, as before remote tuning)."""
+    fields = vars(comparison)
+    if comparison.device == LOCAL_DEVICE.name:
+        fields = {name: value for name, value in fields.items() if name != "device"}
+    _append_line(folder / COMPARISONS, fields)
 
 
-def load_comparisons(folder: Path) -> dict[tuple[str, str], Comparison]:
-    """The latest comparison of each (workload, trace) in ``folder`` (none without the file).
-
-    Raises
-    ------
-    FGQError
-        A line is not a comparison.
-    """
+def load_comparisons(
+    folder: Path, skipped: list[str] | None = None
+) -> dict[tuple[str, str], Comparison]:
+    """The latest comparison of each (workload, trace) in ``folder`` (none without the file);
+    ``file:line: reason`` of each unreadable line is added to ``skipped``."""
     comparisons = {}
-    for comparison in _read_lines(folder / COMPARISONS, "comparison", Comparison):
+    for comparison in _read_lines(folder / COMPARISONS, "comparison", Comparison, skipped):
         comparisons[comparison.workload, comparison.trace] = comparison
     return comparisons
 
@@ -249,48 +266,31 @@ class FinishedSearch:
     trials: int
 
 
-def load_finished(folder: Path) -> dict[str, int]:
+def load_finished(folder: Path, skipped: list[str] | None = None) -> dict[str, int]:
     """The most trials a search of each workload finished with, from the folder's
-    :data:`FINISHED` file (none without it).
-
-    Raises
-    ------
-    FGQError
-        A line is not a finished search.
-    """
+    :data:`FINISHED` file (none without it); ``file:line: reason`` of each unreadable line is
+    added to ``skipped``."""
     finished: dict[str, int] = {}
-    for search in _read_lines(folder / FINISHED, "finished search", FinishedSearch):
+    for search in _read_lines(folder / FINISHED, "finished search", FinishedSearch, skipped):
         finished[search.workload] = max(search.trials, finished.get(search.workload, 0))
     return finished
 
 
 def _append_line(path: Path, fields: dict) -> None:
-    """Add ``fields`` as one JSON line to ``path``."""
-    try:
-        with open(path, "a") as file:
-            file.write(json.dumps(fields) + "\n")
-    except OSError as error:
-        raise FGQError(f"cannot write {path} ({error.strerror or error})") from None
+    """Add ``fields`` as one JSON line to ``path`` (:class:`~fgq_tvm.jsonlines.JSONLines`)."""
+    JSONLines(path).append(fields)
 
 
-def _read_lines(path: Path, what: str, kind: type) -> list:
-    """``kind(**fields)`` of each JSON line of ``path`` (none if it is missing).
-
-    Raises
-    ------
-    FGQError
-        A line is not a ``what``.
-    """
-    if not path.is_file():
-        return []
+def _read_lines(path: Path, what: str, kind: type, skipped: list[str] | None) -> list:
+    """``kind(**fields)`` of each line of ``path`` (none if it is missing); the others are
+    named in ``skipped`` (a tune killed while appending leaves a line cut short)."""
+    skipped = [] if skipped is None else skipped
     values = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, fields in JSONLines(path).read(skipped):
         try:
-            values.append(kind(**json.loads(line)))
-        except (ValueError, TypeError) as error:
-            raise FGQError(
-                f"{path}:{number}: not a {what} ({error}); fix or remove the line"
-            ) from None
+            values.append(kind(**fields))
+        except TypeError as error:
+            skipped.append(f"{path}:{number}: not a {what} ({error})")
     return values
 
 
@@ -320,6 +320,7 @@ def tune(
     progress: Progress | None = None,
     seed: int = 0,
     threads: int = 2,
+    device: Device = LOCAL_DEVICE,
 ) -> list[TaskResult]:
     """Tune each task for up to ``trials`` candidates, appending verified records to the
     database in ``folder``; tasks whose search finished with at least ``trials`` trials (or
@@ -331,7 +332,7 @@ def tune(
     tasks
         From :func:`kernel_tasks`.
     target
-        The :class:`tvm.target.Target` to tune for (this machine must run its code).
+        The :class:`tvm.target.Target` to tune for (``device`` must run its code).
     trials
         Measured candidates per task, those of earlier runs included (small spaces end sooner:
         each schedule is measured once); 0 only compares the database's best records with the
@@ -344,24 +345,31 @@ def tune(
         Seed of the search.
     threads
         Threads the candidates run with (``TVM_NUM_THREADS``, inherited by MetaSchedule's
-        runner): tune with the thread count the module will run with.
+        local runner): tune with the thread count the module will run with. A remote device
+        runs the count its servers were started with.
+    device
+        Where candidates are timed, verified and compared with the defaults: this machine or
+        a :class:`~fgq_tvm.remote.RemoteDevice`.
 
     Raises
     ------
     KeyboardInterrupt
         On Ctrl-C (during a search: once it stopped, :func:`run_search`); the records measured
         so far are in the database.
+    FGQError
+        The remote device has no server left, or a session on it fails; the records measured
+        so far are in the database.
     """
     report = progress or (lambda line: None)
     database = open_database(folder, TUNE_REMEDY)
+    finished = load_finished(folder, database.skipped)
     warning = skipped_warning(database)
     if warning:
         report(f"warning: {warning}")
-    finished = load_finished(folder)
     results = []
     for index, task in enumerate(tasks, start=1):
         searched = finished.get(workload_key(task), 0)
-        result = _tune_task(task, target, trials, folder, database, searched, seed, threads)
+        result = _tune_task(task, target, trials, folder, database, searched, seed, threads, device)
         results.append(result)
         report(_progress_line(index, len(tasks), result))
     return results
@@ -369,20 +377,21 @@ def tune(
 
 def _tune_task(
     task: KernelTask, target, trials: int, folder: Path, database: TuningDatabase,
-    searched: int, seed: int, threads: int,
+    searched: int, seed: int, threads: int, device: Device,
 ) -> TaskResult:  # fmt: skip
     """Search ``task`` for the trials neither its database records nor a finished search of
     ``searched`` trials cover, compare its best record with the default, note the search."""
-    recorder = _VerifiedRecords(task, database, target)
+    recorder = _VerifiedRecords(task, database, target, device)
     earlier = len(database.get_top_k(recorder.workload, trials)) if trials > 0 else 0
     if trials > 0 and max(searched, earlier) >= trials:
         best = _milliseconds(recorder.best_seconds)
         return TaskResult(task, 0, best, 0, earlier=earlier, skipped=True)
+    device.check()  # a remote device with no server left stops the tune here
     with thread_settings(threads):
         if trials > 0:
-            _search(task, target, trials - earlier, database, recorder, seed)
+            _search(task, target, trials - earlier, database, recorder, seed, device)
         record = database.query_tuning_record(task.workload(), target, "main")
-        comparison = compare_with_default(task, record, target) if record else None
+        comparison = compare_with_default(task, record, target, device) if record else None
     if comparison is not None:
         append_comparison(folder, comparison)
     if trials > 0:
@@ -395,8 +404,10 @@ def _milliseconds(seconds: float | None) -> float | None:
     return seconds * 1e3 if seconds else None
 
 
-def _search(task: KernelTask, target, trials: int, database, recorder, seed: int) -> None:
-    """MetaSchedule's evolutionary search over the task's schedule space."""
+def _search(
+    task: KernelTask, target, trials: int, database, recorder, seed: int, device: Device
+) -> None:
+    """MetaSchedule's evolutionary search over the task's schedule space, timed on ``device``."""
     from tvm.s_tir import meta_schedule as ms
 
     space = ms.space_generator.ScheduleFn(
@@ -407,7 +418,7 @@ def _search(task: KernelTask, target, trials: int, database, recorder, seed: int
     )
     context = search_context(task.workload(), target, "main", space, strategy, seed)
     callbacks = [recorder, ms.measure_callback.UpdateCostModel()]
-    run_search(context, trials, database, callbacks)
+    run_search(context, trials, database, callbacks, device)
 
 
 def search_context(workload: tvm.IRModule, target, name: str, space, strategy, seed: int):
@@ -438,10 +449,12 @@ def search_context(workload: tvm.IRModule, target, name: str, space, strategy, s
     ).clone()
 
 
-def run_search(context, trials: int, database, measure_callbacks="default") -> None:
-    """Measure up to ``trials`` candidates of the task ``context`` (:func:`search_context`) on
-    this machine, committing them to ``database`` through ``measure_callbacks``; temporary
-    files go to :func:`search_temporaries`.
+def run_search(
+    context, trials: int, database, measure_callbacks="default", device: Device = LOCAL_DEVICE
+) -> None:
+    """Measure up to ``trials`` candidates of the task ``context`` (:func:`search_context`),
+    built here and timed on ``device``, committing them to ``database`` through
+    ``measure_callbacks``; temporary files go to :func:`search_temporaries`.
 
     Raises
     ------
@@ -456,7 +469,7 @@ def run_search(context, trials: int, database, measure_callbacks="default") -> N
         _held_stderr(work_dir / "stderr"),
         deferred_interrupts(),
     ):
-        runner = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+        runner = device.runner(BUILD_TIMEOUT_S)
         try:
             ms.tune.tune_tasks(
                 tasks=[context],
@@ -688,12 +701,14 @@ class _UnmeasuredCandidates(PySearchStrategy):
 
 @derived_object
 class _VerifiedRecords(PyMeasureCallback):
-    """Commit measured candidates to the database; a would-be best only once it verifies."""
+    """Commit measured candidates to the database; a would-be best only once it verifies on
+    ``device``."""
 
-    def __init__(self, task: KernelTask, database, target) -> None:
+    def __init__(self, task: KernelTask, database, target, device: Device) -> None:
         self.task = task
         self.database = database
         self.target = target
+        self.device = device
         self.workload = database.commit_workload(task.workload())
         top = database.get_top_k(self.workload, 1)
         self.best_seconds = mean(float(t) for t in top[0].run_secs) if top else None
@@ -712,7 +727,7 @@ class _VerifiedRecords(PyMeasureCallback):
             seconds = mean(float(t) for t in ran.run_secs)
             trace = candidate.sch.trace
             if self.best_seconds is None or seconds < self.best_seconds:
-                if not self.task.verify(self.task.apply(trace), self.target):
+                if not self.device.verify(self.task, self.task.apply(trace), self.target):
                     self.rejected += 1
                     continue
                 self.best_seconds = seconds
@@ -742,8 +757,8 @@ class TunedSchedules:
         self.target = target
         self.layers = layers
         self.database = open_database(self.folder, COMPILE_REMEDY)
+        self.comparisons = load_comparisons(self.folder, self.database.skipped)
         self.unreadable = skipped_warning(self.database)  # about lines skipped, or None
-        self.comparisons = load_comparisons(self.folder)
         self.failed: list[str] = []
         self.slower: list[str] = []
 

@@ -9,11 +9,16 @@ short, and the next append would run on into it. :class:`TuningDatabase` reads t
 line by line instead: it skips an unreadable line and names it (``file:line: what is wrong``),
 finishes a cut-short last line before it appends, and never rewrites a file. MetaSchedule's
 ``JSONDatabase`` reads what it writes.
+
+Several processes may tune into one database at once (a sweep's points, two ``fgq-tvm tune``
+runs): each append takes an exclusive ``flock`` of the folder's lock file and counts
+the file's lines under it, so a record names the line its workload really got even when
+another process appended workloads since this one read the files. A process sees the others'
+records when it opens the database again.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tvm
@@ -22,6 +27,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.database import PyDatabase
 
 from .errors import FGQError, brief
+from .jsonlines import JSONLines
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -81,8 +87,8 @@ class TuningDatabase(PyDatabase):
         from tvm.s_tir import meta_schedule as ms
 
         self.memory = ms.database.MemoryDatabase(module_equality="structural")
-        self.workloads = _JSONLines(Path(folder) / WORKLOADS)
-        self.records = _JSONLines(Path(folder) / RECORDS)
+        self.workloads = JSONLines(Path(folder) / WORKLOADS)
+        self.records = JSONLines(Path(folder) / RECORDS)
         self.skipped: list[str] = []
         self.lines: dict[int, int] = {}  # structural hash of a workload -> its line in the file
         by_line = self._load_workloads()
@@ -95,7 +101,9 @@ class TuningDatabase(PyDatabase):
         if self.memory.has_workload(mod):
             return self.memory.commit_workload(mod)
         workload = self.memory.commit_workload(mod)
-        self.lines[tvm_ffi.structural_hash(mod)] = self.workloads.append(workload.as_json())
+        self.lines[tvm_ffi.structural_hash(mod)] = self.workloads.append_numbered(
+            workload.as_json()
+        )
         return workload
 
     def commit_tuning_record(self, record) -> None:
@@ -144,54 +152,3 @@ class TuningDatabase(PyDatabase):
                 self.skipped.append(f"{self.records.path}:{number}: {brief(error)}")
                 continue
             self.memory.commit_tuning_record(record)
-
-
-class _JSONLines:
-    """A file of one JSON value per line, read once and then only appended to."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.count = 0  # lines in the file, unreadable ones included
-        self.cut_short = False  # the last line has no newline (a writer was killed)
-
-    def read(self, skipped: list[str]) -> list[tuple[int, object]]:
-        """``(line number from 1, value)`` of each line that is JSON; ``file:line: reason`` of
-        the others is added to ``skipped``.
-
-        Raises
-        ------
-        OSError
-            The file exists and cannot be read.
-        """
-        data = self.path.read_bytes() if self.path.exists() else b""
-        lines = data.split(b"\n")
-        if lines[-1] == b"":
-            lines.pop()
-        self.count, self.cut_short = len(lines), bool(lines) and not data.endswith(b"\n")
-        values = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                values.append((number, json.loads(line)))
-            except ValueError as error:  # invalid JSON or UTF-8
-                reason = "cut short" if number == len(lines) and self.cut_short else "not JSON"
-                skipped.append(f"{self.path}:{number}: {reason} ({error})")
-        return values
-
-    def append(self, value: object) -> int:
-        """Append ``value`` as a line (after ending a line cut short); returns its line index
-        from 0.
-
-        Raises
-        ------
-        FGQError
-            The file cannot be written.
-        """
-        text = ("\n" if self.cut_short else "") + json.dumps(value, separators=(",", ":")) + "\n"
-        try:
-            with open(self.path, "a") as file:
-                file.write(text)
-        except OSError as error:
-            raise FGQError(f"cannot write {self.path} ({error.strerror or error})") from None
-        self.cut_short = False
-        self.count += 1
-        return self.count - 1

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import TINY_SHAPE, fgq_tvm, write_tiny_module
 
-from fgq_tvm import cli
+from fgq_tvm import cli, run_command
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
 from fgq_tvm.errors import UsageError
 from fgq_tvm.runtime import module_digest, sidecar_path
@@ -177,7 +177,7 @@ def boom(*args: object) -> float:
 
 def test_internal_error_is_one_line(monkeypatch, capsys):
     monkeypatch.delenv("FGQ_TVM_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "read_npy", boom)
+    monkeypatch.setattr(run_command, "read_npy", boom)
     assert cli.main(["run", "m.so", "--input", "x.npy"]) == 1
     assert capsys.readouterr().err == (
         "fgq-tvm: error: internal error: ZeroDivisionError: division by zero\n"
@@ -186,7 +186,7 @@ def test_internal_error_is_one_line(monkeypatch, capsys):
 
 def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("FGQ_TVM_DEBUG", "1")
-    monkeypatch.setattr(cli, "read_npy", boom)
+    monkeypatch.setattr(run_command, "read_npy", boom)
     with pytest.raises(ZeroDivisionError):
         cli.main(["run", "m.so", "--input", "x.npy"])
 

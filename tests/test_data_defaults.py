@@ -115,3 +115,12 @@ def test_cli_reconstructs_blocks_by_default_with_calibration_data(tmp_path):
     assert config["reconstruction"] == "block"
     assert "quantize: reconstruct blocks" in result.stderr
     assert "unit 11/11 linear (1 layers): loss" in result.stderr
+
+
+def test_cli_group_size_channel_is_all_channels_and_the_defaults_are_4_and_8_bits():
+    parse = cli.build_parser().parse_args
+    channel = cli._quant_fields(parse(["report", "cifar_resnet20", "--group-size", "channel"]))
+    assert channel["group_size"] is None
+    assert QuantConfig(**channel).group_size is None
+    defaults = cli._quant_fields(parse(["report", "cifar_resnet20"]))
+    assert (defaults["group_size"], defaults["act_bits"]) == (4, 8)

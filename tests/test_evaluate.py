@@ -10,6 +10,7 @@ import torch
 from helpers import fgq_tvm
 from PIL import Image
 
+from fgq_tvm.config import CALIB_IMAGES
 from fgq_tvm.data import CIFAR10_NPZ, LabelledImages, data_dir, load_labelled_images
 from fgq_tvm.evaluate import Accuracy, EvalResult, evaluate_models, module_predictor
 from fgq_tvm.models import build_model
@@ -93,6 +94,7 @@ def test_eval_of_the_compiled_module_on_cifar10(tmp_path):
     assert lines[2].split()[:2] == ["full", "precision"] and lines[3].startswith("quantized")
     data = json.loads(record.read_text())
     assert data["images"] == 500 and data["backend"] == "tvm"
+    assert data["calibration_images"] == CALIB_IMAGES  # without reconstruction
     assert data["top1_agreement_with_reference"] >= 0.99
     assert 0.7 < data["full_precision"]["top1"] < 0.9  # 81% on the whole eval split
     drop = 100 * (data["full_precision"]["top1"] - data["quantized"]["top1"])

@@ -163,7 +163,16 @@ CPU_OPTION = json.dumps({"kind": "llvm", "mcpu": "skylake", "frobnicate": 1})
             {"target": CPU_OPTION},
             r"target is not one TVM accepts \(Unknown config option 'frobnicate'\)",
         ),
-        ({"target": json.dumps({"kind": "llvmx"})}, r"Target kind \"llvmx\" is not defined"),
+        ({"target": json.dumps({"kind": "llvmx"})}, r"target is not for a CPU \(kind 'llvmx', not"),
+        ({"target": json.dumps({"mcpu": "skylake"})}, r"target is not for a CPU \(kind None, not"),
+        (
+            {"target": json.dumps({"kind": "llvm", "mcpu": 5})},
+            r"target is not one TVM accepts \(Option 'mcpu': expected type 'str' but got 'int'\)",
+        ),
+        (
+            {"target": json.dumps({"kind": "llvm", "mattr": "+avx2"})},
+            r"\(Option 'mattr': expected type 'Array<str>' but got 'str'\)",
+        ),
         ({"target": json.dumps({"kind": "llvm", "mcpu": "nonexistent"})}, "CPU 'nonexistent'"),
     ],
 )
@@ -176,6 +185,13 @@ def test_bad_sidecar(tiny, copy_of, monkeypatch, entries, problem, flags):
     with pytest.raises(FGQError, match=problem) as error:
         fgq_tvm.load(path)
     assert len(str(error.value).splitlines()) == 1
+
+
+def test_target_options_are_tvms():
+    # the runtime checks a sidecar's target without TVM, against TVM's options of "llvm"
+    from tvm.target import TargetKind
+
+    assert dict(TargetKind.options_from_name("llvm")) == runtime.LLVM_TARGET_OPTIONS
 
 
 def test_sidecar_of_another_module_is_refused(tiny, copy_of):

@@ -32,6 +32,7 @@ from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target, target_key
 from fgq_tvm.tuning import (
     COMPARISONS,
+    FINISHED,
     Comparison,
     KernelTask,
     TunedSchedules,
@@ -110,10 +111,22 @@ def test_zero_trials_only_compares_and_appends(tuned, tmp_path):
     assert (folder / COMPARISONS).read_text().count("\n") == lines + 1
 
 
-def test_a_malformed_comparison_is_a_one_line_error(tmp_path):
-    (tmp_path / COMPARISONS).write_text('{"workload": "00"}\n')
-    with pytest.raises(FGQError, match=r":1: not a comparison .*fix or remove the line"):
-        load_comparisons(tmp_path)
+def test_unreadable_comparison_and_finished_lines_are_named_and_skipped(tuned, tmp_path):
+    folder = shutil.copytree(tuned[0], tmp_path / "copy")
+    with (folder / COMPARISONS).open("a") as file:
+        file.write('{"workload": "00"}\n{"workload": "00", "tr')  # the last cut short by a kill
+    skipped = []
+    assert load_comparisons(folder, skipped) == load_comparisons(tuned[0])
+    lines = (folder / COMPARISONS).read_text().count("\n")
+    assert skipped[0].startswith(f"{folder / COMPARISONS}:{lines}: not a comparison")
+    assert skipped[1].startswith(f"{folder / COMPARISONS}:{lines + 1}: cut short")
+    with (folder / FINISHED).open("a") as file:
+        file.write("[1, 2]\n")
+    messages = []
+    (result,) = tune([TASK], HOST, trials=3, folder=folder, progress=messages.append)
+    assert result.skipped
+    assert messages[0].startswith("warning: skipped 1 unreadable line(s) of the tuning database")
+    assert f"{folder / FINISHED}:" in messages[0] and "not a finished search" in messages[0]
 
 
 def test_a_record_that_fails_the_check_is_not_used(tuned, tmp_path, monkeypatch):

@@ -21,6 +21,12 @@ The "fgq-tvm tuned" row compiles with the target's tuning database
 (:func:`~fgq_tvm.bench.peers.prepare_fgq_tuned`; ``n/a`` without one) and says how many kernels
 took a tuned schedule.
 
+On a remote device (:class:`~fgq_tvm.remote.RemoteDevice`, ``--rpc-tracker``) fgq-tvm's rows
+and kernels are built here and run on one of its servers, timed by the server's clock
+(:mod:`fgq_tvm.remote`), in one session held for the whole run; the peers run on this machine
+only, so none may be asked for. The threads are those the server runs, the clock of the peak
+is ``--ghz`` alone.
+
 Each quantized layer's kernel is also timed on its own, as the compiled module has it (core,
 fused epilogue, layouts, float or byte activations; default schedule), and its MAC rate
 compared with the CPU's int8 VNNI peak (:func:`~fgq_tvm.cpu_features.vnni_macs_per_cycle` per
@@ -49,6 +55,7 @@ import numpy as np
 
 from ..cpu_features import cpu_ghz, cpu_name, read_cpuinfo, vnni_macs_per_cycle
 from ..errors import UsageError
+from ..remote import LOCAL_DEVICE, Device, RemoteDevice
 from ..target import TUNING_LOGS, target_key
 from ..threads import thread_settings
 from .layers import Progress, time_layers
@@ -141,11 +148,15 @@ class BenchOptions:
     batches
         Larger batches to time every runtime at as well (throughput; each in rounds of its
         own), at most :data:`MAX_BATCH` images.
+    device
+        Where fgq-tvm runs: this machine, or a :class:`~fgq_tvm.remote.RemoteDevice` (then
+        without peers, and ``threads`` is the servers' own count).
 
     Raises
     ------
     UsageError
-        A peer not in :data:`PEERS`, or a count or clock out of its range.
+        A peer not in :data:`PEERS`, a count or clock out of its range, or peers on a remote
+        device.
     """
 
     peers: tuple[str, ...] = PEERS
@@ -155,12 +166,18 @@ class BenchOptions:
     ghz: float | None = None
     tuning_logs: Path = TUNING_LOGS
     batches: tuple[int, ...] = ()
+    device: Device = LOCAL_DEVICE
 
     def __post_init__(self) -> None:
         unknown = [peer for peer in self.peers if peer not in PEERS]
         if unknown:
             shown = ", ".join(map(repr, unknown))
             raise UsageError(f"unknown peers {shown}: choose from {', '.join(PEERS)}")
+        if self.peers and isinstance(self.device, RemoteDevice):
+            raise UsageError(
+                "the peers (PyTorch, ONNX Runtime, TVM FP32) run on this machine only: with "
+                "--rpc-tracker, bench times fgq-tvm alone; drop --peers or give --peers none"
+            )
         for name, least in (("repeats", 1), ("warmup", 0), ("threads", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -314,10 +331,15 @@ def run_bench(
     report = progress or (lambda stage: None)
     x = timed_input(spec)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with tempfile.TemporaryDirectory() as folder, thread_settings(options.threads):
+    remote = isinstance(options.device, RemoteDevice)
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        thread_settings(options.threads),
+        options.device.session(timeout_s=0) as session,  # held while compiling between timings
+    ):
         setup = BenchSetup(
             model, spec, quant, calibration, target, x, Path(folder), options.threads,
-            options.tuning_logs,
+            options.tuning_logs, session,
         )  # fmt: skip
         report("compile with fgq-tvm")
         fgq_runner, compiled, compile_s = prepare_fgq(setup)
@@ -334,16 +356,19 @@ def run_bench(
             batch: _time_batch(setup, compiled.quantized, batch, options, report)
             for batch in options.batches
         }
-        layers = time_layers(compiled, target, options.repeats, report)
+        layers = time_layers(compiled, target, options.repeats, report, session)
         so_bytes = compiled.output.stat().st_size
         environment = describe_environment(load_start)
-    ghz, ghz_source = _clock(options.ghz)
+        threads = session.threads() if remote else options.threads
+    if remote:
+        environment["device"] = options.device.name
+    ghz, ghz_source = _clock(options.ghz, local=not remote)
     return BenchResult(
         model=spec.name,
         target=target_text(target),
         target_key=target_key(target),
         quantization=compiled.sidecar["quantization"],
-        threads=options.threads,
+        threads=threads,
         repeats=options.repeats,
         warmup=options.warmup,
         calibration=calibration_note or f"{len(calibration)} images",
@@ -369,7 +394,7 @@ def _time_batch(
 ) -> list[PeerResult]:
     """Every runtime of the run prepared again for ``batch`` images per run (fgq-tvm compiles
     the model it quantized once more for that input shape) and timed in interleaved rounds of
-    their own."""
+    their own (fgq-tvm's on ``setup.session``)."""
     if setup.spec.fixed_batch:
         return [
             PeerResult(key, LABELS[key], NOT_AVAILABLE, f"{setup.spec.name} runs at one batch")
@@ -392,9 +417,13 @@ def _time_batch(
     return measure(runners, prepare_torch(setup).run(), options.repeats, options.warmup)
 
 
-def _clock(override: float | None) -> tuple[float | None, str]:
+def _clock(override: float | None, local: bool = True) -> tuple[float | None, str]:
+    """The clock of the peak and its source: ``override``, else this machine's where the
+    kernels ran here."""
     if override is not None:
         return override, "--ghz"
+    if not local:
+        return None, "unknown on a remote device (pass --ghz)"
     ghz = cpu_ghz(read_cpuinfo())
     return ghz, "max 'cpu MHz' of /proc/cpuinfo" if ghz else "unknown (pass --ghz)"
 

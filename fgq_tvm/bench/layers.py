@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..remote import LOCAL, Session
 from ..timing import median
 from .results import LayerResult
 
@@ -25,10 +26,12 @@ Progress = Callable[[str], None]
 MIN_KERNEL_REPEAT_MS = 10  # each timed kernel repeat loops the kernel for at least this long
 
 
-def time_layer(spec: KernelSpec, target: Target, repeats: int) -> LayerResult:
+def time_layer(
+    spec: KernelSpec, target: Target, repeats: int, session: Session = LOCAL
+) -> LayerResult:
     """Build a layer's kernels as the compiled module has them (core, fused epilogue, layout;
-    default schedule) and time the per-inference kernel standalone, its weights packed
-    beforehand as at load time.
+    default schedule) and time the per-inference kernel standalone on ``session``, its weights
+    packed beforehand as at load time.
 
     The input is random, uniform over the layer's quantization range (the residual, if any,
     standard normal); the time is the median of ``repeats`` repeats of at least
@@ -42,18 +45,18 @@ def time_layer(spec: KernelSpec, target: Target, repeats: int) -> LayerResult:
         The target to build them for.
     repeats
         Timed repeats.
+    session
+        Where the kernel runs (:mod:`fgq_tvm.remote`).
 
     Returns
     -------
     LayerResult
     """
-    import tvm
-
     from ..schedules.kernel_spec import kernel_arguments
     from ..schedules.select import build_layer
 
     layer, shape = spec.layer, spec.shape
-    built = build_layer(spec.kernels(), kernel_arguments(layer, spec.core), target)
+    built = build_layer(spec.kernels(), kernel_arguments(layer, spec.core), target, session)
     rng = np.random.default_rng(0)
     input_shape = (shape.batch, shape.in_channels, shape.height, shape.width)
     low, high = layer.act.qmin * layer.act.scale, layer.act.qmax * layer.act.scale
@@ -62,7 +65,7 @@ def time_layer(spec: KernelSpec, target: Target, repeats: int) -> LayerResult:
     out_dims = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
     residual = [rng.normal(size=out_dims).astype(np.float32)] if spec.epilogue.residual else []
     timer = built.module.time_evaluator(
-        "main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=MIN_KERNEL_REPEAT_MS
+        "main", session.device, number=1, repeat=repeats, min_repeat_ms=MIN_KERNEL_REPEAT_MS
     )
     seconds = median(list(timer(*built.arguments(x, *residual)).results))
     weights = f"ternary N={layer.group_size}" if layer.is_ternary else layer.config.weights
@@ -72,7 +75,11 @@ def time_layer(spec: KernelSpec, target: Target, repeats: int) -> LayerResult:
 
 
 def time_layers(
-    compiled: CompileResult, target: Target, repeats: int, progress: Progress
+    compiled: CompileResult,
+    target: Target,
+    repeats: int,
+    progress: Progress,
+    session: Session = LOCAL,
 ) -> list[LayerResult]:
     """:func:`time_layer` for every quantized layer of a compiled model, in model order.
 
@@ -86,6 +93,8 @@ def time_layers(
         Timed repeats of each kernel.
     progress
         Called before each kernel with ``"time kernel I/N: NAME"``.
+    session
+        Where the kernels run (:mod:`fgq_tvm.remote`).
 
     Returns
     -------
@@ -94,5 +103,5 @@ def time_layers(
     results = []
     for index, (name, spec) in enumerate(compiled.kernels.items(), 1):
         progress(f"time kernel {index}/{len(compiled.kernels)}: {name}")
-        results.append(time_layer(spec, target, repeats))
+        results.append(time_layer(spec, target, repeats, session))
     return results

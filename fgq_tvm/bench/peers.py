@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UsageError
+from ..remote import LOCAL, Session
 from ..target import TUNING_LOGS, database_folder
-from ..timing import time_rounds
+from ..timing import Timer, time_rounds
 from .results import LABELS, NOT_AVAILABLE, NOT_INSTALLED, PEERS, PeerResult
 
 if TYPE_CHECKING:
@@ -117,6 +118,8 @@ class BenchSetup:
     tuning_logs
         Where the tuning databases live (``<target key>`` for fgq-tvm's tuned row,
         ``<target key>/tvm-fp32`` for the TVM FP32 peer).
+    session
+        Where fgq-tvm's modules run (:mod:`fgq_tvm.remote`); the peers run here.
     """
 
     model: nn.Module
@@ -128,14 +131,17 @@ class BenchSetup:
     workdir: Path
     threads: int
     tuning_logs: Path = TUNING_LOGS
+    session: Session = LOCAL
 
 
 @dataclass
 class Runner:
-    """A prepared runtime: ``run()`` computes the logits of the timed input as NumPy."""
+    """A prepared runtime: ``run()`` computes the logits of the timed input as NumPy;
+    ``timer`` times it where the wall clock here cannot (on a remote device)."""
 
     run: Callable[[], np.ndarray]
     note: str = ""
+    timer: Timer | None = None
 
 
 class PeerUnavailable(Exception):
@@ -158,8 +164,8 @@ def _quiet() -> Iterator[None]:
 def prepare_fgq(
     setup: BenchSetup, tuning_logs: Path | None = None, quantized: QuantizedModel | None = None
 ) -> tuple[Runner, CompileResult, float]:
-    """Compile the model with fgq-tvm and load the ``.so``: default schedules, or the tuned
-    ones of ``tuning_logs`` where it has them.
+    """Compile the model with fgq-tvm and load the ``.so`` on ``setup.session``: default
+    schedules, or the tuned ones of ``tuning_logs`` where it has them.
 
     Parameters
     ----------
@@ -178,7 +184,6 @@ def prepare_fgq(
         compile time.
     """
     from ..compiler import compile_model, compile_quantized
-    from ..runtime import load
 
     start = time.perf_counter()
     variant = "tuned" if tuning_logs is not None else "default"
@@ -191,8 +196,8 @@ def prepare_fgq(
     else:
         result = compile_quantized(quantized, setup.spec, setup.target, output, None, tuning_logs)
     seconds = time.perf_counter() - start
-    module = load(result.output)
-    return Runner(lambda: module(setup.x), f"compiled in {seconds:.1f} s"), result, seconds
+    model = setup.session.load_model(result.output, setup.x)
+    return Runner(model.run, f"compiled in {seconds:.1f} s", model.timer), result, seconds
 
 
 def prepare_fgq_tuned(setup: BenchSetup, quantized: QuantizedModel | None = None) -> Runner:
@@ -221,7 +226,7 @@ def prepare_fgq_tuned(setup: BenchSetup, quantized: QuantizedModel | None = None
     layers = result.sidecar["layers"]
     tuned = sum(layer["schedule"] == "tuned" for layer in layers)
     note = f"{tuned} of {len(layers)} kernels tuned ({folder}); {runner.note}"
-    return Runner(runner.run, note)
+    return Runner(runner.run, note, runner.timer)
 
 
 def prepare_torch(setup: BenchSetup) -> Runner:
@@ -503,8 +508,8 @@ def measure(
     runners: Mapping[str, Runner | PeerResult], expected: np.ndarray, repeats: int, warmup: int
 ) -> list[PeerResult]:
     """Compare each prepared runner's logits with ``expected``, then time them all in
-    interleaved rounds (:func:`~fgq_tvm.timing.time_rounds`); a runner that fails is reported
-    as failed.
+    interleaved rounds (:func:`~fgq_tvm.timing.time_rounds`, by their own timers where they
+    have one); a runner that fails is reported as failed.
 
     Parameters
     ----------
@@ -532,8 +537,10 @@ def measure(
         except Exception as failure:  # see prepared()
             results[key] = _failed(key, failure)
     ready = {key: runners[key] for key in errors}
+    runs = {key: runner.run for key, runner in ready.items()}
+    timers = {key: runner.timer for key, runner in ready.items() if runner.timer}
     try:
-        times = time_rounds({key: runner.run for key, runner in ready.items()}, repeats, warmup)
+        times = time_rounds(runs, repeats, warmup, timers=timers)
     except Exception as failure:  # see prepared(); the runtimes ran once each above
         times, results = {}, results | {key: _failed(key, failure) for key in ready}
     for key, runner in ready.items():

@@ -192,7 +192,7 @@ def format_markdown(result: BenchResult) -> str:
         f"# {result.model}: fgq-tvm against its peers",
         "",
         f"Batch 1, {result.threads} threads per runtime, target `{result.target}`, "
-        f"{env['cpu']} ({env['cpu_count']} CPUs). fgq-tvm: N={quant['group_size']}, "
+        f"{_machine(env)}. fgq-tvm: N={quant['group_size']}, "
         f"{quant['act_bits']}-bit activations, {quant['scales']} group scales, "
         f"first/last layer {quant['first_last']}. "
         f"Calibration: {result.calibration}. Median of {result.repeats} runs after "
@@ -219,6 +219,14 @@ def format_markdown(result: BenchResult) -> str:
         markdown_table(LAYER_COLUMNS, layer_rows(result)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _machine(env: dict) -> str:
+    """Where the run timed: this machine's CPU, or the remote device fgq-tvm ran on."""
+    here = f"{env['cpu']} ({env['cpu_count']} CPUs)"
+    if "device" not in env:
+        return here
+    return f"on the RPC server under {env['device']}, timed by its clock (built on {here})"
 
 
 def _throughput_section(result: BenchResult) -> list[str]:

@@ -33,6 +33,7 @@ import numpy as np
 import tvm
 
 from ..quant.layers import ActQuant
+from ..remote import LOCAL, Session
 from .conv2d import BITPLANE_CORE
 from .conv2d_dot import AVX2_CORE, VNNI_CORE
 from .conv2d_popcount import POPCOUNT_CORE
@@ -90,19 +91,21 @@ class BuiltLayer:
     Call it with an NCHW input (float32, or activation bytes for a kernel that reads them) and
     the epilogue's NCHW residual, if any, to get the NCHW output, whatever the kernel's layout;
     :meth:`arguments` gives the kernel's full argument list for timing ``module["main"]``.
+    ``session`` is where it runs (:mod:`fgq_tvm.remote`).
     """
 
     module: tvm.runtime.Module
     constants: tuple
     output: TensorSpec
     layouts: Layouts = PLAIN
+    session: Session = LOCAL
 
     def arguments(self, x: np.ndarray, *residual: np.ndarray) -> list:
         """``x``, the prepared and stored arguments, ``residual`` (both NCHW, passed in the
         kernel's layouts) and a fresh output tensor."""
-        image = _tensor(to_layout(x, self.layouts.input))
-        residual = [_tensor(to_layout(r, self.layouts.output)) for r in residual]
-        return [image, *self.constants, *residual, _empty(*self.output)]
+        image = self.session.tensor(to_layout(x, self.layouts.input))
+        residual = [self.session.tensor(to_layout(r, self.layouts.output)) for r in residual]
+        return [image, *self.constants, *residual, _empty(self.session, *self.output)]
 
     def __call__(self, x: np.ndarray, *residual: np.ndarray) -> np.ndarray:
         arguments = self.arguments(x, *residual)
@@ -110,27 +113,26 @@ class BuiltLayer:
         return from_layout(arguments[-1].numpy(), self.layouts.output)
 
 
-def build_layer(kernels: LayerKernels, stored: Sequence[np.ndarray], target) -> BuiltLayer:
-    """Build one layer's kernels for ``target`` and run its pack on ``stored`` once.
+def build_layer(
+    kernels: LayerKernels, stored: Sequence[np.ndarray], target, session: Session = LOCAL
+) -> BuiltLayer:
+    """Build one layer's kernels for ``target``, load them on ``session`` (this process, or a
+    remote device: :mod:`fgq_tvm.remote`) and run its pack on ``stored`` there once.
 
-    For tests and per-layer benchmarks; whole networks run the same PrimFuncs through the
-    Relax VM (the packs in the module's ``prepare`` function).
+    For tests, tuning and per-layer benchmarks; whole networks run the same PrimFuncs through
+    the Relax VM (the packs in the module's ``prepare`` function).
     """
-    stored = [_tensor(array) for array in stored]
+    stored = [session.tensor(array) for array in stored]
     prepared = []
     with target:
         if kernels.pack is not None:
-            pack = tvm.compile(tvm.IRModule({"main": kernels.pack}), target=target)
-            prepared = [_empty(*spec) for spec in kernels.prepared]
-            pack(*stored[: kernels.packed_arguments], *prepared)
-        layer = tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target).jit()
+            pack = session.load(tvm.compile(tvm.IRModule({"main": kernels.pack}), target=target))
+            prepared = [_empty(session, *spec) for spec in kernels.prepared]
+            pack["main"](*stored[: kernels.packed_arguments], *prepared)
+        layer = session.load(tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target))
     constants = (*prepared, *stored[kernels.packed_arguments :])
-    return BuiltLayer(layer, constants, kernels.output, kernels.layouts)
+    return BuiltLayer(layer, constants, kernels.output, kernels.layouts, session)
 
 
-def _tensor(array: np.ndarray):
-    return tvm.runtime.tensor(np.ascontiguousarray(array))
-
-
-def _empty(shape: tuple[int, ...], dtype: str):
-    return tvm.runtime.tensor(np.zeros(shape, dtype))
+def _empty(session: Session, shape: tuple[int, ...], dtype: str):
+    return session.tensor(np.zeros(shape, dtype))

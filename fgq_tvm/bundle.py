@@ -1,0 +1,169 @@
+"""``fgq-tvm bundle``: a compiled module in a folder that runs where neither fgq-tvm nor the
+apache-tvm package is installed, with only NumPy and apache-tvm-ffi.
+
+The folder holds the module and its sidecar, TVM's ``libtvm_runtime.so`` (from the installed
+apache-tvm), the runtime part of fgq-tvm (:data:`SHIPPED_MODULES`: the same files as here,
+copied, which import nothing else of fgq-tvm), ``run.py`` (``fgq-tvm run`` for the module:
+:func:`fgq_tvm.run_command.main`) and ``requirements.txt``::
+
+    pip install -r DIR/requirements.txt
+    python DIR/run.py --input X.npy [--output Y.npy]
+
+or, from Python with ``DIR`` on ``sys.path``: ``import fgq_tvm; fgq_tvm.load(DIR / "m.so")(x)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import FGQError
+from .reporting import output_folder
+from .runtime import RUNTIME_LIBRARY, check_module, runtime_library, sidecar_path
+
+PACKAGE = Path(__file__).resolve().parent
+SHIPPED_MODULES = (
+    "__init__", "errors", "threads", "cpu_features", "x86_tables", "inputs", "reporting",
+    "runtime", "run_command",
+)  # fmt: skip
+"""The modules of fgq-tvm that a bundle ships in its ``fgq_tvm`` folder: :mod:`fgq_tvm.runtime`,
+:mod:`fgq_tvm.run_command` and what they import."""
+RUN_SCRIPT = "run.py"
+REQUIREMENTS = "requirements.txt"
+NUMPY_REQUIREMENT = "numpy>=1.24"
+
+_RUN_TEMPLATE = '''"""Run {name} (a module compiled by fgq-tvm) on a .npy batch, with only NumPy,
+apache-tvm-ffi and the libtvm_runtime.so of this folder (written by fgq-tvm bundle):
+
+    pip install -r requirements.txt
+    python run.py --input X.npy [--output Y.npy] [--allow-nonfinite]
+
+prints the top-1 classes and saves the logits, as fgq-tvm run does. From Python, with this
+folder on sys.path: import fgq_tvm; logits = fgq_tvm.load(FOLDER / "{name}")(x).
+"""
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fgq_tvm.run_command import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], HERE / {name!r}))
+'''
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A folder written by :func:`write_bundle`.
+
+    Attributes
+    ----------
+    folder
+        The folder.
+    files
+        Its entries (the ``fgq_tvm`` package as ``fgq_tvm/``), in the order written.
+    size
+        The bytes of all its files.
+    """
+
+    folder: Path
+    files: tuple[str, ...]
+    size: int
+
+    @property
+    def size_mb(self) -> float:
+        """:attr:`size` in megabytes (10^6 bytes)."""
+        return self.size / 1e6
+
+
+def write_bundle(module: str | os.PathLike, folder: str | os.PathLike) -> Bundle:
+    """Write ``module``, its sidecar, TVM's runtime library, fgq-tvm's loader and ``run.py``
+    into the new ``folder``.
+
+    The folder is written under a temporary name beside it and renamed when complete: it is
+    whole or absent.
+
+    Parameters
+    ----------
+    module
+        A ``.so`` written by ``fgq-tvm compile``, its sidecar beside it (checked as
+        :func:`fgq_tvm.load` checks them, this CPU aside: the bundle may go to another).
+    folder
+        The folder to write: new (its parents are created), or empty.
+
+    Returns
+    -------
+    Bundle
+
+    Raises
+    ------
+    FGQError
+        The module or its sidecar is not sound (:func:`~fgq_tvm.runtime.check_module`),
+        ``folder`` exists and is not an empty folder, or cannot be written; TVM's runtime
+        library is not installed (:func:`~fgq_tvm.runtime.runtime_library`).
+    """
+    module, folder = Path(module), Path(folder)
+    check_module(module)
+    if module.name == RUNTIME_LIBRARY:
+        raise FGQError(f"a module named {RUNTIME_LIBRARY} would be the TVM runtime; rename it")
+    library = runtime_library()
+    _check_destination(folder)
+    output_folder(folder.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        files = _fill(staging, module, library)
+        size = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file())
+        staging.chmod(0o777 & ~_umask())
+        staging.rename(folder)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise FGQError(f"cannot write {folder} ({error.strerror or error})") from None
+        raise
+    return Bundle(folder, files, size)
+
+
+def _check_destination(folder: Path) -> None:
+    """Refuse a ``folder`` that exists and is not an empty folder."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        return
+    if folder.is_dir():
+        raise FGQError(f"{folder} is not empty: give a new folder, or remove this one first")
+    if folder.exists() or folder.is_symlink():
+        raise FGQError(f"{folder} exists and is not a folder: give a new folder name")
+
+
+def _fill(staging: Path, module: Path, library: Path) -> tuple[str, ...]:
+    """Write the bundle's files into ``staging``; return their names."""
+    sidecar = sidecar_path(module)
+    for source in (module, sidecar, library):
+        shutil.copy2(source, staging / source.name)
+    package = staging / "fgq_tvm"
+    package.mkdir()
+    for name in SHIPPED_MODULES:
+        shutil.copyfile(PACKAGE / f"{name}.py", package / f"{name}.py")
+    (staging / RUN_SCRIPT).write_text(_RUN_TEMPLATE.format(name=module.name))
+    (staging / REQUIREMENTS).write_text(f"{NUMPY_REQUIREMENT}\n{_tvm_ffi_requirement()}\n")
+    return (module.name, sidecar.name, library.name, "fgq_tvm/", RUN_SCRIPT, REQUIREMENTS)
+
+
+def _tvm_ffi_requirement() -> str:
+    """apache-tvm-ffi at the version installed here: the one ``libtvm_runtime.so`` was built
+    against."""
+    try:
+        return f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"
+    except metadata.PackageNotFoundError:
+        return "apache-tvm-ffi"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
