@@ -3,6 +3,7 @@ and of sweeps on remote devices."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _ports(port: int) -> list[str]:
+    """``--port PORT --port-end PORT+1``: the one port a tracker or server listens on."""
+    return ["--port", str(port), "--port-end", str(port + 1)]
 
 
 def _start(arguments: list[str], log: Path) -> subprocess.Popen:
@@ -57,41 +64,12 @@ class Servers:
         self.folder = folder
         port = free_port()
         self.device = RemoteDevice("127.0.0.1", port, KEY, workers=2)
-        self.processes = [
-            _start(
-                [
-                    "tvm.exec.rpc_tracker",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--port-end",
-                    str(port + 1),
-                ],
-                folder / "tracker.log",
-            )  # fmt: skip
-        ]
+        tracker = ["tvm.exec.rpc_tracker", "--host", "127.0.0.1", *_ports(port)]
+        self.processes = [_start(tracker, folder / "tracker.log")]
         self.logs = [folder / f"server{i}.log" for i in range(2)]
+        server = ["tvm.exec.rpc_server", "--host", "127.0.0.1", "--tracker", self.device.address]
         for log in self.logs:
-            server_port = free_port()
-            self.processes.append(
-                _start(
-                    [
-                        "tvm.exec.rpc_server",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(server_port),
-                        "--port-end",
-                        str(server_port + 1),
-                        "--tracker",
-                        self.device.address,
-                        "--key",
-                        KEY,
-                    ],
-                    log,
-                )  # fmt: skip
-            )
+            self.processes.append(_start([*server, "--key", KEY, *_ports(free_port())], log))
 
     def wait(self) -> None:
         """Until both servers are registered (or fail with the processes' logs)."""
@@ -122,3 +100,14 @@ class Servers:
 
     def _logs(self) -> str:
         return " | ".join(path.read_text() for path in sorted(self.folder.glob("*.log")))
+
+
+@contextlib.contextmanager
+def running_servers(folder: Path) -> Iterator[Servers]:
+    """:class:`Servers` in ``folder``, registered, and stopped at the end whatever happens."""
+    servers = Servers(folder)
+    try:
+        servers.wait()
+        yield servers
+    finally:
+        servers.stop()

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from helpers import TINY_SHAPE, fgq_tvm, ternary_conv_layer, write_tiny_module
-from rpc_servers import KEY, Servers, free_port
+from rpc_servers import KEY, free_port, running_servers
 
 from fgq_tvm.bench import BenchOptions
 from fgq_tvm.errors import FGQError, UsageError
@@ -46,12 +46,8 @@ TASK = KernelTask(SPEC)
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    servers = Servers(tmp_path_factory.mktemp("rpc"))
-    try:
-        servers.wait()
+    with running_servers(tmp_path_factory.mktemp("rpc")) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 def _fail_here(*args, **kwargs):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from helpers import fgq_tvm
-from rpc_servers import KEY, Servers
+from rpc_servers import KEY, running_servers
 
 from fgq_tvm.data import data_dir
 
@@ -61,12 +61,8 @@ def test_a_sweep_killed_after_its_first_point_resumes_with_the_second(tmp_path):
 
 @pytest.fixture
 def servers(tmp_path_factory):
-    servers = Servers(tmp_path_factory.mktemp("rpc"))
-    try:
-        servers.wait()
+    with running_servers(tmp_path_factory.mktemp("rpc")) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 def wait_for_points(process: subprocess.Popen, points, count: int) -> None:

@@ -149,8 +149,8 @@ class PointMeasurer:
             return self._quantized[1]
         model, spec = build_model(point.model, point.weights)
         model.eval()
-        given = {**self.settings.quant_fields, "group_size": point.group_size}
-        given["act_bits"] = point.act_bits
+        point_fields = {"group_size": point.group_size, "act_bits": point.act_bits}
+        given = {**self.settings.quant_fields, **point_fields}
         settings = self.settings
         inputs = quantization_inputs(
             model, spec, given, settings.calib, settings.calib_split, settings.calib_images
