@@ -36,6 +36,7 @@ from torch import nn
 
 from . import __version__
 from .config import QuantConfig
+from .cuda_binary import compiling_cuda_with_nvcc
 from .errors import FGQError
 from .models import ModelSpec
 from .quant.layers import QuantizedLayer
@@ -52,6 +53,8 @@ from .relax_passes import (
 )
 from .reporting import output_file
 from .runtime import SIDECAR_FORMAT, module_digest, sidecar_path
+from .schedules.conv2d_cuda import is_cuda
+from .schedules.gpu_rules import schedule_for_gpu
 from .schedules.kernel_spec import KernelSpec, layer_encoding
 from .schedules.layout import NCHW16C
 from .schedules.select import computes_blocked_layouts
@@ -222,8 +225,8 @@ def lower_to_relax(
     names = [var.name for var in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"], strict=True)))(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    mod = LiftConstantComputations()(mod)
-    return ScheduleGraphOperators()(relax.transform.LegalizeOps()(mod))
+    mod = relax.transform.LegalizeOps()(LiftConstantComputations()(mod))
+    return schedule_for_gpu(mod, target) if is_cuda(target) else ScheduleGraphOperators()(mod)
 
 
 def _export(quantized: QuantizedModel, input_shape: tuple[int, ...]):
@@ -258,8 +261,10 @@ def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
 
 
 def _build(mod, target):
-    """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function."""
-    with target:
+    """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function.
+    GPU code is compiled by nvcc into the module (:mod:`fgq_tvm.cuda_binary`)."""
+    nvcc = compiling_cuda_with_nvcc(str(target.attrs["arch"])) if is_cuda(target) else None
+    with target, nvcc or contextlib.nullcontext():
         return tvm.compile(mod, target=target)
 
 

@@ -190,10 +190,10 @@ def target_has(target: Target | None, *features: str) -> bool:
     Returns
     -------
     bool
-        False for a ``target`` of None, and where TVM has no LLVM to ask (a runtime-only
-        installation).
+        False for a ``target`` of None or of another kind than ``llvm`` (a GPU), and where TVM
+        has no LLVM to ask (a runtime-only installation).
     """
-    if target is None:
+    if target is None or str(target.kind.name) != "llvm":
         return False
     from tvm.target import codegen
 

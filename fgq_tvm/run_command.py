@@ -94,7 +94,8 @@ def run_npy(
     x = read_npy(input)
     model = load(module)
     logits = model(x, check_finite=not allow_nonfinite)
-    print(f"{prog}: {model.threads_reason}", file=sys.stderr, flush=True)
+    where = model.threads_reason if model.gpu is None else model.gpu.description
+    print(f"{prog}: {where}", file=sys.stderr, flush=True)
     if output_path is not None:
         write_atomically(output_path, lambda file: np.save(file, logits))
     print(f"output: {list(logits.shape)} {logits.dtype}" + (f" -> {output}" if output else ""))

@@ -8,6 +8,8 @@ module runs in TVM's Relax virtual machine of ``libtvm_runtime.so``
 (:func:`runtime_library`), called through ``tvm_ffi``, and the check that this CPU can run its
 code reads tables of LLVM's CPUs, not LLVM (:func:`~fgq_tvm.cpu_features.compiled_extensions`).
 This module and those it imports are what ``fgq-tvm bundle`` ships (:mod:`fgq_tvm.bundle`).
+A module compiled for an NVIDIA GPU (a ``cuda`` target) runs on GPU 0 through the CUDA runtime
+of the same TVM (:mod:`fgq_tvm.gpu_runtime`); inputs and logits are NumPy arrays all the same.
 
 The module's ``prepare`` function (weights packed for the kernels) runs once, at load time; its
 result is passed to every call of ``main``. A module is compiled for one batch size,
@@ -41,8 +43,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import cpu_features
+from . import cpu_features, gpu_runtime
 from .errors import FGQError
+from .gpu_runtime import Gpu
 from .threads import choose_threads, cores, usable_cpus
 
 SIDECAR_FORMAT = "fgq-tvm-module/3"
@@ -88,10 +91,19 @@ class CompiledModel:
     threads_reason
         Why, in a line such as ``"2 threads: one per CPU core this process may use; set
         TVM_NUM_THREADS to change"``.
+    gpu
+        The GPU it runs on, or ``None`` for a module compiled for a CPU.
     """
 
     def __init__(
-        self, path: Path, info: dict, vm, prepared, threads: int = 1, threads_reason: str = ""
+        self,
+        path: Path,
+        info: dict,
+        vm,
+        prepared,
+        threads: int = 1,
+        threads_reason: str = "",
+        gpu: Gpu | None = None,
     ) -> None:
         self.path = path
         self.info = info
@@ -99,6 +111,7 @@ class CompiledModel:
         self.input_dtype = INPUT_DTYPE
         self.threads = threads
         self.threads_reason = threads_reason
+        self.gpu = gpu
         self._vm = vm
         self._prepared = prepared
 
@@ -131,9 +144,10 @@ class CompiledModel:
             _check_finite(x)
         batch = self.input_shape[0]
         _use_threads(self.threads)
+        prepared = self._prepared
         try:
             outputs = [
-                _to_numpy(self._vm["main"](_tensor(x[start : start + batch]), self._prepared)[0])
+                self._logits(self._vm["main"](self._input(x[start : start + batch]), prepared))
                 for start in range(0, len(x), batch)
             ]
         except Exception as error:  # any failure inside the foreign code is reported alike
@@ -168,7 +182,7 @@ class CompiledModel:
                 elapsed = time.perf_counter() - started.pop(name)
                 runs[-1][name] = runs[-1].get(name, 0.0) + elapsed
 
-        image = _tensor(x)
+        image = self._input(x)
         _use_threads(self.threads)
         self._vm["main"](image, self._prepared)
         self._vm["set_instrument"](instrument)
@@ -179,6 +193,17 @@ class CompiledModel:
         finally:
             self._vm["set_instrument"](lambda *_args: None)
         return {name: [run.get(name, 0.0) for run in runs] for name in runs[0]}
+
+    def _input(self, x: np.ndarray):
+        """``x`` as a tensor on the module's device."""
+        tensor = _tensor(x)
+        return tensor if self.gpu is None else gpu_runtime.to_gpu(tensor, self.gpu, _tvm_ffi())
+
+    def _logits(self, result) -> np.ndarray:
+        """The logits of ``main``'s result as a NumPy array."""
+        if self.gpu is None:
+            return _to_numpy(result[0])
+        return gpu_runtime.to_numpy(result[0], _tvm_ffi())
 
     def _check_input(self, x: np.ndarray) -> None:
         if not isinstance(x, np.ndarray):
@@ -295,7 +320,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
+def load(
+    path: str | os.PathLike, threads: int | None = None, device: str | None = None
+) -> CompiledModel:
     """Load a module written by ``fgq-tvm compile``.
 
     Parameters
@@ -307,6 +334,9 @@ def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
         ``OMP_NUM_THREADS``) where set, else one per CPU core this process may use
         (:func:`~fgq_tvm.threads.choose_threads`). The model's :attr:`~CompiledModel.threads`
         and :attr:`~CompiledModel.threads_reason` say what it runs with and why.
+    device
+        ``"cpu"`` or ``"cuda"`` (GPU 0): where to run it. Default: where its target runs; a
+        module runs on its target's device only.
 
     Returns
     -------
@@ -320,7 +350,9 @@ def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
         the pair), the file is not a loadable shared library (truncated, foreign, built for
         another machine), or it was compiled for a CPU with instructions this one lacks
         (:func:`~fgq_tvm.cpu_features.missing_extensions`). All of it is checked
-        before the library is opened.
+        before the library is opened. ``device`` is not the module's; for a GPU module, this
+        machine has no NVIDIA driver or GPU, or a GPU older than the module's architecture
+        (:func:`~fgq_tvm.gpu_runtime.open_gpu`).
         ``threads`` or ``TVM_NUM_THREADS`` is not a positive integer.
         apache-tvm-ffi is not installed, or ``libtvm_runtime.so`` cannot be found
         (:func:`runtime_library`).
@@ -329,14 +361,30 @@ def load(path: str | os.PathLike, threads: int | None = None) -> CompiledModel:
     path = Path(path)
     info = check_module(path)
     _check_cpu(path, info)
-    vm = _virtual_machine(path)
+    gpu = _open_device(path, info, device)
+    vm = _virtual_machine(path, gpu)
     runs = _use_threads(count)
     if runs < count:
         reason = (
             f"{runs} of the {count} threads asked ({reason.split(': ', 1)[1]}): TVM's thread pool "
             "of this thread was made smaller and cannot grow; load it in another thread"
         )
-    return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason)
+    return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason, gpu)
+
+
+def _open_device(path: Path, info: dict, device: str | None) -> Gpu | None:
+    """The GPU a ``cuda`` module runs on (``None`` for a CPU module), checked against the
+    ``device`` asked for."""
+    config = json.loads(info["target"])
+    kind = "cuda" if config["kind"] == "cuda" else "cpu"
+    if device is not None and device != kind:
+        raise FGQError(
+            f"{path} was compiled for {'an NVIDIA GPU' if kind == 'cuda' else 'a CPU'} and runs "
+            f"on device {kind!r} only, not {device!r}; compile it for that device (--target)"
+        )
+    if kind == "cpu":
+        return None
+    return gpu_runtime.open_gpu(path, config["arch"], runtime_library(), _tvm_ffi())
 
 
 def check_module(path: str | os.PathLike) -> dict:
@@ -507,7 +555,9 @@ def parse_compiled_target(target: str) -> dict:
     """The config of the TVM target that a sidecar's ``target`` (a TVM target as JSON)
     describes, checked without TVM: an ``llvm`` target with TVM's options for it
     (:data:`LLVM_TARGET_OPTIONS`) and, for x86 code, a CPU that LLVM knows
-    (:func:`~fgq_tvm.cpu_features.compiled_extensions`).
+    (:func:`~fgq_tvm.cpu_features.compiled_extensions`); or a ``cuda`` target with TVM's
+    options for it (:data:`~fgq_tvm.gpu_runtime.CUDA_TARGET_OPTIONS`), its ``arch`` and such an
+    ``llvm`` target as its ``host``.
 
     Parameters
     ----------
@@ -522,9 +572,9 @@ def parse_compiled_target(target: str) -> dict:
     Raises
     ------
     ValueError
-        ``target`` is not a JSON object, not a CPU (``llvm``) target, has an option TVM does
-        not know or of the wrong type, or names an x86 CPU that LLVM does not know (its code
-        could not be checked).
+        ``target`` is not a JSON object, neither a CPU (``llvm``) nor a GPU (``cuda``) target,
+        has an option TVM does not know or of the wrong type, or names an x86 CPU that LLVM
+        does not know (its code could not be checked).
     """
     try:
         config = json.loads(target)
@@ -532,19 +582,36 @@ def parse_compiled_target(target: str) -> dict:
         raise ValueError(f"is not a JSON object ({error})") from None
     if not isinstance(config, dict):
         raise ValueError("is not a JSON object")
-    if config.get("kind") != "llvm":
-        raise ValueError(f"is not for a CPU (kind {config.get('kind')!r}, not 'llvm')")
-    problem = _target_problem(config)
-    if problem:
-        raise ValueError(f"is not one TVM accepts ({problem})")
-    cpu_features.compiled_extensions(config)
+    if config.get("kind") == "cuda":
+        _check_options(config, gpu_runtime.CUDA_TARGET_OPTIONS)
+        if not isinstance(config.get("arch"), str) or not isinstance(config.get("host"), dict):
+            raise ValueError("is a cuda target without its arch and host")
+        _check_cpu_target(config["host"])
+        return config
+    _check_cpu_target(config)
     return config
 
 
-def _target_problem(config: dict) -> str | None:
-    """What TVM would reject in an ``llvm`` target config (in its words), or None."""
+def _check_cpu_target(config: dict) -> None:
+    if config.get("kind") != "llvm":
+        raise ValueError(
+            f"is not for a CPU or an NVIDIA GPU (kind {config.get('kind')!r}, not 'llvm' or 'cuda')"
+        )
+    _check_options(config, LLVM_TARGET_OPTIONS)
+    cpu_features.compiled_extensions(config)
+
+
+def _check_options(config: dict, options: dict[str, str]) -> None:
+    problem = _target_problem(config, options)
+    if problem:
+        raise ValueError(f"is not one TVM accepts ({problem})")
+
+
+def _target_problem(config: dict, options: dict[str, str]) -> str | None:
+    """What TVM would reject in a target config whose kind has ``options`` (in its words), or
+    None."""
     for name, value in config.items():
-        expected = LLVM_TARGET_OPTIONS.get(name)
+        expected = options.get(name)
         if expected is None:
             return f"Unknown config option {name!r}"
         if not _OPTION_TYPES[expected](value):
@@ -557,6 +624,7 @@ def _check_cpu(path: Path, info: dict) -> None:
     not raise an error (the target was checked by :func:`check_module`)."""
     flags = cpu_features.host_flags()  # None (no /proc/cpuinfo): nothing to check against
     config = parse_compiled_target(info["target"])
+    config = config.get("host", config)  # a GPU module's CPU code
     missing = [] if flags is None else cpu_features.missing_extensions(config, flags)
     if missing:
         raise FGQError(
@@ -619,12 +687,16 @@ def _tvm_ffi():
     return tvm_ffi
 
 
-def _virtual_machine(path: Path):
-    """Open the library with ``tvm_ffi`` and start its Relax virtual machine on the CPU."""
+def _virtual_machine(path: Path, gpu: Gpu | None = None):
+    """Open the library with ``tvm_ffi`` and start its Relax virtual machine on the CPU, or on
+    ``gpu`` with the CPU as its host."""
     tvm_ffi = _tvm_ffi()
+    devices = [*_CPU, _POOLED_ALLOCATOR]
+    if gpu is not None:
+        devices = [*gpu.device, _POOLED_ALLOCATOR, *devices]
     try:
         vm = tvm_ffi.load_module(str(path))["vm_load_executable"]()
-        vm["vm_initialization"](*_CPU, _POOLED_ALLOCATOR)
+        vm["vm_initialization"](*devices)
         return vm
     except Exception as error:  # TVM raises several unrelated types for foreign files
         raise _not_loadable(path, _first_line(error)) from error

@@ -2,8 +2,10 @@
 
 TVM 0.27 rejects ``"llvm -mcpu=skylake"`` and wants ``{"kind": "llvm", "mcpu": "skylake"}``
 (DESIGN.md). :func:`parse_target` takes the command-line form (separate words or one quoted
-string) or a JSON dict, checks every option against the LLVM inside TVM, and returns a
-:class:`tvm.target.Target`.
+string) or a JSON dict, checks every option (a CPU's against the LLVM inside TVM, an NVIDIA
+GPU's architecture against :data:`CUDA_ARCHITECTURES`), and returns a
+:class:`tvm.target.Target`. A ``cuda`` target without ``-arch`` is for
+:data:`DEFAULT_CUDA_ARCH` (H100 and H200); its host code is for any x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ from .errors import UsageError
 
 TUNING_LOGS = Path("tuning_logs")  # tuning databases, one folder per target key
 
-SUPPORTED_KINDS = ("llvm",)
+SUPPORTED_KINDS = ("llvm", "cuda")
 LIST_OPTIONS = ("mattr",)
 STRING_OPTIONS = ("mcpu", "mtriple", "mabi")
-TARGET_FLAG = re.compile(r"^-(mcpu|mattr|mtriple|mabi)(=.*)?$")
+CUDA_OPTIONS = ("arch",)
+TARGET_FLAG = re.compile(r"^-(mcpu|mattr|mtriple|mabi|arch)(=.*)?$")
+# The GPU architectures nvcc 13 compiles for (sm_75 and newer: int8 tensor cores on all of them)
+CUDA_ARCHITECTURES = (
+    "sm_75", "sm_80", "sm_86", "sm_87", "sm_88", "sm_89", "sm_90", "sm_100", "sm_103", "sm_110",
+    "sm_120", "sm_121",
+)  # fmt: skip
+DEFAULT_CUDA_ARCH = "sm_90"
+CUDA_LIMITS = {"max_shared_memory_per_block": 49152}  # bytes a block may use without opting in
 
 
 def is_target_flag(word: str) -> bool:
@@ -36,8 +46,9 @@ def parse_target(text: str | list[str]):
     Parameters
     ----------
     text
-        ``["llvm", "-mcpu=skylake"]``, ``"llvm -mcpu=skylake -mattr=+avx2,+fma"`` or
-        ``'{"kind": "llvm", "mcpu": "skylake"}'``.
+        ``["llvm", "-mcpu=skylake"]``, ``"llvm -mcpu=skylake -mattr=+avx2,+fma"``,
+        ``'{"kind": "llvm", "mcpu": "skylake"}'``, ``"cuda -arch=sm_90"`` or
+        ``'{"kind": "cuda", "arch": "sm_90"}'``.
 
     Returns
     -------
@@ -46,8 +57,9 @@ def parse_target(text: str | list[str]):
     Raises
     ------
     UsageError
-        If the target is malformed, not a CPU (llvm) target, or names a CPU, triple or
-        feature that LLVM does not know.
+        If the target is malformed, neither a CPU (llvm) nor an NVIDIA GPU (cuda) target,
+        names a CPU, triple or feature that LLVM does not know, or a GPU architecture not in
+        :data:`CUDA_ARCHITECTURES`.
     """
     words = text if isinstance(text, list) else [text]
     joined = " ".join(words).strip()
@@ -56,6 +68,9 @@ def parse_target(text: str | list[str]):
 
     try:
         _validate(config)
+        if config["kind"] == "cuda":
+            gpu = {"arch": DEFAULT_CUDA_ARCH, **CUDA_LIMITS, **config}
+            return tvm.target.Target(gpu, host={"kind": "llvm"})
         return tvm.target.Target(config)
     except ValueError as error:  # TVM's checks of the options' names and types
         reason = str(error).split(" Target creation from config dict failed")[0]
@@ -76,11 +91,11 @@ def host_target() -> str:
 
 
 def target_key(target) -> str:
-    """A short folder-safe name for a target, such as ``llvm-znver4``."""
+    """A short folder-safe name for a target, such as ``llvm-znver4`` or ``cuda-sm_90``."""
     parts = [str(target.kind.name)]
-    mcpu = target.attrs.get("mcpu")
-    if mcpu:
-        parts.append(str(mcpu))
+    model = target.attrs.get("mcpu") or target.attrs.get("arch")
+    if model:
+        parts.append(str(model))
     return "-".join(parts)
 
 
@@ -110,13 +125,11 @@ def _parse_words(words: list[str]) -> dict:
             raise UsageError(
                 f"target option {option!r} is malformed: write -KEY=VALUE, e.g. -mcpu=skylake"
             )
-        if key in LIST_OPTIONS:
-            config[key] = value.split(",")
-        elif key in STRING_OPTIONS:
-            config[key] = value
-        else:
-            known = ", ".join(f"-{name}" for name in (*STRING_OPTIONS, *LIST_OPTIONS))
-            raise UsageError(f"target option -{key} is not supported: use {known}")
+        names = CUDA_OPTIONS if kind == "cuda" else (*STRING_OPTIONS, *LIST_OPTIONS)
+        if key not in names:
+            known = ", ".join(f"-{name}" for name in names)
+            raise UsageError(f"target option -{key} is not supported for {kind}: use {known}")
+        config[key] = value.split(",") if key in LIST_OPTIONS else value
     return config
 
 
@@ -124,8 +137,12 @@ def _validate(config: dict) -> None:
     kind = config["kind"]
     if kind not in SUPPORTED_KINDS:
         raise UsageError(
-            f"target kind {kind!r} is not supported: fgq-tvm compiles for CPUs, use 'llvm'"
+            f"target kind {kind!r} is not supported: fgq-tvm compiles for CPUs ('llvm') and "
+            "NVIDIA GPUs ('cuda')"
         )
+    if kind == "cuda":
+        _validate_cuda(config)
+        return
     from tvm.target import Target, codegen
 
     triple = config.get("mtriple")
@@ -147,6 +164,19 @@ def _validate(config: dict) -> None:
                 f"target feature {name!r} is not a valid -mattr entry: write +FEATURE or "
                 "-FEATURE with a feature LLVM knows, e.g. -mattr=+avx2,+fma"
             )
+
+
+def _validate_cuda(config: dict) -> None:
+    unknown = sorted(set(config) - {"kind", *CUDA_OPTIONS})
+    if unknown:
+        raise UsageError(f"target option {unknown[0]!r} is not supported for cuda: use 'arch'")
+    arch = config.get("arch", DEFAULT_CUDA_ARCH)
+    if arch not in CUDA_ARCHITECTURES:
+        raise UsageError(
+            f"GPU architecture {arch!r} is not one nvcc 13 compiles for: use one of "
+            f"{', '.join(CUDA_ARCHITECTURES)} (default {DEFAULT_CUDA_ARCH}: H100 and H200; "
+            "nvidia-smi --query-gpu=compute_cap gives yours, 9.0 meaning sm_90)"
+        )
 
 
 def _is_llvm_feature(base: dict, name: str) -> bool:

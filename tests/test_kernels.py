@@ -383,3 +383,37 @@ def test_core_selection_rules():
     asymmetric = "ternary_asymmetric_int8_scales"  # one scale per group on the popcount core
     assert select_core(words, four_bit, asymmetric, knights_mill) == "int16-dot-avx2"
     assert select_core(words, four_bit, asymmetric, vnni) == "int8-dot-vnni"
+
+
+# --- the GPU cores: their compute run on the CPU --------------------------------------------
+
+GPU_CORE_OF = {encoding: "int8-gemm-cuda" for encoding in ENCODINGS[1:]}
+GPU_CORE_OF["ternary_group_scales"] = "bitplane-cuda"
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_gpu_cores_compute_the_reference_on_the_cpu(encoding):
+    """The GPU cores' PrimFuncs, built unscheduled for the CPU, give the reference's numbers
+    (the GPU schedule only reorders the loops of this compute: checked on a GPU by
+    benchmarks/gpu_check.sh)."""
+    rng = np.random.default_rng(300 + ENCODINGS.index(encoding))
+    cuda = parse_target("cuda -arch=sm_90")
+    mismatches = []
+    for case in range(12):
+        layer = random_layer(rng, encoding, dense=case % 5 == 0)
+        x = random_input(rng, layer)
+        shape = layer_shape(layer, as_image(x).shape)
+        core = select_core(shape, layer.act, encoding, cuda)
+        assert core == GPU_CORE_OF[encoding]
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        quantized_input = case % 4 == 1 and core == "int8-gemm-cuda"
+        quantize = _next_quantizer(rng) if case % 3 == 1 and quantized_input else None
+        epilogue, residual, expected = with_epilogue(rng, expected, quantize)
+        kernels = core_named(core).kernels(
+            shape, layer.act, encoding, epilogue, PLAIN, quantized_input
+        )
+        given = layer.act.stored(x) if quantized_input else x
+        actual = run_layer(kernels, layer, given, TARGET, *residual)
+        if not np.array_equal(actual, expected):
+            mismatches.append((case, shape, quantized_input, quantize))
+    assert not mismatches

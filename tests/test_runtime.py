@@ -21,7 +21,7 @@ from helpers import TINY_SHAPE as SHAPE
 from helpers import tiny_sidecar, write_tiny_module
 
 import fgq_tvm
-from fgq_tvm import cpu_features, runtime
+from fgq_tvm import cpu_features, gpu_runtime, runtime
 from fgq_tvm.errors import FGQError
 from fgq_tvm.threads import cores
 
@@ -163,8 +163,14 @@ CPU_OPTION = json.dumps({"kind": "llvm", "mcpu": "skylake", "frobnicate": 1})
             {"target": CPU_OPTION},
             r"target is not one TVM accepts \(Unknown config option 'frobnicate'\)",
         ),
-        ({"target": json.dumps({"kind": "llvmx"})}, r"target is not for a CPU \(kind 'llvmx', not"),
-        ({"target": json.dumps({"mcpu": "skylake"})}, r"target is not for a CPU \(kind None, not"),
+        ({"target": json.dumps({"kind": "llvmx"})}, r"target is not for a CPU or an NVIDIA GPU"),
+        ({"target": json.dumps({"mcpu": "skylake"})}, r"CPU or an NVIDIA GPU \(kind None"),
+        ({"target": json.dumps({"kind": "cuda", "arch": "sm_90"})}, "without its arch and host"),
+        ({"target": json.dumps({"kind": "cuda", "mattr": []})}, "Unknown config option 'mattr'"),
+        (
+            {"target": json.dumps({"kind": "cuda", "arch": "sm_90", "host": {"kind": "cuda"}})},
+            r"not for a CPU or an NVIDIA GPU \(kind 'cuda'",
+        ),
         (
             {"target": json.dumps({"kind": "llvm", "mcpu": 5})},
             r"target is not one TVM accepts \(Option 'mcpu': expected type 'str' but got 'int'\)",
@@ -188,10 +194,11 @@ def test_bad_sidecar(tiny, copy_of, monkeypatch, entries, problem, flags):
 
 
 def test_target_options_are_tvms():
-    # the runtime checks a sidecar's target without TVM, against TVM's options of "llvm"
+    # the runtime checks a sidecar's target without TVM, against TVM's options of each kind
     from tvm.target import TargetKind
 
     assert dict(TargetKind.options_from_name("llvm")) == runtime.LLVM_TARGET_OPTIONS
+    assert dict(TargetKind.options_from_name("cuda")) == gpu_runtime.CUDA_TARGET_OPTIONS
 
 
 def test_sidecar_of_another_module_is_refused(tiny, copy_of):

@@ -34,9 +34,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quant.layers import QuantizedLayer
-from ..schedules.core import LayerKernels
+from ..schedules.core import SCHEDULED, LayerKernels
 from ..schedules.kernel_spec import (
-    SCHEDULED,
     KernelSpec,
     kernel_arguments,
     layer_encoding,
@@ -129,7 +128,8 @@ class _Rewriter(PyExprMutator):
         """The pack's outputs (bound to variables), or nothing for cores without one."""
         if kernels.pack is None:
             return []
-        attrs = {"global_symbol": name, SCHEDULED: True}
+        scheduled = {} if core_named(kernels.core).rule_scheduled else {SCHEDULED: True}
+        attrs = {"global_symbol": name, **scheduled}
         pack = self.builder_.add_func(kernels.pack.with_attrs(attrs), name)
         types = [_tensor_type(spec) for spec in kernels.prepared]
         packed = self.builder_.emit(

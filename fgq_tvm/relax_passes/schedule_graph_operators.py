@@ -22,7 +22,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline_contiguous_spatial
 
-from ..schedules.kernel_spec import SCHEDULED
+from ..schedules.core import SCHEDULED
 
 MIN_PARALLEL_ELEMENTS = 4096
 MAX_VECTOR_EXTENT = 64

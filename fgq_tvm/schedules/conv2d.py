@@ -575,13 +575,13 @@ def reference_group_sums(x_q: np.ndarray, ternary: np.ndarray, shape: Conv2dShap
 
 
 class BitplaneCore(Core):
-    """``bitplane``: the portable core of this module, for every layer on every target; it reads
-    the stored 2-bit weights directly."""
+    """``bitplane``: the portable core of this module, for every layer on every CPU target; it
+    reads the stored 2-bit weights directly."""
 
     name = "bitplane"
 
     def available(self, target) -> bool:
-        return True
+        return target is None or str(target.kind.name) == "llvm"
 
     def supports(self, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
         return True

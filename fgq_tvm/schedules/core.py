@@ -41,6 +41,7 @@ WeightEncoding = Literal[
 ]
 TernaryStorage = Literal["bitplanes", "base3"]
 TensorSpec = tuple[tuple[int, ...], str]  # (shape, dtype)
+SCHEDULED = "tirx.is_scheduled"  # the mark of a scheduled PrimFunc, as DLight reads and sets it
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ class Core(ABC):
         next layer's (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`) instead of float32.
     tunable
         Whether :meth:`workload` and :meth:`schedule` define a space MetaSchedule searches.
+    rule_scheduled
+        Whether the core leaves its PrimFuncs unscheduled for the target's default rules
+        (:mod:`~fgq_tvm.schedules.gpu_rules`), applied once the graph passes are done.
     """
 
     name: str
@@ -201,6 +205,7 @@ class Core(ABC):
     blocked_layouts: bool = False
     activation_bytes: bool = False
     tunable: bool = False
+    rule_scheduled: bool = False
 
     @abstractmethod
     def available(self, target) -> bool:

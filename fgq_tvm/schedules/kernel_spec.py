@@ -17,11 +17,9 @@ import tvm
 
 from ..quant.layers import ActQuant, QuantizedLayer
 from .conv2d import pack_bitplanes, pack_trits, to_kernel_layout
-from .core import NO_EPILOGUE, Conv2dShape, Epilogue, LayerKernels, WeightEncoding
+from .core import NO_EPILOGUE, SCHEDULED, Conv2dShape, Epilogue, LayerKernels, WeightEncoding
 from .layout import PLAIN, Layouts
 from .select import core_named
-
-SCHEDULED = "tirx.is_scheduled"  # the mark of a scheduled PrimFunc, as DLight reads and sets it
 
 
 def layer_encoding(layer: QuantizedLayer) -> WeightEncoding:
@@ -107,9 +105,10 @@ class KernelSpec:
         """The kernel PrimFunc's attributes, ``name`` its ``global_symbol``."""
         shape = self.shape
         quantize = self.epilogue.quantize
+        scheduled = {} if core_named(self.core).rule_scheduled else {SCHEDULED: True}
         return {
             "global_symbol": name,
-            SCHEDULED: True,
+            **scheduled,
             "fgq.layer": self.layer.name,
             "fgq.core": self.core,
             "fgq.input_shape": [shape.batch, shape.in_channels, shape.height, shape.width],

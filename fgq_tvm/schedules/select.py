@@ -16,9 +16,13 @@ that computes it (:func:`select_core`):
   faster on every such ResNet-18 layer, 4-bit activations, N=64; without it, the popcount core
   takes 0.93x the AVX2 dot core's time over those layers,
   ``benchmarks/results/popcount-core-resnet18.md``);
-* ``bitplane`` (:mod:`~fgq_tvm.schedules.conv2d`): everything else (float group scales on
-  signed activations or odd group sizes, targets without AVX2); it reads the stored 2-bit
-  weights directly.
+* ``bitplane`` (:mod:`~fgq_tvm.schedules.conv2d`): everything else on a CPU (float group
+  scales on signed activations or odd group sizes, targets without AVX2); it reads the stored
+  2-bit weights directly;
+* on an NVIDIA GPU (:mod:`~fgq_tvm.schedules.conv2d_cuda`), ``int8-gemm-cuda`` for the integer
+  weight encodings (implicit int8 GEMMs, on the tensor cores where they are large enough), and
+  ``bitplane-cuda`` for the rest. Their PrimFuncs are scheduled by DLight's GPU rules
+  (:mod:`~fgq_tvm.schedules.gpu_rules`).
 
 All compute the same numbers (``reference_forward``) from the layer's stored arguments
 (:func:`~fgq_tvm.schedules.kernel_spec.kernel_arguments`).
@@ -35,12 +39,21 @@ import tvm
 from ..quant.layers import ActQuant
 from ..remote import LOCAL, Session
 from .conv2d import BITPLANE_CORE
+from .conv2d_cuda import BITPLANE_CUDA_CORE, GEMM_CUDA_CORE, is_cuda
 from .conv2d_dot import AVX2_CORE, VNNI_CORE
 from .conv2d_popcount import POPCOUNT_CORE
 from .core import Conv2dShape, Core, LayerKernels, TensorSpec, WeightEncoding
+from .gpu_rules import schedule_for_gpu
 from .layout import PLAIN, Layouts, from_layout, to_layout
 
-CORES: tuple[Core, ...] = (VNNI_CORE, POPCOUNT_CORE, AVX2_CORE, BITPLANE_CORE)
+CORES: tuple[Core, ...] = (
+    GEMM_CUDA_CORE,
+    BITPLANE_CUDA_CORE,
+    VNNI_CORE,
+    POPCOUNT_CORE,
+    AVX2_CORE,
+    BITPLANE_CORE,
+)
 
 
 def core_named(name: str) -> Core:
@@ -126,12 +139,22 @@ def build_layer(
     prepared = []
     with target:
         if kernels.pack is not None:
-            pack = session.load(tvm.compile(tvm.IRModule({"main": kernels.pack}), target=target))
+            pack = session.load(_compile(kernels.pack, kernels.core, target))
             prepared = [_empty(session, *spec) for spec in kernels.prepared]
             pack["main"](*stored[: kernels.packed_arguments], *prepared)
-        layer = session.load(tvm.compile(tvm.IRModule({"main": kernels.layer}), target=target))
+        layer = session.load(_compile(kernels.layer, kernels.core, target))
     constants = (*prepared, *stored[kernels.packed_arguments :])
     return BuiltLayer(layer, constants, kernels.output, kernels.layouts, session)
+
+
+def _compile(func: tvm.tirx.PrimFunc, core: str, target):
+    """Build one PrimFunc of ``core`` for ``target``: scheduled by the GPU rules where the core
+    leaves its schedule to them; built as it is (plain loops) on a CPU, to check the
+    arithmetic of a GPU core there."""
+    mod = tvm.IRModule({"main": func})
+    if core_named(core).rule_scheduled and is_cuda(target):
+        mod = schedule_for_gpu(mod, target)
+    return tvm.compile(mod, target=target)
 
 
 def _empty(session: Session, shape: tuple[int, ...], dtype: str):
