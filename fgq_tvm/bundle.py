@@ -10,10 +10,16 @@ copied, which import nothing else of fgq-tvm), ``run.py`` (``fgq-tvm run`` for t
     python DIR/run.py --input X.npy [--output Y.npy]
 
 or, from Python with ``DIR`` on ``sys.path``: ``import fgq_tvm; fgq_tvm.load(DIR / "m.so")(x)``.
+
+A module compiled for an NVIDIA GPU also gets TVM's ``libtvm_runtime_cuda.so`` and the CUDA
+runtime it links, ``libcudart.so.13`` (from the CUDA toolkit of this machine): the machine that
+runs it needs only the NVIDIA driver.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import shutil
 import tempfile
@@ -22,16 +28,18 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import FGQError
+from .gpu_runtime import CUDA_RUNTIME_LIBRARY
 from .reporting import output_folder
 from .runtime import RUNTIME_LIBRARY, check_module, runtime_library, sidecar_path
 
 PACKAGE = Path(__file__).resolve().parent
 SHIPPED_MODULES = (
     "__init__", "errors", "threads", "cpu_features", "x86_tables", "inputs", "reporting",
-    "runtime", "run_command",
+    "runtime", "gpu_runtime", "cuda_binary", "run_command",
 )  # fmt: skip
 """The modules of fgq-tvm that a bundle ships in its ``fgq_tvm`` folder: :mod:`fgq_tvm.runtime`,
 :mod:`fgq_tvm.run_command` and what they import."""
+CUDA_RUNTIME = "libcudart.so.13"  # what libtvm_runtime_cuda.so links
 RUN_SCRIPT = "run.py"
 REQUIREMENTS = "requirements.txt"
 NUMPY_REQUIREMENT = "numpy>=1.24"
@@ -110,15 +118,17 @@ def write_bundle(module: str | os.PathLike, folder: str | os.PathLike) -> Bundle
         library is not installed (:func:`~fgq_tvm.runtime.runtime_library`).
     """
     module, folder = Path(module), Path(folder)
-    check_module(module)
-    if module.name == RUNTIME_LIBRARY:
-        raise FGQError(f"a module named {RUNTIME_LIBRARY} would be the TVM runtime; rename it")
-    library = runtime_library()
+    info = check_module(module)
+    if module.name in (RUNTIME_LIBRARY, CUDA_RUNTIME_LIBRARY, CUDA_RUNTIME):
+        raise FGQError(f"a module named {module.name} would be a runtime library; rename it")
+    libraries = [runtime_library()]
+    if json.loads(info["target"])["kind"] == "cuda":
+        libraries += [libraries[0].parent / CUDA_RUNTIME_LIBRARY, cuda_runtime()]
     _check_destination(folder)
     output_folder(folder.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        files = _fill(staging, module, library)
+        files = _fill(staging, module, libraries)
         size = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file())
         staging.chmod(0o777 & ~_umask())
         staging.rename(folder)
@@ -140,10 +150,10 @@ def _check_destination(folder: Path) -> None:
         raise FGQError(f"{folder} exists and is not a folder: give a new folder name")
 
 
-def _fill(staging: Path, module: Path, library: Path) -> tuple[str, ...]:
+def _fill(staging: Path, module: Path, libraries: list[Path]) -> tuple[str, ...]:
     """Write the bundle's files into ``staging``; return their names."""
     sidecar = sidecar_path(module)
-    for source in (module, sidecar, library):
+    for source in (module, sidecar, *libraries):
         shutil.copy2(source, staging / source.name)
     package = staging / "fgq_tvm"
     package.mkdir()
@@ -151,7 +161,32 @@ def _fill(staging: Path, module: Path, library: Path) -> tuple[str, ...]:
         shutil.copyfile(PACKAGE / f"{name}.py", package / f"{name}.py")
     (staging / RUN_SCRIPT).write_text(_RUN_TEMPLATE.format(name=module.name))
     (staging / REQUIREMENTS).write_text(f"{NUMPY_REQUIREMENT}\n{_tvm_ffi_requirement()}\n")
-    return (module.name, sidecar.name, library.name, "fgq_tvm/", RUN_SCRIPT, REQUIREMENTS)
+    names = (library.name for library in libraries)
+    return (module.name, sidecar.name, *names, "fgq_tvm/", RUN_SCRIPT, REQUIREMENTS)
+
+
+def cuda_runtime() -> Path:
+    """The ``libcudart.so.13`` that the dynamic loader finds here (as for
+    ``libtvm_runtime_cuda.so``), read from this process's memory map once loaded.
+
+    Raises
+    ------
+    FGQError
+        The loader finds none: no CUDA 13 toolkit here.
+    """
+    try:
+        ctypes.CDLL(CUDA_RUNTIME)
+        maps = Path("/proc/self/maps").read_text().split()
+    except OSError:
+        maps = []
+    for entry in maps:
+        if Path(entry).name.startswith(CUDA_RUNTIME):
+            return Path(entry)
+    raise FGQError(
+        f"bundling a GPU module needs {CUDA_RUNTIME}, the CUDA 13 runtime, which the dynamic "
+        "loader does not find here: install the CUDA 13 toolkit, or add its lib folder to "
+        "LD_LIBRARY_PATH"
+    )
 
 
 def _tvm_ffi_requirement() -> str:

@@ -146,3 +146,13 @@ def test_a_cpu_module_refuses_the_gpu(tmp_path):
     path = write_tiny_module(tmp_path / "tiny.so")
     with pytest.raises(FGQError, match="runs on device 'cpu' only, not 'cuda'"):
         fgq_tvm.load(path, device="cuda")
+
+
+@needs_nvcc
+def test_bundle_of_a_gpu_module_carries_the_cuda_runtime(cuda_module, tmp_path):
+    from fgq_tvm.bundle import write_bundle
+
+    bundle = write_bundle(cuda_module.output, tmp_path / "bundle")
+    assert {"libtvm_runtime_cuda.so", "libcudart.so.13"} <= set(bundle.files)
+    shipped = {path.name for path in (bundle.folder / "fgq_tvm").iterdir()}
+    assert {"gpu_runtime.py", "cuda_binary.py"} <= shipped

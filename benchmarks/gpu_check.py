@@ -1,0 +1,302 @@
+"""The GPU check of issue 18: fgq-tvm's CUDA modules on an NVIDIA GPU, against the reference
+and against PyTorch, on a machine with PyTorch but neither TVM nor a network.
+
+Two steps, one on each machine:
+
+``python benchmarks/gpu_check.py prepare [--out build/gpu_check]`` (here, with fgq-tvm and
+TVM) compiles with the defaults of ``fgq-tvm compile --target cuda``: the CIFAR ResNet-20 at
+batch 100 (calibrated on the CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and
+64 (random weights). It writes the modules, the runtime that runs them (fgq-tvm's runtime
+modules, ``libtvm_runtime.so``, ``libtvm_runtime_cuda.so``, ``libcudart.so.13`` and the
+``tvm_ffi`` package of this Python), the 5,000 CIFAR eval images as bytes with their labels,
+and the quantized reference's logits of every input. ``--target llvm`` builds the same for
+this CPU, to try the run step here.
+
+``bash benchmarks/gpu_check.sh [build/gpu_check]`` (there) runs ``python gpu_check.py run``:
+
+* the ResNet-20 module on the 5,000 eval images: top-1 agreement with the reference (target
+  >= 99.9%), logits within 1e-4, top-1 accuracy against the reference's;
+* ResNet-18 and ResNet-50 at batch 1 on random inputs: logits close to the reference's;
+* latency of the ResNet-18/50 modules at batch 1 and 64, interleaved with PyTorch FP32 eager
+  and FP16 channels_last (``cudnn.benchmark``), median of ``--repeats`` after warm-up, and the
+  ratios; PyTorch's rows read "n/a" without torchvision.
+
+It prints the table and writes it to ``benchmarks/results/<gpu key>/gpu-check.md`` (and
+``.json``); the exit status is 1 when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE.parent / "build" / "gpu_check"
+RESULTS = HERE / "results"
+CIFAR_BATCH = 100
+TIMED_MODELS = ("resnet18", "resnet50")
+TIMED_BATCHES = (1, 64)
+RANDOM_IMAGES = 4
+AGREEMENT_TARGET = 0.999
+
+
+# --- prepare (here: fgq-tvm and TVM) ---------------------------------------------------------
+
+
+def prepare(out: Path, target_text: str) -> None:
+    """Compile the modules, compute the references and copy the runtime into ``out``."""
+    import numpy as np
+    import torch
+
+    from fgq_tvm.bundle import SHIPPED_MODULES
+    from fgq_tvm.data import data_dir, load_npz_split
+    from fgq_tvm.target import parse_target
+
+    target = parse_target(target_text)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
+    npz = data_dir() / "cifar10" / "cifar10_test_jpeg.npz"
+    reference, spec = _compile(out, "cifar_resnet20", CIFAR_BATCH, target, str(weights), str(npz))
+    images, labels = load_npz_split(npz, "eval", spec)
+    with torch.no_grad():
+        logits = torch.cat([reference(batch) for batch in torch.split(images, CIFAR_BATCH)])
+    np.savez_compressed(
+        out / "cifar_eval.npz", images=_as_bytes(images, spec), labels=labels.numpy(),
+        reference=logits.numpy(), mean=np.array(spec.mean), std=np.array(spec.std),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    for model in TIMED_MODELS:
+        for batch in TIMED_BATCHES:
+            reference, spec = _compile(out, model, batch, target)
+            if batch == 1:
+                x = torch.randn(RANDOM_IMAGES, *spec.input_shape[1:], generator=generator)
+                with torch.no_grad():
+                    expected = torch.cat([reference(image[None]) for image in x])
+                np.savez(out / f"{model}_random.npz", x=x.numpy(), reference=expected.numpy())
+    _copy_runtime(out, SHIPPED_MODULES)
+    shutil.copy2(Path(__file__), out / "gpu_check.py")
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+def _compile(out: Path, model: str, batch: int, target, weights=None, calib=None):
+    """Compile ``model`` at ``batch`` as ``fgq-tvm compile`` would; returns the quantized
+    reference and the spec."""
+    from dataclasses import replace
+
+    from fgq_tvm.compiler import compile_model
+    from fgq_tvm.defaults import quantization_inputs
+    from fgq_tvm.models import build_model
+
+    started = time.perf_counter()
+    float_model, spec = build_model(model, weights)
+    spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
+    inputs = quantization_inputs(float_model, spec, {}, calib)
+    output = out / f"{model}_b{batch}.so"
+    result = compile_model(float_model, spec, inputs.quant, inputs.calibration, target, output)
+    elapsed = time.perf_counter() - started
+    print(f"compiled {output.name} in {elapsed:.0f} s ({output.stat().st_size / 2**20:.1f} MiB)")
+    return result.quantized.reference, spec
+
+
+def _as_bytes(images, spec):
+    """Normalised images back to their bytes (exact for CIFAR's 8-bit pixels)."""
+    import numpy as np
+
+    mean = np.array(spec.mean, np.float32)[:, None, None]
+    std = np.array(spec.std, np.float32)[:, None, None]
+    pixels = (images.numpy() * std + mean) * 255
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def _copy_runtime(out: Path, modules: tuple[str, ...]) -> None:
+    """fgq-tvm's runtime modules, TVM's runtime libraries and the ``tvm_ffi`` package."""
+    import tvm_ffi
+
+    from fgq_tvm import bundle
+    from fgq_tvm.gpu_runtime import CUDA_RUNTIME_LIBRARY
+    from fgq_tvm.runtime import runtime_library
+
+    package = out / "fgq_tvm"
+    package.mkdir(exist_ok=True)
+    for name in modules:
+        shutil.copyfile(bundle.PACKAGE / f"{name}.py", package / f"{name}.py")
+    library = runtime_library()
+    for source in (library, library.parent / CUDA_RUNTIME_LIBRARY, bundle.cuda_runtime()):
+        shutil.copy2(source, out / source.name)
+    ffi = Path(tvm_ffi.__file__).parent
+    shutil.rmtree(out / "tvm_ffi", ignore_errors=True)
+    shutil.copytree(ffi, out / "tvm_ffi", ignore=shutil.ignore_patterns("include", "__pycache__"))
+
+
+# --- run (there: the runtime, NumPy and PyTorch) ---------------------------------------------
+
+
+def run(folder: Path, results: Path, repeats: int, warmup: int) -> int:
+    """The checks and the timing table (see the module docstring); returns the exit status."""
+    sys.path.insert(0, str(folder))
+    import numpy as np
+
+    import fgq_tvm
+
+    rows, checks = [], []
+    cifar = np.load(folder / "cifar_eval.npz")
+    module = fgq_tvm.load(folder / f"cifar_resnet20_b{CIFAR_BATCH}.so")
+    where = module.gpu.description if module.gpu else module.threads_reason
+    print(f"gpu_check: {where}", flush=True)
+    x = (cifar["images"].astype(np.float32) / 255 - cifar["mean"][:, None, None]) / cifar["std"][
+        :, None, None
+    ]
+    logits = module(x.astype(np.float32))
+    reference, labels = cifar["reference"], cifar["labels"]
+    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    close = float(np.isclose(logits, reference, rtol=1e-4, atol=1e-4).all(axis=1).mean())
+    top1, reference_top1 = (
+        float((logits.argmax(1) == labels).mean()),
+        float((reference.argmax(1) == labels).mean()),
+    )
+    checks.append(("cifar_resnet20 top-1 agreement", agreement, agreement >= AGREEMENT_TARGET))
+    checks.append(("cifar_resnet20 logits within 1e-4", close, close >= AGREEMENT_TARGET))
+    print(
+        f"cifar_resnet20, {len(labels)} eval images: agreement {agreement:.2%}, close {close:.2%}"
+        f", top-1 {top1:.2%} (reference {reference_top1:.2%})",
+        flush=True,
+    )
+    for model in TIMED_MODELS:
+        data = np.load(folder / f"{model}_random.npz")
+        single = fgq_tvm.load(folder / f"{model}_b1.so")
+        got = single(data["x"])
+        error = float(np.abs(got - data["reference"]).max() / np.abs(data["reference"]).max())
+        same = bool((got.argmax(1) == data["reference"].argmax(1)).all())
+        checks.append((f"{model} random inputs, same top-1", error, same and error < 1e-3))
+        for batch in TIMED_BATCHES:
+            modules = single if batch == 1 else fgq_tvm.load(folder / f"{model}_b{batch}.so")
+            rows.append(_time(model, batch, modules, repeats, warmup))
+    return _report(results, where, checks, rows, top1, reference_top1)
+
+
+def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
+    """Median latency (ms) of the module and of PyTorch FP32 / FP16 channels_last, interleaved."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal(module.input_shape).astype(np.float32)
+    runners = {"fgq-tvm": lambda: module(x)}
+    runners.update(_torch_runners(model, x, on_gpu=module.gpu is not None))
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner()
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            started = time.perf_counter()
+            runner()
+            times[name].append((time.perf_counter() - started) * 1e3)
+            time.sleep(0.01)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{model} batch {batch}: " + ", ".join(f"{n} {m:.3f} ms" for n, m in medians.items()))
+    return {"model": model, "batch": batch, "ms": medians}
+
+
+def _torch_runners(model: str, x, on_gpu: bool) -> dict:
+    """PyTorch FP32 eager and FP16 channels_last runners of ``model`` (random weights), or
+    none without torchvision."""
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return {}
+    torch.backends.cudnn.benchmark = True
+    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    fp32 = getattr(torchvision.models, model)(weights=None).eval().to(device)
+    image = torch.from_numpy(x).to(device)
+    runners = {"PyTorch FP32": _synchronized(lambda: fp32(image), device)}
+    if device == "cuda":
+        fp16 = getattr(torchvision.models, model)(weights=None).eval().to(device).half()
+        fp16 = fp16.to(memory_format=torch.channels_last)
+        half = image.half().to(memory_format=torch.channels_last)
+        runners["PyTorch FP16 channels_last"] = _synchronized(lambda: fp16(half), device)
+    return runners
+
+
+def _synchronized(forward, device: str):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            forward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def _report(results: Path, where: str, checks, rows, top1: float, reference_top1: float) -> int:
+    """Print and write the table; 1 when a check failed."""
+    key = _device_key(where)
+    lines = [
+        f"# GPU check on {where}",
+        "",
+        f"Host: {platform.node()}, Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| check | value | passed |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {value:.6g} | {'yes' if ok else 'NO'} |" for name, value, ok in checks),
+        "",
+        f"CIFAR ResNet-20 top-1: {top1:.2%} compiled, {reference_top1:.2%} reference.",
+        "",
+        "| model | batch | fgq-tvm (ms) | PyTorch FP32 (ms) | PyTorch FP16 CL (ms) | "
+        "vs FP32 | vs FP16 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        ms = row["ms"]
+        ours, fp32 = ms["fgq-tvm"], ms.get("PyTorch FP32")
+        fp16 = ms.get("PyTorch FP16 channels_last")
+        cells = [f"{v:.3f}" if v else "n/a" for v in (ours, fp32, fp16)]
+        ratios = [f"{ours / v:.2f}x" if v else "n/a" for v in (fp32, fp16)]
+        lines.append(f"| {row['model']} | {row['batch']} | {' | '.join(cells + ratios)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    folder = results / key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gpu-check.md").write_text(text)
+    record = {"device": where, "checks": checks, "rows": rows}
+    (folder / "gpu-check.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if all(ok for _, _, ok in checks) else 1
+
+
+def _device_key(where: str) -> str:
+    """``GPU 0: NVIDIA H200 (...)`` -> ``cuda-nvidia-h200``; a CPU run -> ``cpu``."""
+    if not where.startswith("GPU"):
+        return "cpu"
+    name = where.split(": ", 1)[1].split(" (")[0]
+    return "cuda-" + "-".join(name.lower().split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    steps = parser.add_subparsers(dest="step", required=True)
+    make = steps.add_parser("prepare", help="compile the modules and copy the runtime (here)")
+    make.add_argument("--out", type=Path, default=BUILD)
+    make.add_argument("--target", default="cuda", help="default: cuda (sm_90)")
+    check = steps.add_parser("run", help="check and time them (on the GPU machine)")
+    check.add_argument("folder", type=Path, nargs="?", default=BUILD)
+    check.add_argument("--results", type=Path, default=RESULTS)
+    check.add_argument("--repeats", type=int, default=50)
+    check.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        prepare(args.out, args.target)
+        return 0
+    return run(args.folder.resolve(), args.results, args.repeats, args.warmup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
