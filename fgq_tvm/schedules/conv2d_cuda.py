@@ -8,12 +8,13 @@ Two cores, for a ``cuda`` target (:func:`is_cuda`):
 
   1. the **pack** (:func:`gemm_pack_compute`), run once on the GPU when the module is loaded
      (the module's ``prepare``): the stored weights (ternary in base 3, five to a byte, with
-     their int8 scales; or int8) decoded into ``wgemm [K, R*S*C]`` int8 (row ``k``: the
-     weights of filter ``k`` by kernel position, then channel), and ``offset_sums[k] = (128 -
-     offset) * sum w[k]``;
+     their int8 scales; or int8) decoded into ``wgemm [K, C*R*S]`` int8 (row ``k``: the
+     weights of filter ``k`` in PyTorch's order, channel then kernel position), and
+     ``offset_sums[k] = (128 - offset) * sum w[k]``;
   2. the **layer** (:func:`gemm_conv2d_compute`), per inference: ``a[m, j]``, the im2col
      matrix of the activations as signed bytes (``m``: batch, output row and column; ``j``:
-     kernel position and channel), read from the float32 input (quantized here) or from the
+     channel and kernel position, so neighbouring elements of a row are neighbouring pixels of
+     one channel of the NCHW input), read from the float32 input (quantized here) or from the
      activation bytes the previous kernel wrote; a byte ``q`` stored with the quantizer's
      offset (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`, value ``q - offset``) becomes
      ``q - 128``, padding the value 0; so ``sum w * (q - offset) = sum w * a + offset_sums``
@@ -34,7 +35,7 @@ There is no tuning space yet (:attr:`~fgq_tvm.schedules.core.Core.tunable` is fa
 
 NumPy reference: ``reference_forward`` of the quantized model (the arithmetic above is that of
 :mod:`fgq_tvm.schedules.conv2d`). The same PrimFuncs, unscheduled, run on the CPU in the tests
-(:func:`gemm_conv2d_prim_func` with ``schedule=False``).
+(:func:`~fgq_tvm.schedules.select.build_layer` builds them as they are for an ``llvm`` target).
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def is_cuda(target) -> bool:
 
 
 def _reduction_size(shape: Conv2dShape) -> int:
-    """``R * S * C``: the GEMM's reduction extent."""
+    """``C * R * S``: the GEMM's reduction extent."""
     return shape.kernel[0] * shape.kernel[1] * shape.in_channels
+
+
+def _window_element(j, shape: Conv2dShape) -> tuple:
+    """``(r, s, c)`` of the GEMM's reduction index ``j = (c * R + r) * S + s``."""
+    k_h, k_w = shape.kernel
+    return j // k_w % k_h, j % k_w, j // (k_h * k_w)
 
 
 def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> list:
@@ -72,11 +79,9 @@ def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncodin
     """
     args = layer_arguments(shape, encoding, STORAGE)
     stored = list(args.weights[: PACKED_ARGUMENTS[encoding]])
-    k_w, channels = shape.kernel[1], shape.in_channels
 
     def weight(k, j):
-        r, s, c = j // (k_w * channels), j // channels % k_w, j % channels
-        return args.integer_weight(r, s, c, k)
+        return args.integer_weight(*_window_element(j, shape), k)
 
     wgemm = te.compute(
         (shape.out_channels, _reduction_size(shape)),
@@ -128,14 +133,14 @@ def gemm_conv2d_compute(
 
 def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
     """``a[m, j]``: the signed byte ``q - 128`` of the input at output position ``m``'s window
-    element ``j = (r, s, c)``; padding holds the value 0 (``offset - 128``)."""
+    element ``j`` (:func:`_window_element`); padding holds the value 0 (``offset - 128``)."""
     (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
-    (dil_h, dil_w), k_w = shape.dilation, shape.kernel[1]
-    rows, columns, channels = shape.out_height, shape.out_width, shape.in_channels
+    dil_h, dil_w = shape.dilation
+    rows, columns = shape.out_height, shape.out_width
 
     def element(m, j):
         b, oh, ow = m // (rows * columns), m // columns % rows, m % columns
-        r, s, c = j // (k_w * channels), j // channels % k_w, j % channels
+        r, s, c = _window_element(j, shape)
         h = oh * stride_h + r * dil_h - pad_h
         w = ow * stride_w + s * dil_w - pad_w
         inside = tirx.all(h >= 0, h < shape.height, w >= 0, w < shape.width)
@@ -212,7 +217,8 @@ class BitplaneCudaCore(Core):
         layouts: Layouts,
         quantized_input: bool,
     ) -> LayerKernels:
-        compute = conv2d_compute(shape, act, encoding, ConvSchedule(1), epilogue)
+        whole_width = ConvSchedule("channels")  # computes exactly the output's columns
+        compute = conv2d_compute(shape, act, encoding, whole_width, epilogue)
         layer = te.create_prim_func(compute)
         return LayerKernels(self.name, layer, (shape.output_dims, epilogue.output_dtype))
 
