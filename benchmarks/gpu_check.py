@@ -44,12 +44,13 @@ TIMED_MODELS = ("resnet18", "resnet50")
 TIMED_BATCHES = (1, 64)
 RANDOM_IMAGES = 4
 AGREEMENT_TARGET = 0.999
+CARRY_MIB = 64  # what the device tool copies to the GPU machine with the working tree
 
 
 # --- prepare (here: fgq-tvm and TVM) ---------------------------------------------------------
 
 
-def prepare(out: Path, target_text: str) -> None:
+def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS) -> None:
     """Compile the modules, compute the references and copy the runtime into ``out``."""
     import numpy as np
     import torch
@@ -71,7 +72,7 @@ def prepare(out: Path, target_text: str) -> None:
         reference=logits.numpy(), mean=np.array(spec.mean), std=np.array(spec.std),
     )  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    for model in TIMED_MODELS:
+    for model in models:
         for batch in TIMED_BATCHES:
             reference, spec = _compile(out, model, batch, target)
             if batch == 1:
@@ -81,8 +82,9 @@ def prepare(out: Path, target_text: str) -> None:
                 np.savez(out / f"{model}_random.npz", x=x.numpy(), reference=expected.numpy())
     _copy_runtime(out, SHIPPED_MODULES)
     shutil.copy2(Path(__file__), out / "gpu_check.py")
-    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
-    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file()) / 2**20
+    too_big = ", more than the 64 MiB a device run carries" if size > CARRY_MIB else ""
+    print(f"wrote {out} ({size:.1f} MiB{too_big})")
 
 
 def _compile(out: Path, model: str, batch: int, target, weights=None, calib=None):
@@ -132,7 +134,8 @@ def _copy_runtime(out: Path, modules: tuple[str, ...]) -> None:
         shutil.copy2(source, out / source.name)
     ffi = Path(tvm_ffi.__file__).parent
     shutil.rmtree(out / "tvm_ffi", ignore_errors=True)
-    shutil.copytree(ffi, out / "tvm_ffi", ignore=shutil.ignore_patterns("include", "__pycache__"))
+    unused = ("include", "3rdparty", "cmake", "__pycache__", "libtvm_ffi_testing.so", "*.a")
+    shutil.copytree(ffi, out / "tvm_ffi", ignore=shutil.ignore_patterns(*unused))
 
 
 # --- run (there: the runtime, NumPy and PyTorch) ---------------------------------------------
@@ -168,7 +171,7 @@ def run(folder: Path, results: Path, repeats: int, warmup: int) -> int:
         f", top-1 {top1:.2%} (reference {reference_top1:.2%})",
         flush=True,
     )
-    for model in TIMED_MODELS:
+    for model in sorted(path.name.split("_random")[0] for path in folder.glob("*_random.npz")):
         data = np.load(folder / f"{model}_random.npz")
         single = fgq_tvm.load(folder / f"{model}_b1.so")
         got = single(data["x"])
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     make = steps.add_parser("prepare", help="compile the modules and copy the runtime (here)")
     make.add_argument("--out", type=Path, default=BUILD)
     make.add_argument("--target", default="cuda", help="default: cuda (sm_90)")
+    make.add_argument("--models", nargs="+", default=list(TIMED_MODELS))
     check = steps.add_parser("run", help="check and time them (on the GPU machine)")
     check.add_argument("folder", type=Path, nargs="?", default=BUILD)
     check.add_argument("--results", type=Path, default=RESULTS)
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args(argv)
     if args.step == "prepare":
-        prepare(args.out, args.target)
+        prepare(args.out, args.target, tuple(args.models))
         return 0
     return run(args.folder.resolve(), args.results, args.repeats, args.warmup)
 
