@@ -328,7 +328,7 @@ def format_markdown(report: ModelReport, plot_name: str | None = None) -> str:
         f"Configuration: N={config['group_size']}, {config['act_bits']}-bit activations, "
         f"{config['scales']} group scales, first/last layer {config['first_last']}, "
         f"method {config['method']}, activation ranges {config['calibration']}, BatchNorm "
-        f"{config['batchnorm']}.",
+        f"{config['batchnorm']}, reconstruction {config.get('reconstruction', 'off')}.",
         "",
         f"- multiply-accumulates per image: {report.macs / 1e6:.1f} M, of which "
         f"{100 * report.multiplications_eliminated:.1f}% need no multiplication",
