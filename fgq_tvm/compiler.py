@@ -263,9 +263,22 @@ def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
 def _build(mod, target):
     """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function.
     GPU code is compiled by nvcc into the module (:mod:`fgq_tvm.cuda_binary`)."""
-    nvcc = compiling_cuda_with_nvcc(str(target.attrs["arch"])) if is_cuda(target) else None
-    with target, nvcc or contextlib.nullcontext():
-        return tvm.compile(mod, target=target)
+    if not is_cuda(target):
+        with target:
+            return tvm.compile(mod, target=target)
+    with target, compiling_cuda_with_nvcc(str(target.attrs["arch"])):
+        return tvm.compile(mod, target=target, relax_pipeline=_gpu_lowering(target))
+
+
+def _gpu_lowering(target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline without its graph-level steps: it would fold the weight packing of
+    ``prepare`` into the module (FoldConstant), fuse operators into the kernels and schedule
+    the fused functions anew (FuseOps, FuseTIR, DLight); every PrimFunc is scheduled already."""
+    from tvm.relax.backend.cuda import pipeline
+
+    return tvm.transform.Sequential(
+        [*pipeline.dataflow_lower_passes(target), *pipeline.finalize_passes(target)]
+    )
 
 
 def _write_outputs(output: Path, executable, sidecar: dict) -> dict:

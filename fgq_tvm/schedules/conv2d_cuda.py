@@ -27,11 +27,12 @@ Two cores, for a ``cuda`` target (:func:`is_cuda`):
   integer sums scaled in float64 as the reference orders them) on GPU threads.
 
 Schedule: DLight's GPU rules (``tvm.s_tir.dlight.gpu``). On the GEMM, its matmul rule inlines the
-im2col into the shared-memory tiles and the epilogue into the stores; where the three GEMM
-extents all exceed 64 on an ``sm_70`` or newer target it computes the tiles on int8 tensor
-cores (WMMA 16x16x16), else on a 2-D thread tile. Every other PrimFunc (the packs, the
-bitplane core) gets DLight's reduction or fallback rule: one thread per output element.
-There is no tuning space yet (:attr:`~fgq_tvm.schedules.core.Core.tunable` is false).
+im2col into the shared-memory tiles and the epilogue into the stores and computes the tiles on a
+2-D thread tile. Not yet on the tensor cores: DLight's int8 WMMA rule (for GEMMs whose three
+extents all exceed 64) builds code that TVM 0.27's CUDA codegen rejects
+(:data:`NO_TENSOR_CORES`). Every other PrimFunc (the packs, the bitplane core) gets DLight's
+reduction or fallback rule: one thread per output element. There is no tuning space yet
+(:attr:`~fgq_tvm.schedules.core.Core.tunable` is false).
 
 NumPy reference: ``reference_forward`` of the quantized model (the arithmetic above is that of
 :mod:`fgq_tvm.schedules.conv2d`). The same PrimFuncs, unscheduled, run on the CPU in the tests
@@ -53,6 +54,9 @@ INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "i
 PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 2, "ternary_asymmetric_int8_scales": 3}
 SIGNED_ZERO = 128  # a stored activation byte q is the signed byte q - 128 on the tensor cores
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
+# DLight's int8 tensor-core GEMM fails in TVM 0.27's CUDA codegen on these PrimFuncs (a WMMA
+# fragment without its layout), even on a plain im2col GEMM: its SIMT GEMM is used instead
+NO_TENSOR_CORES = "dlight.do_not_tensorize"
 
 
 def is_cuda(target) -> bool:
@@ -178,7 +182,7 @@ class GemmCudaCore(Core):
     ) -> LayerKernels:
         layer = te.create_prim_func(
             gemm_conv2d_compute(shape, act, encoding, epilogue, quantized_input)
-        )
+        ).with_attr(NO_TENSOR_CORES, True)
         pack = te.create_prim_func(gemm_pack_compute(shape, act, encoding))
         prepared = (
             ((shape.out_channels, _reduction_size(shape)), "int8"),
