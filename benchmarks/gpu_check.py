@@ -62,7 +62,6 @@ def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS)
     import numpy as np
     import torch
 
-    from fgq_tvm.bundle import SHIPPED_MODULES
     from fgq_tvm.data import data_dir, load_npz_split
     from fgq_tvm.target import parse_target
 
@@ -87,7 +86,7 @@ def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS)
                 with torch.no_grad():
                     expected = torch.cat([reference(image[None]) for image in x])
                 np.savez(out / f"{model}_random.npz", x=x.numpy(), reference=expected.numpy())
-    _copy_runtime(out, SHIPPED_MODULES)
+    _copy_runtime(out)
     shutil.copy2(Path(__file__), out / "gpu_check.py")
     archive = out.with_name(out.name + ".tar.xz")
     subprocess.run(
@@ -129,20 +128,14 @@ def _as_bytes(images, spec):
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def _copy_runtime(out: Path, modules: tuple[str, ...]) -> None:
+def _copy_runtime(out: Path) -> None:
     """fgq-tvm's runtime modules, TVM's runtime libraries and the ``tvm_ffi`` package."""
     import tvm_ffi
 
     from fgq_tvm import bundle
-    from fgq_tvm.gpu_runtime import CUDA_RUNTIME_LIBRARY
-    from fgq_tvm.runtime import runtime_library
 
-    package = out / "fgq_tvm"
-    package.mkdir(exist_ok=True)
-    for name in modules:
-        shutil.copyfile(bundle.PACKAGE / f"{name}.py", package / f"{name}.py")
-    library = runtime_library()
-    for source in (library, library.parent / CUDA_RUNTIME_LIBRARY, bundle.cuda_runtime()):
+    bundle.copy_loader(out)
+    for source in bundle.runtime_libraries(gpu=True):
         shutil.copy2(source, out / source.name)
     ffi = Path(tvm_ffi.__file__).parent
     shutil.rmtree(out / "tvm_ffi", ignore_errors=True)

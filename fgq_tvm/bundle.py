@@ -19,7 +19,6 @@ runs it needs only the NVIDIA driver.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from .errors import FGQError
 from .gpu_runtime import CUDA_RUNTIME_LIBRARY
 from .reporting import output_folder
-from .runtime import RUNTIME_LIBRARY, check_module, runtime_library, sidecar_path
+from .runtime import RUNTIME_LIBRARY, check_module, module_device, runtime_library, sidecar_path
 
 PACKAGE = Path(__file__).resolve().parent
 SHIPPED_MODULES = (
@@ -121,9 +120,7 @@ def write_bundle(module: str | os.PathLike, folder: str | os.PathLike) -> Bundle
     info = check_module(module)
     if module.name in (RUNTIME_LIBRARY, CUDA_RUNTIME_LIBRARY, CUDA_RUNTIME):
         raise FGQError(f"a module named {module.name} would be a runtime library; rename it")
-    libraries = [runtime_library()]
-    if json.loads(info["target"])["kind"] == "cuda":
-        libraries += [libraries[0].parent / CUDA_RUNTIME_LIBRARY, cuda_runtime()]
+    libraries = runtime_libraries(gpu=module_device(info) == "cuda")
     _check_destination(folder)
     output_folder(folder.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -155,14 +152,32 @@ def _fill(staging: Path, module: Path, libraries: list[Path]) -> tuple[str, ...]
     sidecar = sidecar_path(module)
     for source in (module, sidecar, *libraries):
         shutil.copy2(source, staging / source.name)
-    package = staging / "fgq_tvm"
-    package.mkdir()
-    for name in SHIPPED_MODULES:
-        shutil.copyfile(PACKAGE / f"{name}.py", package / f"{name}.py")
+    copy_loader(staging)
     (staging / RUN_SCRIPT).write_text(_RUN_TEMPLATE.format(name=module.name))
     (staging / REQUIREMENTS).write_text(f"{NUMPY_REQUIREMENT}\n{_tvm_ffi_requirement()}\n")
     names = (library.name for library in libraries)
     return (module.name, sidecar.name, *names, "fgq_tvm/", RUN_SCRIPT, REQUIREMENTS)
+
+
+def runtime_libraries(gpu: bool) -> list[Path]:
+    """The libraries a module needs beside the loader: ``libtvm_runtime.so``, and for a GPU
+    module ``libtvm_runtime_cuda.so`` and ``libcudart.so.13``.
+
+    Raises
+    ------
+    FGQError
+        One of them is not installed here.
+    """
+    library = runtime_library()
+    return [library, library.parent / CUDA_RUNTIME_LIBRARY, cuda_runtime()] if gpu else [library]
+
+
+def copy_loader(folder: Path) -> None:
+    """Copy fgq-tvm's runtime modules (:data:`SHIPPED_MODULES`) into ``folder / "fgq_tvm"``."""
+    package = folder / "fgq_tvm"
+    package.mkdir(exist_ok=True)
+    for name in SHIPPED_MODULES:
+        shutil.copyfile(PACKAGE / f"{name}.py", package / f"{name}.py")
 
 
 def cuda_runtime() -> Path:

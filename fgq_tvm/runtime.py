@@ -372,11 +372,16 @@ def load(
     return CompiledModel(path, info, vm, _prepare(path, vm), runs, reason, gpu)
 
 
+def module_device(info: dict) -> str:
+    """``"cuda"`` for a module compiled for an NVIDIA GPU, else ``"cpu"`` (``info``: its
+    checked sidecar)."""
+    return "cuda" if json.loads(info["target"])["kind"] == "cuda" else "cpu"
+
+
 def _open_device(path: Path, info: dict, device: str | None) -> Gpu | None:
     """The GPU a ``cuda`` module runs on (``None`` for a CPU module), checked against the
     ``device`` asked for."""
-    config = json.loads(info["target"])
-    kind = "cuda" if config["kind"] == "cuda" else "cpu"
+    kind = module_device(info)
     if device is not None and device != kind:
         raise FGQError(
             f"{path} was compiled for {'an NVIDIA GPU' if kind == 'cuda' else 'a CPU'} and runs "
@@ -384,7 +389,8 @@ def _open_device(path: Path, info: dict, device: str | None) -> Gpu | None:
         )
     if kind == "cpu":
         return None
-    return gpu_runtime.open_gpu(path, config["arch"], runtime_library(), _tvm_ffi())
+    arch = json.loads(info["target"])["arch"]
+    return gpu_runtime.open_gpu(path, arch, runtime_library(), _tvm_ffi())
 
 
 def check_module(path: str | os.PathLike) -> dict:

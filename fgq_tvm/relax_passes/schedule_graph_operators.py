@@ -22,7 +22,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline_contiguous_spatial
 
-from ..schedules.core import SCHEDULED
+from ..schedules.core import SCHEDULED, is_scheduled
 
 MIN_PARALLEL_ELEMENTS = 4096
 MAX_VECTOR_EXTENT = 64
@@ -35,16 +35,11 @@ class ScheduleGraphOperators:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         result = tvm.IRModule(dict(mod.functions_items()), mod.attrs, mod.global_infos)
         for global_var, func in mod.functions_items():
-            if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
+            if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func):
                 scheduled = schedule_operator(func)
                 if scheduled is not None:
                     result[global_var] = scheduled.with_attr(SCHEDULED, True)
         return result
-
-
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    attrs = func.attrs if func.attrs is not None else {}
-    return bool(attrs.get(SCHEDULED, False))
 
 
 def schedule_operator(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:

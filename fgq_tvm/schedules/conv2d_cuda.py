@@ -46,12 +46,9 @@ from tvm import te, tirx
 from ..quant.layers import ActQuant
 from .conv2d import ConvSchedule, conv2d_compute, dequantize, layer_arguments, output_stage
 from .conv2d import stored_activation as stored_byte
-from .core import Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
+from .core import INTEGER_ENCODINGS, Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
 from .layout import NCHW, Layouts
 
-INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
-# Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
-PACKED_ARGUMENTS = {"int8": 1, "ternary_int8_scales": 2, "ternary_asymmetric_int8_scales": 3}
 SIGNED_ZERO = 128  # a stored activation byte q is the signed byte q - 128 on the tensor cores
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
 # DLight's int8 tensor-core GEMM fails in TVM 0.27's CUDA codegen on these PrimFuncs (a WMMA
@@ -78,11 +75,11 @@ def _window_element(j, shape: Conv2dShape) -> tuple:
 def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> list:
     """TE compute of the load-time pack: ``[*stored weights, wgemm, offset_sums]``.
 
-    The stored weights are the first ``PACKED_ARGUMENTS[encoding]`` weights of
-    :func:`~fgq_tvm.schedules.conv2d.layer_arguments` in :data:`STORAGE`.
+    The stored weights are all the weights of
+    :func:`~fgq_tvm.schedules.conv2d.layer_arguments` in :data:`STORAGE` (the weight and its
+    int8 scales: the layer reads only ``out_scale`` and ``bias`` as they are stored).
     """
     args = layer_arguments(shape, encoding, STORAGE)
-    stored = list(args.weights[: PACKED_ARGUMENTS[encoding]])
 
     def weight(k, j):
         return args.integer_weight(*_window_element(j, shape), k)
@@ -97,7 +94,7 @@ def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncodin
     offset_sums = te.compute(
         (shape.out_channels,), lambda k: te.sum(weight(k, j) * offset, axis=j), name="offset_sums"
     )
-    return [*stored, wgemm, offset_sums]
+    return [*args.weights, wgemm, offset_sums]
 
 
 def gemm_conv2d_compute(
@@ -183,7 +180,8 @@ class GemmCudaCore(Core):
         layer = te.create_prim_func(
             gemm_conv2d_compute(shape, act, encoding, epilogue, quantized_input)
         ).with_attr(NO_TENSOR_CORES, True)
-        pack = te.create_prim_func(gemm_pack_compute(shape, act, encoding))
+        pack_tensors = gemm_pack_compute(shape, act, encoding)
+        pack = te.create_prim_func(pack_tensors)
         prepared = (
             ((shape.out_channels, _reduction_size(shape)), "int8"),
             ((shape.out_channels,), "int32"),
@@ -194,7 +192,7 @@ class GemmCudaCore(Core):
             (shape.output_dims, epilogue.output_dtype),
             pack,
             prepared,
-            PACKED_ARGUMENTS[encoding],
+            len(pack_tensors) - len(prepared),
             layouts,
         )
 

@@ -63,7 +63,15 @@ from .conv2d import (
     padded_extent,
     stored_activation,
 )
-from .core import NO_EPILOGUE, Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
+from .core import (
+    INTEGER_ENCODINGS,
+    NO_EPILOGUE,
+    Conv2dShape,
+    Core,
+    Epilogue,
+    LayerKernels,
+    WeightEncoding,
+)
 from .intrinsics_x86 import AVX2_DOT, VNNI_DOT, DotInstruction
 from .layout import (
     CHANNEL_BLOCK,
@@ -75,7 +83,6 @@ from .layout import (
     element,
 )
 
-INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
 DOT_INSTRUCTIONS = (VNNI_DOT, AVX2_DOT)
 # Stored weight arguments the pack consumes, by encoding (the rest go to the layer as they are).
 PACKED_ARGUMENTS = {

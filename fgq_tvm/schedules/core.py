@@ -39,9 +39,17 @@ if TYPE_CHECKING:
 WeightEncoding = Literal[
     "ternary_group_scales", "ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8"
 ]
+# the encodings whose weight is one int8 value (t * alpha_q, or the int8 weight)
+INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
 TernaryStorage = Literal["bitplanes", "base3"]
 TensorSpec = tuple[tuple[int, ...], str]  # (shape, dtype)
 SCHEDULED = "tirx.is_scheduled"  # the mark of a scheduled PrimFunc, as DLight reads and sets it
+
+
+def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether ``func`` carries the mark of a scheduled PrimFunc (:data:`SCHEDULED`)."""
+    attrs = func.attrs if func.attrs is not None else {}
+    return bool(attrs.get(SCHEDULED, False))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import dlight
 
-from .core import SCHEDULED
+from .core import is_scheduled
 
 
 def gpu_rules() -> tuple:
@@ -47,9 +47,3 @@ def schedule_for_gpu(mod: tvm.IRModule, target) -> tvm.IRModule:
         if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func):
             raise ValueError(f"no GPU schedule rule applies to {global_var.name_hint}")
     return scheduled
-
-
-def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    """Whether ``func`` carries the mark of a scheduled PrimFunc."""
-    attrs = func.attrs if func.attrs is not None else {}
-    return bool(attrs.get(SCHEDULED, False))
