@@ -153,3 +153,17 @@ def ternary_conv_layer(out_channels: int, in_channels: int, act_scale: float = 0
         group_scale=rng.uniform(0.1, 1.0, (out_channels, groups, 3, 3)).astype(np.float32),
         padding=(1, 1),
     )
+
+
+def vnni_tuning_case():
+    """What the tuning tests search: a residual, ReLU'd 3x3 ternary layer (16 -> 32 channels,
+    8x8) on the VNNI core in NCHW16c, as ``(layer, shape, spec, task)``."""
+    from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+    from fgq_tvm.schedules.kernel_spec import KernelSpec
+    from fgq_tvm.schedules.layout import BLOCKED
+    from fgq_tvm.tuning import KernelTask
+
+    layer = ternary_conv_layer(32, 16, act_scale=0.05)
+    shape = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
+    spec = KernelSpec(layer, shape, "int8-dot-vnni", Epilogue(residual=True, relu=True), BLOCKED)
+    return layer, shape, spec, KernelTask(spec)

@@ -13,17 +13,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import TINY_SHAPE, fgq_tvm, ternary_conv_layer, write_tiny_module
+from helpers import TINY_SHAPE, fgq_tvm, vnni_tuning_case, write_tiny_module
 from rpc_servers import KEY, free_port, running_servers
 
 from fgq_tvm.bench import BenchOptions
 from fgq_tvm.errors import FGQError, UsageError
 from fgq_tvm.remote import LOCAL, UPLOADED, LocalDevice, RemoteDevice
 from fgq_tvm.runtime import load
-from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+from fgq_tvm.schedules.core import Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.kernel_spec import KernelSpec
-from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
 from fgq_tvm.tuning import (
     COMPARISONS,
@@ -38,10 +36,7 @@ from fgq_tvm.tuning_database import RECORDS
 HOST = parse_target(host_target())
 pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
 
-LAYER = ternary_conv_layer(32, 16, act_scale=0.05)
-SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
-SPEC = KernelSpec(LAYER, SHAPE, "int8-dot-vnni", Epilogue(residual=True, relu=True), BLOCKED)
-TASK = KernelTask(SPEC)
+LAYER, SHAPE, SPEC, TASK = vnni_tuning_case()
 
 
 @pytest.fixture(scope="module")

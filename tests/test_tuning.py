@@ -19,15 +19,14 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import ternary_conv_layer
+from helpers import vnni_tuning_case
 from tvm.s_tir import Schedule
 from tvm_ffi import structural_hash
 
 from fgq_tvm.errors import FGQError
 from fgq_tvm.schedules.conv2d_dot import dot_conv2d_workload, schedule_dot_conv2d
-from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+from fgq_tvm.schedules.core import Epilogue
 from fgq_tvm.schedules.intrinsics_x86 import has_vnni
-from fgq_tvm.schedules.kernel_spec import KernelSpec
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target, target_key
 from fgq_tvm.tuning import (
@@ -50,10 +49,7 @@ from fgq_tvm.tuning_database import RECORDS, WORKLOADS
 HOST = parse_target(host_target())
 pytestmark = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
 
-LAYER = ternary_conv_layer(32, 16, act_scale=0.05)
-SHAPE = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
-SPEC = KernelSpec(LAYER, SHAPE, "int8-dot-vnni", Epilogue(residual=True, relu=True), BLOCKED)
-TASK = KernelTask(SPEC)
+LAYER, SHAPE, SPEC, TASK = vnni_tuning_case()
 
 
 def records(folder) -> list[dict]:
