@@ -147,8 +147,19 @@ def _copy_runtime(out: Path) -> None:
 
 
 def run(folder: Path, results: Path, repeats: int, warmup: int) -> int:
-    """The checks and the timing table (see the module docstring); returns the exit status."""
+    """The checks and the timing table (see the module docstring); returns the exit status
+    (a module that cannot load or run: one line, status 1)."""
     sys.path.insert(0, str(folder))
+    from fgq_tvm.errors import FGQError
+
+    try:
+        return _check_and_time(folder, results, repeats, warmup)
+    except FGQError as error:
+        print(f"gpu_check: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> int:
     import numpy as np
 
     import fgq_tvm
