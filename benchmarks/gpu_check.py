@@ -4,11 +4,12 @@ and against PyTorch, on a machine with PyTorch but neither TVM nor a network.
 Two steps, one on each machine:
 
 ``python benchmarks/gpu_check.py prepare [--out build/gpu_check]`` (here, with fgq-tvm and
-TVM) compiles with the defaults of ``fgq-tvm compile --target cuda``: the CIFAR ResNet-20 at
-batch 100 (calibrated on the CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and
-64 (random weights). It writes the modules, the runtime that runs them (fgq-tvm's runtime
-modules, ``libtvm_runtime.so``, ``libtvm_runtime_cuda.so``, ``libcudart.so.13`` and the
-``tvm_ffi`` package of this Python), the 5,000 CIFAR eval images as bytes with their labels,
+TVM) compiles with the defaults of ``fgq-tvm compile --target cuda``: one-layer models of every
+kind of GEMM kernel (:data:`LAYER_CASES`), the CIFAR ResNet-20 at batch 100 (calibrated on the
+CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and 64 (random weights). It
+writes the modules, the runtime that runs them (fgq-tvm's runtime modules,
+``libtvm_runtime.so``, ``libtvm_runtime_cuda.so``, ``libcudart.so.13`` and the ``tvm_ffi``
+package of this Python), the 5,000 CIFAR eval images as bytes with their labels,
 and the quantized reference's logits of every input. ``--target llvm`` builds the same for
 this CPU, to try the run step here.
 
@@ -19,6 +20,8 @@ below it.
 ``bash benchmarks/gpu_check.sh [build/gpu_check.tar.xz]`` (there) unpacks it and runs
 ``python gpu_check.py run``:
 
+* each one-layer model on a random batch, in a process of its own (a kernel that faults the
+  GPU fails its own check only): its output against the quantized reference's;
 * the ResNet-20 module on the 5,000 eval images: top-1 agreement with the reference (target
   >= 99.9%), logits within 1e-4, top-1 accuracy against the reference's;
 * ResNet-18 and ResNet-50 at batch 1 on random inputs: logits close to the reference's;
@@ -52,6 +55,21 @@ TIMED_BATCHES = (1, 64)
 RANDOM_IMAGES = 4
 AGREEMENT_TARGET = 0.999
 CARRY_MIB = 64  # what the device tool copies to the GPU machine with the working tree
+LAYER_TOLERANCE = 1e-5  # relative: the GPU computes the reference's arithmetic, in its order
+# One-layer models (conv, BatchNorm, ReLU; a residual block) of the kinds of GEMM kernel a
+# network has: (name, input shape, conv2d arguments, residual block). Their extents are
+# padded to whole tensor-core tiles, the stem reads float32, the others activation bytes.
+LAYER_CASES = (
+    ("stem_7x7_stride2", (2, 3, 37, 37), dict(in_channels=3, out_channels=64, kernel_size=7,
+                                              stride=2, padding=3), False),
+    ("conv3x3_residual", (3, 64, 14, 14), dict(in_channels=64, out_channels=64, kernel_size=3,
+                                               padding=1), True),
+    ("conv1x1_stride2", (4, 96, 9, 9), dict(in_channels=96, out_channels=48, kernel_size=1,
+                                            stride=2), False),
+    ("conv3x3_wide", (1, 256, 7, 7), dict(in_channels=256, out_channels=512, kernel_size=3,
+                                          padding=1), False),
+    ("dense_1000", (5, 512, 1, 1), None, False),
+)  # fmt: skip
 
 
 # --- prepare (here: fgq-tvm and TVM) ---------------------------------------------------------
@@ -67,6 +85,8 @@ def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS)
 
     target = parse_target(target_text)
     out.mkdir(parents=True, exist_ok=True)
+    for case in LAYER_CASES:
+        _prepare_layer(out, target, *case)
     weights = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
     npz = data_dir() / "cifar10" / "cifar10_test_jpeg.npz"
     reference, spec = _compile(out, "cifar_resnet20", CIFAR_BATCH, target, str(weights), str(npz))
@@ -96,6 +116,57 @@ def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS)
     size = archive.stat().st_size / 2**20
     too_big = ", more than the 64 MiB a device run carries" if size > CARRY_MIB else ""
     print(f"wrote {out} and {archive} ({size:.1f} MiB{too_big})")
+
+
+def _prepare_layer(out: Path, target, name: str, shape: tuple, conv, residual: bool) -> None:
+    """Compile the one-layer model ``name`` and save a random input and its reference output."""
+    import numpy as np
+    import torch
+
+    from fgq_tvm.compiler import compile_model
+    from fgq_tvm.config import QuantConfig
+    from fgq_tvm.models import ModelSpec
+
+    torch.manual_seed(len(name))
+    model = _one_layer_model(shape, conv, residual).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        features = model(x).shape[1]
+    spec = ModelSpec(name, shape, (0.0,) * shape[1], (1.0,) * shape[1], num_classes=features)
+    config = QuantConfig(method="exact", calibration="max")
+    result = compile_model(model, spec, config, torch.randn(16, *shape[1:]), target,
+                           out / f"layer_{name}.so")  # fmt: skip
+    with torch.no_grad():
+        reference = result.quantized.reference(x)
+    np.savez(out / f"layer_{name}.npz", x=x.numpy(), reference=reference.numpy())
+    print(f"compiled layer_{name}.so", flush=True)
+
+
+def _one_layer_model(shape: tuple, conv, residual: bool):
+    """conv, BatchNorm, ReLU, then a 1x1 conv that reads its activation bytes (or the two
+    convs of a residual block, for ``residual``), flattened; a Linear layer on the flattened
+    input where ``conv`` is ``None``."""
+    import torch
+    from torch import nn
+
+    if conv is None:
+        return nn.Sequential(nn.Flatten(), nn.Linear(shape[1], 1000))
+
+    def unit(relu: bool):
+        layers = [nn.Conv2d(**conv), nn.BatchNorm2d(conv["out_channels"])]
+        return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = unit(True), unit(False)
+
+        def forward(self, x):
+            return torch.relu(self.second(self.first(x)) + x).flatten(1)
+
+    channels = conv["out_channels"]
+    reader = [nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU()]
+    return Residual() if residual else nn.Sequential(unit(True), *reader, nn.Flatten())
 
 
 def _compile(out: Path, model: str, batch: int, target, weights=None, calib=None):
@@ -159,12 +230,45 @@ def run(folder: Path, results: Path, repeats: int, warmup: int) -> int:
         return 1
 
 
+def check_layer(folder: Path, name: str) -> dict:
+    """Run the one-layer model ``name`` on its saved input: its largest error relative to the
+    reference's largest output, and the share of outputs equal to the reference's."""
+    import numpy as np
+
+    import fgq_tvm
+
+    data = np.load(folder / f"layer_{name}.npz")
+    got = fgq_tvm.load(folder / f"layer_{name}.so")(data["x"])
+    reference = data["reference"]
+    error = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-30))
+    return {"error": error, "equal": float((got == reference).mean())}
+
+
+def _layer_checks(folder: Path) -> list:
+    """:func:`check_layer` of every one-layer model, each in a process of its own."""
+    checks = []
+    for path in sorted(folder.glob("layer_*.so")):
+        name = path.stem.removeprefix("layer_")
+        command = [sys.executable, str(folder / "gpu_check.py"), "layer", str(folder), name]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            ok = result["error"] <= LAYER_TOLERANCE
+            summary = f"max error {result['error']:.3g}, {result['equal']:.2%} equal"
+        else:
+            result, ok = {"error": float("inf")}, False
+            summary = "failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"layer {name}: {summary}", flush=True)
+        checks.append((f"layer {name}: relative error", result["error"], ok))
+    return checks
+
+
 def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> int:
     import numpy as np
 
     import fgq_tvm
 
-    rows, checks = [], []
+    rows, checks = [], _layer_checks(folder)
     cifar = np.load(folder / "cifar_eval.npz")
     module = fgq_tvm.load(folder / f"cifar_resnet20_b{CIFAR_BATCH}.so")
     where = module.gpu.description if module.gpu else module.threads_reason
@@ -311,9 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--results", type=Path, default=RESULTS)
     check.add_argument("--repeats", type=int, default=50)
     check.add_argument("--warmup", type=int, default=10)
+    layer = steps.add_parser("layer", help="check one one-layer model (run calls it)")
+    layer.add_argument("folder", type=Path)
+    layer.add_argument("name")
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.out, args.target, tuple(args.models))
+        return 0
+    if args.step == "layer":
+        sys.path.insert(0, str(args.folder.resolve()))
+        print(json.dumps(check_layer(args.folder.resolve(), args.name)))
         return 0
     return run(args.folder.resolve(), args.results, args.repeats, args.warmup)
 

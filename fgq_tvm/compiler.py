@@ -1,7 +1,7 @@
 """The compile pipeline: PyTorch model -> quantized reference -> Relax -> native ``.so``.
 
 Data flows one way (DESIGN.md): quantize (calibrate, ternarize, fold BatchNorm) ->
-torch.export -> Relax (ConvertLayout to NCHW16c on the int8 dot core) ->
+torch.export -> Relax (ConvertLayout to NCHW16c on the int8 dot cores, NHWC on the GPU) ->
 :class:`~fgq_tvm.relax_passes.LegalizeQuantizedLayers` ->
 :class:`~fgq_tvm.relax_passes.FuseLayerEpilogues` (residual adds and ReLUs into the kernels) ->
 :class:`~fgq_tvm.relax_passes.BlockKernelOutputs` (the stem writes NCHW16c) ->
@@ -56,8 +56,8 @@ from .runtime import SIDECAR_FORMAT, module_digest, sidecar_path
 from .schedules.conv2d_cuda import is_cuda
 from .schedules.gpu_rules import schedule_for_gpu
 from .schedules.kernel_spec import KernelSpec, layer_encoding
-from .schedules.layout import NCHW16C
-from .schedules.select import computes_blocked_layouts
+from .schedules.layout import NCHW
+from .schedules.select import network_layout
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
@@ -195,10 +195,10 @@ def lower_to_relax(
     """The Relax module of the quantized network: ``prepare()`` packs the constant weights,
     ``main(x, prepare())`` runs the network.
 
-    On a target with a core that computes in the blocked layout NCHW16c
-    (:mod:`~fgq_tvm.schedules.layout`; the integer dot cores), activations between conv layers
-    stay in it from the first layer with whole channel blocks to the last; Relax's
-    ConvertLayout places the transforms at the edges.
+    On a target with a core that computes in another layout than NCHW
+    (:func:`~fgq_tvm.schedules.select.network_layout`: NCHW16c on the x86 integer dot cores,
+    NHWC on the GPU), activations between conv layers stay in it from the first layer in it
+    to the last; Relax's ConvertLayout places the transforms at the edges.
 
     ``target`` picks each layer's core (``None``: the portable bitplane core everywhere);
     ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels.
@@ -211,8 +211,9 @@ def lower_to_relax(
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod = relax.transform.CanonicalizeBindings()(mod)  # max_pool2d's unused indices go
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    if computes_blocked_layouts(target):
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [NCHW16C, "OIHW"]})(mod)
+    layout = network_layout(target)
+    if layout != NCHW:
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]})(mod)
         mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
     mod = FuseLayerEpilogues(quantized.layers)(mod)

@@ -409,8 +409,9 @@ def test_gpu_cores_compute_the_reference_on_the_cpu(encoding):
         quantized_input = case % 4 == 1 and core == "int8-gemm-cuda"
         quantize = _next_quantizer(rng) if case % 3 == 1 and quantized_input else None
         epilogue, residual, expected = with_epilogue(rng, expected, quantize)
+        layouts = core_named(core).layouts_for(PLAIN)  # NHWC on the GEMM core
         kernels = core_named(core).kernels(
-            shape, layer.act, encoding, epilogue, PLAIN, quantized_input
+            shape, layer.act, encoding, epilogue, layouts, quantized_input
         )
         given = layer.act.stored(x) if quantized_input else x
         actual = run_layer(kernels, layer, given, TARGET, *residual)

@@ -5,7 +5,8 @@ Rewrites, for every weight parameter named in the given table of
 
 * ``R.nn.conv2d(x, w)`` into ``R.call_tir(fgq_<layer>, (x, *packed))``;
 * ``R.matmul(x, R.permute_dims(w))`` (how the PyTorch importer writes ``nn.Linear``) into
-  ``R.reshape(R.call_tir(fgq_<layer>, (R.reshape(x, [B, C, 1, 1]), *packed)), [B, K])``.
+  ``R.reshape(R.call_tir(fgq_<layer>, (R.reshape(x, [B, C, 1, 1]), *packed)), [B, K])``
+  (``[B, 1, 1, C]`` where the network is NHWC).
 
 ``fgq_<layer>`` is the layer's scheduled PrimFunc on the core
 :func:`~fgq_tvm.schedules.select.select_core` picks: it quantizes the float input
@@ -17,9 +18,10 @@ weights in another layout, the leading ones first go through
 ``R.call_tir(fgq_<layer>_pack, (...))``, a computation on constants only that
 :class:`~fgq_tvm.relax_passes.LiftConstantComputations` moves to load time.
 
-A conv2d in the blocked layout ``NCHW16c`` (as ``R.transform.ConvertLayout`` leaves it, see
-:mod:`~fgq_tvm.schedules.layout`) keeps it: its kernel reads and writes NCHW16c where the core
-computes in it, and otherwise sits between two ``R.layout_transform`` to and from NCHW.
+A conv2d in the blocked layout ``NCHW16c`` or in ``NHWC`` (as ``R.transform.ConvertLayout``
+leaves it, see :mod:`~fgq_tvm.schedules.layout`) keeps it: its kernel reads and writes that
+layout where the core computes in it, and otherwise sits between two ``R.layout_transform`` to
+and from the layout the core computes in.
 
 The weight parameters the pass rewrote are no longer used; binding the remaining parameters and
 running dead code elimination removes them.
@@ -41,8 +43,17 @@ from ..schedules.kernel_spec import (
     layer_encoding,
     layer_shape,
 )
-from ..schedules.layout import NCHW, NCHW16C, ActivationLayout, Layouts, index_map, nchw_shape
-from ..schedules.select import core_named, select_core
+from ..schedules.layout import (
+    NCHW,
+    NCHW16C,
+    NHWC,
+    ActivationLayout,
+    Layouts,
+    activation_dims,
+    index_map,
+    nchw_shape,
+)
+from ..schedules.select import core_named, network_layout, select_core
 from ._mutation import mutate_relax_functions
 
 
@@ -140,17 +151,22 @@ class _Rewriter(PyExprMutator):
         return [self.builder_.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
 
     def _linear(self, x: relax.Expr, layer: QuantizedLayer) -> relax.Expr:
+        """A 1x1 conv on a 1x1 image, given in NHWC where the network keeps it (the same
+        array as in NCHW), else in NCHW."""
         batch, features = _static_shape(x)
-        as_image = self.builder_.emit(relax.op.reshape(x, (batch, features, 1, 1)))
-        out = self.builder_.emit(self._conv2d(as_image, layer))
+        layout = NHWC if network_layout(self.target) == NHWC else NCHW
+        image = activation_dims(layout, batch, features, 1, 1)
+        as_image = self.builder_.emit(relax.op.reshape(x, image))
+        out = self.builder_.emit(self._conv2d(as_image, layer, layout))
         return relax.op.reshape(out, (batch, layer.weight.shape[0]))
 
 
 def _activation_layout(conv2d: relax.Call) -> ActivationLayout:
-    """The activation layout of a conv2d call: NCHW, or NCHW16c as ConvertLayout writes it."""
+    """The activation layout of a conv2d call: NCHW, or NCHW16c or NHWC as ConvertLayout
+    writes it."""
     data, out = str(conv2d.attrs.data_layout), str(conv2d.attrs.out_layout)
-    if data != out or data not in (NCHW, NCHW16C):
-        raise ValueError(f"quantized conv2d in layout {data} -> {out}: only NCHW or NCHW16c")
+    if data != out or data not in (NCHW, NCHW16C, NHWC):
+        raise ValueError(f"quantized conv2d in layout {data} -> {out}: only NCHW, NCHW16c or NHWC")
     return data
 
 

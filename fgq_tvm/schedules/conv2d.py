@@ -345,13 +345,19 @@ def stored_activation(value, act: ActQuant):
     return (quantized_value(value, act) + float(act.offset)).astype("uint8")
 
 
-def output_stage(
-    shape: Conv2dShape, value, epilogue: Epilogue, layout: ActivationLayout = NCHW
-) -> list[te.Tensor]:
-    """``y`` (in ``layout``) from ``value(b, k, oh, ow)`` and the epilogue; returns
-    ``[residual, y]`` or ``[y]`` (the residual in ``layout`` too)."""
+def residual_placeholder(
+    shape: Conv2dShape, epilogue: Epilogue, layout: ActivationLayout
+) -> te.Tensor | None:
+    """The residual the epilogue adds (the output's shape, in ``layout``), or ``None``."""
+    if not epilogue.residual:
+        return None
     nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-    residual = activation_placeholder(layout, nchw, "residual") if epilogue.residual else None
+    return activation_placeholder(layout, nchw, "residual")
+
+
+def fused_output(value, epilogue: Epilogue, residual: te.Tensor | None, layout: ActivationLayout):
+    """``output(b, k, oh, ow)``: the layer's ``value(b, k, oh, ow)`` through the epilogue (the
+    residual, in ``layout``, added; ReLU; the next layer's quantization)."""
 
     def output(b, k, oh, ow):
         y = value(b, k, oh, ow)
@@ -360,6 +366,18 @@ def output_stage(
         if epilogue.relu:
             y = tirx.max(y, tirx.const(0.0, "float32"))
         return y if epilogue.quantize is None else stored_activation(y, epilogue.quantize)
+
+    return output
+
+
+def output_stage(
+    shape: Conv2dShape, value, epilogue: Epilogue, layout: ActivationLayout = NCHW
+) -> list[te.Tensor]:
+    """``y`` (in ``layout``) from ``value(b, k, oh, ow)`` and the epilogue; returns
+    ``[residual, y]`` or ``[y]`` (the residual in ``layout`` too)."""
+    nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+    residual = residual_placeholder(shape, epilogue, layout)
+    output = fused_output(value, epilogue, residual, layout)
 
     def blocked_output(b, kb, oh, ow, ki):
         return output(b, kb * CHANNEL_BLOCK + ki, oh, ow)

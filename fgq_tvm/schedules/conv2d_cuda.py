@@ -3,36 +3,37 @@
 Two cores, for a ``cuda`` target (:func:`is_cuda`):
 
 * ``int8-gemm-cuda``, the integer weight encodings (``ternary_int8_scales``: ``w = t *
-  alpha_q``; its asymmetric form; ``int8``): the layer as an implicit GEMM of int8 operands,
-  exact in int32, on the tensor cores where the GEMM is large enough:
+  alpha_q``; its asymmetric form; ``int8``): the layer as an implicit GEMM of int8 operands on
+  the tensor cores, exact in int32, activations in NHWC:
 
   1. the **pack** (:func:`gemm_pack_compute`), run once on the GPU when the module is loaded
      (the module's ``prepare``): the stored weights (ternary in base 3, five to a byte, with
-     their int8 scales; or int8) decoded into ``wgemm [K, C*R*S]`` int8 (row ``k``: the
-     weights of filter ``k`` in PyTorch's order, channel then kernel position), and
-     ``offset_sums[k] = (128 - offset) * sum w[k]``;
+     their int8 scales; or int8) decoded into ``wgemm [N, K]`` int8 (row ``n``: the weights of
+     filter ``n`` by kernel row, kernel column, then channel), and ``offset_sums[n] = (128 -
+     offset) * sum w[n]``;
   2. the **layer** (:func:`gemm_conv2d_compute`), per inference: ``a[m, j]``, the im2col
      matrix of the activations as signed bytes (``m``: batch, output row and column; ``j``:
-     channel and kernel position, so neighbouring elements of a row are neighbouring pixels of
-     one channel of the NCHW input), read from the float32 input (quantized here) or from the
+     kernel position then channel, so neighbouring elements of a row are neighbouring bytes of
+     one pixel of the NHWC input), read from the float32 input (quantized here) or from the
      activation bytes the previous kernel wrote; a byte ``q`` stored with the quantizer's
      offset (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`, value ``q - offset``) becomes
      ``q - 128``, padding the value 0; so ``sum w * (q - offset) = sum w * a + offset_sums``
-     exactly. ``acc[m, k] = sum_j a[m, j] * wgemm[k, j]`` in int32, then ``y =
-     f32(f64(acc + offset_sums) * f64(out_scale[k])) + bias`` and the epilogue (residual add,
-     ReLU, the next layer's quantization), stored NCHW;
+     exactly. ``acc[m, n] = sum_j a[m, j] * wgemm[n, j]`` in int32, then ``y =
+     f32(f64(acc + offset_sums) * f64(out_scale[n])) + bias`` and the epilogue (residual add,
+     ReLU, the next layer's quantization), stored NHWC: ``acc``'s row ``m`` is pixel ``m`` of
+     the output. ``M``, ``N`` and ``K`` are padded to whole tensor-core tiles.
+
+  Schedule and knobs: :mod:`~fgq_tvm.schedules.tensor_core_gemm` (ldmatrix and ``mma.sync``
+  int8, the im2col computed in the copy to shared memory, the epilogue beside the
+  accumulators), applied as the first of the GPU rules (:mod:`~fgq_tvm.schedules.gpu_rules`);
 
 * ``bitplane-cuda``, every other layer (ternary weights with float group scales): the
   bitplane core's compute (:func:`~fgq_tvm.schedules.conv2d.conv2d_compute`, the per-group
-  integer sums scaled in float64 as the reference orders them) on GPU threads.
+  integer sums scaled in float64 as the reference orders them, NCHW) on GPU threads, scheduled
+  by DLight's rules like the packs (one thread per output element).
 
-Schedule: DLight's GPU rules (``tvm.s_tir.dlight.gpu``). On the GEMM, its matmul rule inlines the
-im2col into the shared-memory tiles and the epilogue into the stores and computes the tiles on a
-2-D thread tile. Not yet on the tensor cores: DLight's int8 WMMA rule (for GEMMs whose three
-extents all exceed 64) builds code that TVM 0.27's CUDA codegen rejects
-(:data:`NO_TENSOR_CORES`). Every other PrimFunc (the packs, the bitplane core) gets DLight's
-reduction or fallback rule: one thread per output element. There is no tuning space yet
-(:attr:`~fgq_tvm.schedules.core.Core.tunable` is false).
+Neither core is tunable yet (:attr:`~fgq_tvm.schedules.core.Core.tunable` is false; the GEMM's
+knobs are :class:`~fgq_tvm.schedules.tensor_core_gemm.GemmTiles`).
 
 NumPy reference: ``reference_forward`` of the quantized model (the arithmetic above is that of
 :mod:`fgq_tvm.schedules.conv2d`). The same PrimFuncs, unscheduled, run on the CPU in the tests
@@ -41,19 +42,26 @@ NumPy reference: ``reference_forward`` of the quantized model (the arithmetic ab
 
 from __future__ import annotations
 
+import tvm
 from tvm import te, tirx
+from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import ConvSchedule, conv2d_compute, dequantize, layer_arguments, output_stage
+from .conv2d import (
+    ConvSchedule,
+    conv2d_compute,
+    dequantize,
+    fused_output,
+    layer_arguments,
+    residual_placeholder,
+)
 from .conv2d import stored_activation as stored_byte
 from .core import INTEGER_ENCODINGS, Conv2dShape, Core, Epilogue, LayerKernels, WeightEncoding
-from .layout import NCHW, Layouts
+from .layout import NHWC, Layouts, activation_dims
+from .tensor_core_gemm import TENSOR_CORE_GEMM, padded_extents
 
 SIGNED_ZERO = 128  # a stored activation byte q is the signed byte q - 128 on the tensor cores
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
-# DLight's int8 tensor-core GEMM fails in TVM 0.27's CUDA codegen on these PrimFuncs (a WMMA
-# fragment without its layout), even on a plain im2col GEMM: its SIMT GEMM is used instead
-NO_TENSOR_CORES = "dlight.do_not_tensorize"
 
 
 def is_cuda(target) -> bool:
@@ -61,38 +69,50 @@ def is_cuda(target) -> bool:
     return target is not None and str(target.kind.name) == "cuda"
 
 
-def _reduction_size(shape: Conv2dShape) -> int:
-    """``C * R * S``: the GEMM's reduction extent."""
-    return shape.kernel[0] * shape.kernel[1] * shape.in_channels
+def gemm_extents(shape: Conv2dShape) -> tuple[int, int, int]:
+    """``M, N, K`` of the layer's GEMM: output pixels, output channels, ``R * S * C``."""
+    k_h, k_w = shape.kernel
+    pixels = shape.batch * shape.out_height * shape.out_width
+    return pixels, shape.out_channels, k_h * k_w * shape.in_channels
 
 
 def _window_element(j, shape: Conv2dShape) -> tuple:
-    """``(r, s, c)`` of the GEMM's reduction index ``j = (c * R + r) * S + s``."""
-    k_h, k_w = shape.kernel
-    return j // k_w % k_h, j % k_w, j // (k_h * k_w)
+    """``(r, s, c)`` of the GEMM's reduction index ``j = (r * S + s) * C + c``."""
+    channels, k_w = shape.in_channels, shape.kernel[1]
+    return j // (k_w * channels), j // channels % k_w, j % channels
+
+
+def _pixel(m, shape: Conv2dShape) -> tuple:
+    """``(b, oh, ow)`` of the GEMM's row ``m``."""
+    rows, columns = shape.out_height, shape.out_width
+    return m // (rows * columns), m // columns % rows, m % columns
 
 
 def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> list:
     """TE compute of the load-time pack: ``[*stored weights, wgemm, offset_sums]``.
 
-    The stored weights are all the weights of
+    ``wgemm`` has the GEMM's padded extents ``[N, K]`` (:func:`padded_extents`), zero outside
+    the layer's. The stored weights are all the weights of
     :func:`~fgq_tvm.schedules.conv2d.layer_arguments` in :data:`STORAGE` (the weight and its
     int8 scales: the layer reads only ``out_scale`` and ``bias`` as they are stored).
     """
     args = layer_arguments(shape, encoding, STORAGE)
+    _, n, k = gemm_extents(shape)
 
-    def weight(k, j):
-        return args.integer_weight(*_window_element(j, shape), k)
+    def weight(row, j):
+        r, s, c = _window_element(tirx.min(j, k - 1), shape)
+        return args.integer_weight(r, s, c, tirx.min(row, n - 1))
 
-    wgemm = te.compute(
-        (shape.out_channels, _reduction_size(shape)),
-        lambda k, j: weight(k, j).astype("int8"),
-        name="wgemm",
-    )
-    j = te.reduce_axis((0, _reduction_size(shape)), name="j")
+    def padded_weight(row, j):
+        inside = tirx.all(row < n, j < k)
+        return tirx.if_then_else(inside, weight(row, j), 0).astype("int8")
+
+    _, padded_n, padded_k = padded_extents(*gemm_extents(shape))
+    wgemm = te.compute((padded_n, padded_k), padded_weight, name="wgemm")
+    j = te.reduce_axis((0, k), name="j")
     offset = SIGNED_ZERO - act.offset
     offset_sums = te.compute(
-        (shape.out_channels,), lambda k: te.sum(weight(k, j) * offset, axis=j), name="offset_sums"
+        (n,), lambda row: te.sum(weight(row, j) * offset, axis=j), name="offset_sums"
     )
     return [*args.weights, wgemm, offset_sums]
 
@@ -107,51 +127,91 @@ def gemm_conv2d_compute(
     """TE compute of the layer on ``int8-gemm-cuda``; returns its arguments, output last:
     ``x, wgemm, offset_sums, out_scale, bias[, residual], y`` (``x`` float32, or with
     ``quantized_input`` the activation bytes; ``y`` float32, or bytes when the epilogue
-    quantizes; all NCHW)."""
-    nchw = (shape.batch, shape.in_channels, shape.height, shape.width)
-    x = te.placeholder(nchw, "uint8" if quantized_input else "float32", name="x")
-    size = _reduction_size(shape)
-    wgemm = te.placeholder((shape.out_channels, size), "int8", name="wgemm")
+    quantizes; all NHWC, ``y`` as its ``[pixels, channels]`` matrix: see
+    :func:`gemm_conv2d_prim_func`)."""
+    nhwc = (shape.batch, shape.height, shape.width, shape.in_channels)
+    x = te.placeholder(nhwc, "uint8" if quantized_input else "float32", name="x")
+    m, n, k = padded_extents(*gemm_extents(shape))
+    wgemm = te.placeholder((n, k), "int8", name="wgemm")
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
     bias = te.placeholder((shape.out_channels,), name="bias")
     a = _im2col(x, shape, act)
-    j = te.reduce_axis((0, size), name="j")
+    j = te.reduce_axis((0, k), name="j")
     acc = te.compute(
-        (a.shape[0], shape.out_channels),
-        lambda m, k: te.sum(a[m, j].astype("int32") * wgemm[k, j].astype("int32"), axis=j),
+        (m, n),
+        lambda row, column: te.sum(
+            a[row, j].astype("int32") * wgemm[column, j].astype("int32"), axis=j
+        ),
         name="acc",
     )
-    rows, columns = shape.out_height, shape.out_width
 
-    def value(b, k, oh, ow):
-        exact = acc[(b * rows + oh) * columns + ow, k] + offset_sums[k]
-        return dequantize(exact, out_scale[k]) + bias[k]
+    def value(b, channel, oh, ow):
+        row = (b * shape.out_height + oh) * shape.out_width + ow
+        exact = acc[row, channel] + offset_sums[channel]
+        return dequantize(exact, out_scale[channel]) + bias[channel]
 
-    y = output_stage(shape, value, epilogue, NCHW)
-    return [x, wgemm, offset_sums, out_scale, bias, *y]
+    residual = residual_placeholder(shape, epilogue, NHWC)
+    output = fused_output(value, epilogue, residual, NHWC)
+    pixels, channels, _ = gemm_extents(shape)
+    y = te.compute((pixels, channels), lambda row, k: output(*_nchw(row, k, shape)), name="y")
+    return [
+        x,
+        wgemm,
+        offset_sums,
+        out_scale,
+        bias,
+        *([residual] if residual is not None else []),
+        y,
+    ]
+
+
+def _nchw(row, channel, shape: Conv2dShape) -> tuple:
+    """``(b, k, oh, ow)`` of the output element in GEMM row ``row`` and column ``channel``."""
+    b, oh, ow = _pixel(row, shape)
+    return b, channel, oh, ow
+
+
+def gemm_conv2d_prim_func(
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    epilogue: Epilogue,
+    quantized_input: bool = False,
+) -> tvm.tirx.PrimFunc:
+    """The layer's PrimFunc, unscheduled: :func:`gemm_conv2d_compute` with ``y`` given its NHWC
+    shape (its elements still computed one per GEMM element, so that the schedule keeps the
+    epilogue beside the accumulators), marked for the tensor-core schedule
+    (:class:`~fgq_tvm.schedules.tensor_core_gemm.TensorCoreGemm`)."""
+    func = te.create_prim_func(gemm_conv2d_compute(shape, act, encoding, epilogue, quantized_input))
+    sch = Schedule(func)
+    sch.transform_layout(sch.get_sblock("y"), ("write", 0), lambda row, k: (*_pixel(row, shape), k))
+    return sch.mod["main"].with_attr(TENSOR_CORE_GEMM, True)
 
 
 def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
-    """``a[m, j]``: the signed byte ``q - 128`` of the input at output position ``m``'s window
-    element ``j`` (:func:`_window_element`); padding holds the value 0 (``offset - 128``)."""
+    """``a[m, j]``: the signed byte ``q - 128`` of the NHWC input at output pixel ``m``'s
+    window element ``j`` (:func:`_window_element`); padding holds the value 0 (``offset -
+    128``). Rows and columns beyond the GEMM's (:func:`padded_extents`) repeat its last ones:
+    ``wgemm`` is zero on those columns, and those rows are never stored."""
     (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
     dil_h, dil_w = shape.dilation
-    rows, columns = shape.out_height, shape.out_width
+    pixels, _, size = gemm_extents(shape)
 
     def element(m, j):
-        b, oh, ow = m // (rows * columns), m // columns % rows, m % columns
-        r, s, c = _window_element(j, shape)
+        b, oh, ow = _pixel(tirx.min(m, pixels - 1), shape)
+        r, s, c = _window_element(tirx.min(j, size - 1), shape)
         h = oh * stride_h + r * dil_h - pad_h
         w = ow * stride_w + s * dil_w - pad_w
         inside = tirx.all(h >= 0, h < shape.height, w >= 0, w < shape.width)
         row = tirx.max(tirx.min(h, shape.height - 1), 0)
-        clamped = x[b, c, row, tirx.max(tirx.min(w, shape.width - 1), 0)]
+        clamped = x[b, row, tirx.max(tirx.min(w, shape.width - 1), 0), c]
         stored = clamped if x.dtype == "uint8" else stored_byte(clamped, act)
         signed = (stored.astype("int32") - SIGNED_ZERO).astype("int8")
         return tirx.if_then_else(inside, signed, tirx.const(act.offset - SIGNED_ZERO, "int8"))
 
-    return te.compute((shape.batch * rows * columns, _reduction_size(shape)), element, name="a")
+    padded_m, _, padded_k = padded_extents(*gemm_extents(shape))
+    return te.compute((padded_m, padded_k), element, name="a")
 
 
 class GemmCudaCore(Core):
@@ -159,6 +219,7 @@ class GemmCudaCore(Core):
 
     name = "int8-gemm-cuda"
     ternary_storage = STORAGE
+    layouts = (NHWC,)
     activation_bytes = True
     rule_scheduled = True
 
@@ -177,19 +238,15 @@ class GemmCudaCore(Core):
         layouts: Layouts,
         quantized_input: bool,
     ) -> LayerKernels:
-        layer = te.create_prim_func(
-            gemm_conv2d_compute(shape, act, encoding, epilogue, quantized_input)
-        ).with_attr(NO_TENSOR_CORES, True)
+        layer = gemm_conv2d_prim_func(shape, act, encoding, epilogue, quantized_input)
         pack_tensors = gemm_pack_compute(shape, act, encoding)
         pack = te.create_prim_func(pack_tensors)
-        prepared = (
-            ((shape.out_channels, _reduction_size(shape)), "int8"),
-            ((shape.out_channels,), "int32"),
-        )
+        _, n, k = padded_extents(*gemm_extents(shape))
+        prepared = (((n, k), "int8"), ((shape.out_channels,), "int32"))
         return LayerKernels(
             self.name,
             layer,
-            (shape.output_dims, epilogue.output_dtype),
+            (activation_dims(NHWC, *shape.output_dims), epilogue.output_dtype),
             pack,
             prepared,
             len(pack_tensors) - len(prepared),

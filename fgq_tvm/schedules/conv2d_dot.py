@@ -76,6 +76,7 @@ from .intrinsics_x86 import AVX2_DOT, VNNI_DOT, DotInstruction
 from .layout import (
     CHANNEL_BLOCK,
     NCHW,
+    NCHW16C,
     PLAIN,
     Layouts,
     activation_dims,
@@ -528,7 +529,7 @@ class DotCore(Core):
     """
 
     ternary_storage = STORAGE
-    blocked_layouts = True
+    layouts = (NCHW, NCHW16C)
     activation_bytes = True
     tunable = True
 

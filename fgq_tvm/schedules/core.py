@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from ..quant.layers import ActQuant
-from .layout import PLAIN, Layouts
+from .layout import NCHW, PLAIN, ActivationLayout, Layouts
 
 if TYPE_CHECKING:
     import tvm
@@ -195,9 +195,10 @@ class Core(ABC):
     ternary_storage
         How the core wants ternary weights stored: ``base3`` where a pack decodes them once at
         load time, ``bitplanes`` where the kernel decodes them in its loops.
-    blocked_layouts
-        Whether the core reads and writes the blocked layout NCHW16c
-        (:mod:`~fgq_tvm.schedules.layout`) as well as NCHW.
+    layouts
+        The activation layouts the core reads and writes (:mod:`~fgq_tvm.schedules.layout`);
+        the last is the one the network keeps between layers on a target with this core
+        (:func:`~fgq_tvm.schedules.select.network_layout`).
     activation_bytes
         Whether the core can read its input as activation bytes and write its output as the
         next layer's (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`) instead of float32.
@@ -210,7 +211,7 @@ class Core(ABC):
 
     name: str
     ternary_storage: TernaryStorage = "bitplanes"
-    blocked_layouts: bool = False
+    layouts: tuple[ActivationLayout, ...] = (NCHW,)
     activation_bytes: bool = False
     tunable: bool = False
     rule_scheduled: bool = False
@@ -257,7 +258,9 @@ class Core(ABC):
         """
         epilogue = epilogue or NO_EPILOGUE
         if self.layouts_for(layouts) != layouts:
-            raise ValueError(f"the {self.name} core computes in NCHW only, not {layouts.name}")
+            computed = " and ".join(self.layouts)
+            problem = f"computes in {computed} only, not {layouts.name}"
+            raise ValueError(f"the {self.name} core {problem}")
         if (quantized_input or epilogue.quantize is not None) and not self.activation_bytes:
             raise ValueError(f"the {self.name} core reads and writes float32 activations only")
         return self.layer_kernels(shape, act, encoding, epilogue, layouts, quantized_input)
@@ -276,8 +279,11 @@ class Core(ABC):
         computes."""
 
     def layouts_for(self, wanted: Layouts) -> Layouts:
-        """The layouts this core computes in where the network around it wants ``wanted``."""
-        return wanted if self.blocked_layouts else PLAIN
+        """The layouts this core computes in where the network around it wants ``wanted``:
+        those, if the core has them, else its :attr:`layouts`' last."""
+        if {wanted.input, wanted.output} <= set(self.layouts):
+            return wanted
+        return Layouts(self.layouts[-1], self.layouts[-1])
 
     def workload(
         self,

@@ -4,6 +4,8 @@ The GPU cores (:mod:`~fgq_tvm.schedules.conv2d_cuda`) state their compute and le
 schedule to these rules, as do the operators between the kernels (pooling, means, layout edges)
 and the load-time packs. In order, the first rule that applies schedules a PrimFunc:
 
+* ``TensorCoreGemm`` (:mod:`~fgq_tvm.schedules.tensor_core_gemm`): the GEMM core's layers, on
+  the int8 tensor cores;
 * ``Matmul``: a GEMM (a reduction whose operands are indexed by the output's two axes and the
   reduction axis; producers such as an im2col are inlined into its shared-memory tiles and
   consumers into its stores); int8 tensor cores where the target has them and all three
@@ -19,11 +21,13 @@ import tvm
 from tvm.s_tir import dlight
 
 from .core import is_scheduled
+from .tensor_core_gemm import TensorCoreGemm
 
 
 def gpu_rules() -> tuple:
     """DLight's GPU schedule rules, in the order they are tried."""
     return (
+        TensorCoreGemm(),
         dlight.gpu.Matmul(),
         dlight.gpu.GEMV(),
         dlight.gpu.Reduction(),

@@ -1,12 +1,18 @@
-"""Activation layouts between layers: plain ``NCHW``, or channels in blocks of 16 (``NCHW16c``).
+"""Activation layouts between layers: plain ``NCHW``, channels in blocks of 16 (``NCHW16c``),
+or channels last (``NHWC``).
 
 ``NCHW16c`` stores element ``[b, c, h, w]`` at ``[b, c // 16, h, w, c % 16]``: one 64-byte float
 vector per pixel and channel block. It is the layout of the int8 dot core's register tile (16
 output channels per vector), so a kernel writes its output tile with whole vector stores and the
 next kernel quantizes its input with whole vector loads; in ``NCHW`` both are transposes.
-The network keeps one
-layout from its first blocked layer to its last (Relax's ``ConvertLayout``, see
-:func:`fgq_tvm.compiler.lower_to_relax`); channel counts that are not whole blocks stay ``NCHW``.
+
+``NHWC`` stores element ``[b, c, h, w]`` at ``[b, h, w, c]``: the layout of the GPU's implicit
+GEMM (:mod:`~fgq_tvm.schedules.conv2d_cuda`), whose output matrix (one row per pixel, one column
+per channel) is the NHWC tensor and whose im2col rows read whole pixels.
+
+The network keeps one layout from its first layer in it to its last (Relax's ``ConvertLayout``,
+see :func:`fgq_tvm.compiler.lower_to_relax`); in ``NCHW16c``, channel counts that are not whole
+blocks stay ``NCHW``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Literal
 import numpy as np
 from tvm import te
 
-ActivationLayout = Literal["NCHW", "NCHW16c"]
+ActivationLayout = Literal["NCHW", "NCHW16c", "NHWC"]
 NCHW: ActivationLayout = "NCHW"
 NCHW16C: ActivationLayout = "NCHW16c"
+NHWC: ActivationLayout = "NHWC"
 CHANNEL_BLOCK = 16
 
 
@@ -36,20 +43,22 @@ class Layouts:
 
     @property
     def name(self) -> str:
-        """``NCHW``, ``NCHW16c`` or ``NCHW->NCHW16c`` (:meth:`parse` reads it back)."""
+        """``NCHW``, ``NHWC``, ``NCHW16c`` or ``NCHW->NCHW16c`` (:meth:`parse` reads it
+        back)."""
         return self.input if self.input == self.output else f"{self.input}->{self.output}"
 
     @staticmethod
     def parse(name: str) -> Layouts:
         """The layouts called ``name`` (see :attr:`name`)."""
         source, _, target = name.partition("->")
-        if not {source, target or source} <= {NCHW, NCHW16C}:
+        if not {source, target or source} <= {NCHW, NCHW16C, NHWC}:
             raise ValueError(f"unknown layouts {name!r}")
         return Layouts(source, target or source)
 
 
 PLAIN = Layouts()
 BLOCKED = Layouts(NCHW16C, NCHW16C)
+CHANNELS_LAST = Layouts(NHWC, NHWC)
 
 
 def activation_dims(
@@ -58,6 +67,8 @@ def activation_dims(
     """The tensor shape of an NCHW activation of these dimensions in ``layout``."""
     if layout == NCHW:
         return batch, channels, height, width
+    if layout == NHWC:
+        return batch, height, width, channels
     _check_whole_blocks(channels)
     return batch, channels // CHANNEL_BLOCK, height, width, CHANNEL_BLOCK
 
@@ -73,6 +84,8 @@ def element(tensor: te.Tensor, layout: ActivationLayout, b, c, h, w):
     """``tensor``'s element at NCHW position ``(b, c, h, w)``."""
     if layout == NCHW:
         return tensor[b, c, h, w]
+    if layout == NHWC:
+        return tensor[b, h, w, c]
     return tensor[b, c // CHANNEL_BLOCK, h, w, c % CHANNEL_BLOCK]
 
 
@@ -80,6 +93,8 @@ def to_layout(x: np.ndarray, layout: ActivationLayout) -> np.ndarray:
     """An NCHW array in ``layout`` (NumPy reference of ``R.layout_transform``)."""
     if layout == NCHW:
         return x
+    if layout == NHWC:
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     batch, channels, height, width = x.shape
     _check_whole_blocks(channels)
     blocked = x.reshape(batch, channels // CHANNEL_BLOCK, CHANNEL_BLOCK, height, width)
@@ -90,6 +105,8 @@ def from_layout(y: np.ndarray, layout: ActivationLayout) -> np.ndarray:
     """A ``layout`` array back in NCHW."""
     if layout == NCHW:
         return y
+    if layout == NHWC:
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
     batch, blocks, height, width, lanes = y.shape
     return np.ascontiguousarray(y.transpose(0, 1, 4, 2, 3)).reshape(
         batch, blocks * lanes, height, width
@@ -102,6 +119,10 @@ def index_map(source: ActivationLayout, target: ActivationLayout):
         return lambda b, c, h, w: (b, c // CHANNEL_BLOCK, h, w, c % CHANNEL_BLOCK)
     if (source, target) == (NCHW16C, NCHW):
         return lambda b, cb, h, w, ci: (b, cb * CHANNEL_BLOCK + ci, h, w)
+    if (source, target) == (NCHW, NHWC):
+        return lambda b, c, h, w: (b, h, w, c)
+    if (source, target) == (NHWC, NCHW):
+        return lambda b, h, w, c: (b, c, h, w)
     raise ValueError(f"no layout transform from {source} to {target}")
 
 
@@ -109,6 +130,9 @@ def nchw_shape(dims: tuple[int, ...], layout: ActivationLayout) -> tuple[int, in
     """The NCHW shape of an activation whose ``layout`` tensor has shape ``dims``."""
     if layout == NCHW:
         return dims
+    if layout == NHWC:
+        batch, height, width, channels = dims
+        return batch, channels, height, width
     batch, blocks, height, width, _ = dims
     return batch, blocks * CHANNEL_BLOCK, height, width
 

@@ -44,7 +44,7 @@ from .conv2d_dot import AVX2_CORE, VNNI_CORE
 from .conv2d_popcount import POPCOUNT_CORE
 from .core import Conv2dShape, Core, LayerKernels, TensorSpec, WeightEncoding
 from .gpu_rules import schedule_for_gpu
-from .layout import PLAIN, Layouts, from_layout, to_layout
+from .layout import NCHW, PLAIN, ActivationLayout, Layouts, from_layout, to_layout
 
 CORES: tuple[Core, ...] = (
     GEMM_CUDA_CORE,
@@ -91,10 +91,14 @@ def select_core(
     raise ValueError(f"no core computes {encoding} weights of {shape} with {act.name}")
 
 
-def computes_blocked_layouts(target) -> bool:
-    """Whether a core of ``target`` computes in the blocked layout NCHW16c: then activations
-    between conv layers stay in it."""
-    return any(core.blocked_layouts and core.available(target) for core in CORES)
+def network_layout(target) -> ActivationLayout:
+    """The layout activations keep between conv layers on ``target``: the network layout of
+    the first core ``target`` has that computes in another than NCHW (NCHW16c on the x86 dot
+    cores, NHWC on the GPU), else NCHW."""
+    for core in CORES:
+        if core.layouts[-1] != NCHW and core.available(target):
+            return core.layouts[-1]
+    return NCHW
 
 
 @dataclass(frozen=True)

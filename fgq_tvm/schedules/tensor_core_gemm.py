@@ -1,0 +1,257 @@
+"""The int8 tensor-core schedule of the GPU GEMM core: its knobs, its schedule, its rule.
+
+The GEMM core (:mod:`~fgq_tvm.schedules.conv2d_cuda`) states each layer as three stages: ``a``
+(the im2col matrix, signed bytes, ``[M, K]``), ``acc`` (``sum_j a[m, j] * wgemm[n, j]`` in
+int32, ``[M, N]``) and ``y`` (the epilogue, one output element per ``acc`` element). Its
+extents are padded (:func:`padded_extents`) to whole tiles of the tensor-core instruction.
+
+The schedule (:func:`schedule_tensor_core_gemm`), for one thread block per ``block_m x
+block_n`` tile of ``acc`` and ``warps_m x warps_n`` warps in it:
+
+1. every ``32 * k_steps`` reduction steps, the block's threads copy the tile's slice of
+   ``wgemm`` and of ``a`` into shared memory; the im2col is computed in that copy (``a`` is
+   inlined into it), so the activations are read from the input tensor directly;
+2. each warp loads its 16x32 fragments from shared memory into registers (``ldmatrix``) and
+   multiplies them on the tensor cores (``mma.sync m16n8k32`` s8 x s8 -> s32), accumulating in
+   registers;
+3. the accumulators go through shared memory (the block's ``acc`` tile), from which the
+   block's threads compute the epilogue (``y``), one output element each, consecutive threads
+   on consecutive channels (NHWC: coalesced stores).
+
+The instructions are TVM's own tensor intrinsics (``tvm.s_tir.tensor_intrin.cuda``): ldmatrix
+of A and of B (stored ``[N, K]``, so "transposed"), the int8 MMA, the accumulator fill, and a
+store of the accumulator fragments to shared memory (:data:`STORE_TO_SHARED`, built from TVM's
+own template). Knobs: :class:`GemmTiles`; :func:`default_tiles` picks them without tuning.
+
+NumPy reference: ``acc = a.astype(int32) @ wgemm.astype(int32).T``; the whole layer is checked
+against ``reference_forward`` (the same PrimFunc, unscheduled, on the CPU; scheduled, on a GPU
+by ``benchmarks/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.s_tir.dlight import ScheduleRule
+from tvm.s_tir.tensor_intrin import cuda as intrinsics
+
+# The attribute that marks a PrimFunc for this schedule (set by the GEMM core on its layers).
+TENSOR_CORE_GEMM = "fgq.tensor_core_gemm"
+FRAGMENT_M, FRAGMENT_N, FRAGMENT_K = 16, 16, 32  # one m16n8k32 pair: a 16x16 tile, k 32
+PADDING = 32  # M, N and K are padded to whole multiples of this
+WARP = 32
+SHARED_MEMORY = 48 * 1024  # a thread block's static shared memory
+# The im2col's vector: it computes in int32 or float32 lanes, and CUDA has vectors of 4 of them
+IM2COL_VECTOR = 4
+ROW_PADDING = 16  # bytes added to each shared row, so that ldmatrix's rows miss bank conflicts
+STORE_TO_SHARED = "fgq_mma_store_16x16_i32_shared"
+TensorIntrin.register(
+    STORE_TO_SHARED, *intrinsics.get_mma_store_intrin("int32", 8, "shared", False), override=True
+)
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """The knobs of the tensor-core GEMM.
+
+    Attributes
+    ----------
+    block_m, block_n
+        The ``acc`` tile of one thread block (multiples of 16 times the warps).
+    warps_m, warps_n
+        Its warps, each computing a ``block_m / warps_m x block_n / warps_n`` tile.
+    k_steps
+        The reduction steps of 32 per copy into shared memory.
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    warps_m: int = 2
+    warps_n: int = 2
+    k_steps: int = 2
+
+    @property
+    def threads(self) -> int:
+        return WARP * self.warps_m * self.warps_n
+
+    @property
+    def shared_bytes(self) -> int:
+        """The block's shared memory: the ``a`` and ``wgemm`` slices and the ``acc`` tile."""
+        row = FRAGMENT_K * self.k_steps + ROW_PADDING
+        return (self.block_m + self.block_n) * row + self.block_m * self.block_n * 4
+
+    def check(self, m: int, n: int, k: int) -> None:
+        """Raise ``ValueError`` unless these tiles divide a GEMM of padded extents ``m, n,
+        k`` and fit a thread block."""
+        warp_tile = (self.block_m // self.warps_m, self.block_n // self.warps_n)
+        problems = []
+        if m % self.block_m or n % self.block_n:
+            problems.append(f"{self.block_m} x {self.block_n} blocks do not divide {m} x {n}")
+        if k % (FRAGMENT_K * self.k_steps):
+            problems.append(f"{self.k_steps} steps of 32 do not divide K {k}")
+        if any(size % FRAGMENT_M or size == 0 for size in warp_tile):
+            problems.append(f"warp tiles {warp_tile} are no multiples of 16")
+        if self.shared_bytes > SHARED_MEMORY:
+            problems.append(f"{self.shared_bytes} bytes of shared memory exceed {SHARED_MEMORY}")
+        if problems:
+            raise ValueError(f"{self}: {'; '.join(problems)}")
+
+
+def padded_extents(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """``M, N, K`` rounded up to whole multiples of :data:`PADDING`."""
+    return tuple(-(-extent // PADDING) * PADDING for extent in (m, n, k))
+
+
+def default_tiles(m: int, n: int, k: int, blocks_wanted: int = 132) -> GemmTiles:
+    """Tiles for a GEMM of padded extents ``m, n, k`` without tuning: the largest tiles
+    (up to 128 x 64) that divide it, halved while the GEMM has fewer than ``blocks_wanted``
+    thread blocks (an H100/H200 has 132 multiprocessors) and they can be."""
+    block_m = next(size for size in (128, 64, 32) if m % size == 0)
+    block_n = next(size for size in (64, 32) if n % size == 0)
+    while (m // block_m) * (n // block_n) < blocks_wanted and max(block_m, block_n) > 32:
+        if block_m >= block_n:
+            block_m //= 2
+        else:
+            block_n //= 2
+    k_steps = 2 if k % (2 * FRAGMENT_K) == 0 else 1
+    tiles = GemmTiles(block_m, block_n, min(2, block_m // 16), min(2, block_n // 16), k_steps)
+    tiles.check(m, n, k)
+    return tiles
+
+
+def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
+    """Schedule the GEMM stages ``a``, ``acc``, ``y`` of ``sch`` on the tensor cores, in
+    place (see the module docstring)."""
+    acc = sch.get_sblock("acc")
+    tiles.check(*_extents(sch))
+    fragment, block_loop, warp_loop, k_outer, k_inner = _tile(sch, acc, tiles)
+    _copy_to_shared(sch, fragment, 0, k_outer, tiles, IM2COL_VECTOR)
+    _copy_to_shared(sch, fragment, 1, k_outer, tiles, 16)
+    sch.compute_inline(sch.get_sblock("a"))
+    a_warp = sch.cache_read(fragment, 0, "warp")
+    b_warp = sch.cache_read(fragment, 1, "warp")
+    sch.compute_at(a_warp, k_inner)
+    sch.compute_at(b_warp, k_inner)
+    acc_warp = sch.cache_write(fragment, 0, "warp")
+    sch.reverse_compute_at(acc_warp, warp_loop)
+    sch.set_scope(acc_warp, 0, "shared")
+    _split_fragments(sch, acc_warp, FRAGMENT_M, FRAGMENT_N)
+    sch.decompose_reduction(fragment, k_outer)
+    _epilogue(sch, block_loop, tiles)
+    _tensorize(sch, a_warp, b_warp, acc_warp)
+
+
+def _tile(sch: Schedule, acc, tiles: GemmTiles):
+    """Blockize ``acc`` into 16x16x32 fragments and tile them: returns the fragment block, the
+    thread-block loop, the warp loop and the two reduction loops."""
+    m, n, k = sch.get_loops(acc)
+    m, m_fragment = sch.split(m, [None, FRAGMENT_M])
+    n, n_fragment = sch.split(n, [None, FRAGMENT_N])
+    k, k_fragment = sch.split(k, [None, FRAGMENT_K])
+    sch.reorder(m, n, k, m_fragment, n_fragment, k_fragment)
+    fragment = sch.blockize(m_fragment)
+    m_block, m_warp, m_tile = sch.split(
+        m, [None, tiles.warps_m, tiles.block_m // 16 // tiles.warps_m]
+    )
+    n_block, n_warp, n_tile = sch.split(
+        n, [None, tiles.warps_n, tiles.block_n // 16 // tiles.warps_n]
+    )
+    k_outer, k_inner = sch.split(k, [None, tiles.k_steps])
+    sch.reorder(m_block, n_block, m_warp, n_warp, k_outer, k_inner, m_tile, n_tile)
+    block_loop = sch.fuse(m_block, n_block)
+    warp_loop = sch.fuse(m_warp, n_warp)
+    sch.bind(block_loop, "blockIdx.x")
+    sch.bind(warp_loop, "threadIdx.y")
+    return fragment, block_loop, warp_loop, k_outer, k_inner
+
+
+def _copy_to_shared(sch: Schedule, fragment, operand: int, k_outer, tiles: GemmTiles, widest: int):
+    """The block's slice of GEMM operand ``operand`` (0: ``a``, 1: ``wgemm``) copied into
+    shared memory by all its threads, up to ``widest`` bytes per thread and step."""
+    copy = sch.cache_read(fragment, operand, "shared")
+    sch.compute_at(copy, k_outer)
+    rows, columns = sch.get_loops(copy)[-2:]
+    extent = int(sch.get(rows).extent) * int(sch.get(columns).extent)
+    vector = next(v for v in (16, 8, 4, 2, 1) if v <= widest and extent % (tiles.threads * v) == 0)
+    fused = sch.fuse(rows, columns)
+    _, warp, lane, lanes = sch.split(fused, [None, tiles.warps_m * tiles.warps_n, WARP, vector])
+    sch.bind(lane, "threadIdx.x")
+    sch.bind(warp, "threadIdx.y")
+    sch.vectorize(lanes)
+    sch.storage_align(copy, 0, axis=-2, factor=32, offset=ROW_PADDING)
+    return copy
+
+
+def _split_fragments(sch: Schedule, block, height: int, width: int):
+    """Split the last two loops of ``block`` into ``height x width`` fragments; returns the
+    fragment's first loop."""
+    rows, columns = sch.get_loops(block)[-2:]
+    rows_outer, rows_inner = sch.split(rows, [None, height])
+    columns_outer, columns_inner = sch.split(columns, [None, width])
+    sch.reorder(rows_outer, columns_outer, rows_inner, columns_inner)
+    return rows_inner
+
+
+def _epilogue(sch: Schedule, block_loop, tiles: GemmTiles) -> None:
+    """``y`` computed per thread block from its ``acc`` tile, one element per thread and step,
+    consecutive threads on consecutive output channels."""
+    y = sch.get_sblock("y")
+    sch.reverse_compute_at(y, block_loop)
+    fused = sch.fuse(*sch.get_loops(y)[1:])  # those in the thread block
+    _, warp, lane = sch.split(fused, [None, tiles.warps_m * tiles.warps_n, WARP])
+    sch.bind(warp, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+
+
+def _tensorize(sch: Schedule, a_warp, b_warp, acc_warp) -> None:
+    """The fragments' loads, products, fill and store on TVM's MMA intrinsics."""
+    a_fragment = _split_fragments(sch, a_warp, FRAGMENT_M, FRAGMENT_K)
+    b_fragment = _split_fragments(sch, b_warp, FRAGMENT_N, FRAGMENT_K)
+    sch.transform_layout(a_warp, ("write", 0), _operand_fragment_layout)
+    sch.transform_layout(b_warp, ("write", 0), _operand_fragment_layout)
+    sch.transform_layout(acc_warp, ("read", 0), _accumulator_fragment_layout)
+    sch.tensorize(a_fragment, intrinsics.LDMATRIX_i8_A_INTRIN)
+    sch.tensorize(b_fragment, intrinsics.LDMATRIX_i8_B_TRANS_INTRIN)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], intrinsics.MMA_i8i8i32_TRANS_B_INTRIN)
+    sch.tensorize(
+        sch.get_loops(sch.get_sblock("acc_init"))[-2], intrinsics.MMA_fill_16x16_i32_INTRIN
+    )
+    sch.tensorize(sch.get_loops(acc_warp)[-2], STORE_TO_SHARED)
+
+
+def _operand_fragment_layout(i, j):
+    """A 16x32 int8 operand fragment in the registers of a warp's 32 threads (ldmatrix)."""
+    return (
+        i // FRAGMENT_M,
+        j // FRAGMENT_K,
+        *intrinsics.shared_16x32_to_ldmatrix_32x16_layout(i % FRAGMENT_M, j % FRAGMENT_K),
+    )
+
+
+def _accumulator_fragment_layout(i, j):
+    """A 16x16 int32 accumulator fragment in the registers of a warp's 32 threads."""
+    return (
+        i // FRAGMENT_M,
+        j // FRAGMENT_N,
+        *intrinsics.shared_16x16_to_ldmatrix_32x8_layout(i % FRAGMENT_M, j % FRAGMENT_N),
+    )
+
+
+class TensorCoreGemm(ScheduleRule):
+    """The DLight rule that applies :func:`schedule_tensor_core_gemm` with
+    :func:`default_tiles` to the PrimFuncs marked :data:`TENSOR_CORE_GEMM`."""
+
+    def apply(self, func: tvm.tirx.PrimFunc, target, tunable: bool) -> Schedule | None:
+        attrs = func.attrs if func.attrs is not None else {}
+        if not attrs.get(TENSOR_CORE_GEMM, False):
+            return None
+        sch = Schedule(func)
+        schedule_tensor_core_gemm(sch, default_tiles(*_extents(sch)))
+        return sch
+
+
+def _extents(sch: Schedule) -> tuple[int, int, int]:
+    """``M, N, K`` of the GEMM stage ``acc``."""
+    return tuple(int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("acc")))

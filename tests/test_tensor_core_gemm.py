@@ -1,0 +1,90 @@
+"""The tensor-core schedule of the GPU GEMM core: its knobs, and that it builds to ldmatrix and
+mma.sync code for every kind of layer (its numbers are checked on a GPU by
+benchmarks/gpu_check.py; the compute it schedules is checked on the CPU in test_kernels)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tvm
+from tvm import te
+
+from fgq_tvm.quant.layers import ActQuant
+from fgq_tvm.schedules.conv2d_cuda import GEMM_CUDA_CORE
+from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+from fgq_tvm.schedules.gpu_rules import schedule_for_gpu
+from fgq_tvm.schedules.layout import CHANNELS_LAST
+from fgq_tvm.schedules.tensor_core_gemm import (
+    SHARED_MEMORY,
+    GemmTiles,
+    TensorCoreGemm,
+    default_tiles,
+    padded_extents,
+)
+from fgq_tvm.target import parse_target
+
+UNSIGNED = ActQuant(0.05, 8, False)
+CUDA = parse_target("cuda -arch=sm_80")
+RESNET50_BATCH1 = [  # (M, N, K) of ResNet-50's layers at batch 1, unpadded
+    (12544, 64, 147), (3136, 64, 64), (3136, 64, 576), (3136, 256, 64), (784, 128, 1152),
+    (784, 512, 128), (196, 256, 2304), (196, 1024, 256), (49, 512, 4608), (49, 2048, 512),
+    (1, 1000, 2048),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_default_tiles_divide_and_fit_every_resnet50_gemm(batch):
+    for m, n, k in RESNET50_BATCH1:
+        padded = padded_extents(m * batch, n, k)
+        tiles = default_tiles(*padded)
+        tiles.check(*padded)  # raises if they do not divide or fit
+        assert tiles.shared_bytes <= SHARED_MEMORY
+        assert all(p >= e and p % 32 == 0 for p, e in zip(padded, (m * batch, n, k), strict=True))
+
+
+def test_big_gemms_get_big_tiles_and_small_ones_enough_blocks():
+    assert default_tiles(200704, 256, 576) == GemmTiles(128, 64, 2, 2, 2)
+    small = default_tiles(64, 512, 4608)
+    assert (64 // small.block_m) * (512 // small.block_n) >= 16
+
+
+def test_tiles_that_do_not_fit_say_why():
+    with pytest.raises(ValueError, match="blocks do not divide 96 x 64"):
+        GemmTiles(64, 64).check(96, 64, 64)
+    with pytest.raises(ValueError, match="steps of 32 do not divide K 96"):
+        GemmTiles(32, 32, 1, 1, 2).check(64, 64, 96)
+    with pytest.raises(ValueError, match="warp tiles .* no multiples of 16"):
+        GemmTiles(32, 32, 4, 1, 1).check(64, 64, 64)
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        GemmTiles(128, 128, 2, 2, 4).check(128, 128, 128)
+
+
+LAYERS = [  # shape, epilogue, whether the input holds activation bytes
+    (Conv2dShape(1, 64, 7, 7, 128, (3, 3), padding=(1, 1)), Epilogue(True, True, UNSIGNED), True),
+    (Conv2dShape(2, 3, 17, 17, 24, (7, 7), (2, 2), (3, 3)), Epilogue(relu=True), False),
+    (Conv2dShape(1, 512, 1, 1, 10), Epilogue(), True),
+    (Conv2dShape(4, 96, 9, 9, 48, (1, 1), (2, 2)), Epilogue(quantize=UNSIGNED), True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LAYERS)))
+def test_gemm_layers_build_on_the_tensor_cores(case):
+    shape, epilogue, quantized_input = LAYERS[case]
+    kernels = GEMM_CUDA_CORE.kernels(
+        shape, UNSIGNED, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
+    )
+    scheduled = schedule_for_gpu(tvm.IRModule({"main": kernels.layer}), CUDA)
+    with CUDA:
+        source = tvm.compile(scheduled, target=CUDA).mod.imports[0].inspect_source()
+    assert source.count("ldmatrix") >= 2 and "mma.sync.aligned.m16n8k32" in source
+    kernels_defined = set(re.findall(r"__global__ void .*? (\w+)\(", source))
+    assert len(kernels_defined) == 1  # the epilogue runs beside the products
+    nhwc = (shape.batch, shape.out_height, shape.out_width, shape.out_channels)
+    assert kernels.output[0] == nhwc
+
+
+def test_the_rule_leaves_other_prim_funcs_alone():
+    x = te.placeholder((64, 64), "int8", name="x")
+    plain = te.create_prim_func([x, te.compute((64, 64), lambda i, j: x[i, j] + 1, name="y")])
+    assert TensorCoreGemm().apply(plain, CUDA, False) is None
