@@ -9,13 +9,15 @@ kind of GEMM kernel (:data:`LAYER_CASES`), the CIFAR ResNet-20 at batch 100 (cal
 CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and 64 (random weights). It
 writes the modules, the runtime that runs them (fgq-tvm's runtime modules,
 ``libtvm_runtime.so``, ``libtvm_runtime_cuda.so``, ``libcudart.so.13`` and the ``tvm_ffi``
-package of this Python), the 5,000 CIFAR eval images as bytes with their labels,
+package, with its compiled core for this Python and for the GPU machine's: ``--python``, 3.12,
+taken from its wheel with pip), the 5,000 CIFAR eval images as bytes with their labels,
 and the quantized reference's logits of every input. ``--target llvm`` builds the same for
 this CPU, to try the run step here.
 
-It also writes ``build/gpu_check.tar.xz``, the folder compressed (xz saves a fifth of the
-modules): with ResNet-50 the folder is above the 64 MiB a device run carries, the archive
-below it.
+It also writes ``build/gpu_check.tar.xz``, the folder compressed: a device run carries the
+working tree and the archive, 64 MiB together, so the archive is sorted by name and packed by
+``xz -9``, whose 64 MiB window stores a model's second module (the same constants at another
+batch) as matches; ``prepare`` says when the two exceed the limit.
 
 ``bash benchmarks/gpu_check.sh [build/gpu_check.tar.xz]`` (there) unpacks it and runs
 ``python gpu_check.py run``:
@@ -52,9 +54,10 @@ RESULTS = HERE / "results"
 CIFAR_BATCH = 100
 TIMED_MODELS = ("resnet18", "resnet50")
 TIMED_BATCHES = (1, 64)
-RANDOM_IMAGES = 4
+RANDOM_IMAGES = 2
 AGREEMENT_TARGET = 0.999
-CARRY_MIB = 64  # what the device tool copies to the GPU machine with the working tree
+CARRY_MIB = 64  # what a device run carries: the working tree and the archive together
+GPU_PYTHON = "3.12"  # the GPU machine's python3 (the device image's PyTorch venv)
 LAYER_TOLERANCE = 1e-5  # relative: the GPU computes the reference's arithmetic, in its order
 # One-layer models (conv, BatchNorm, ReLU; a residual block) of the kinds of GEMM kernel a
 # network has: (name, input shape, conv2d arguments, residual block). Their extents are
@@ -75,8 +78,11 @@ LAYER_CASES = (
 # --- prepare (here: fgq-tvm and TVM) ---------------------------------------------------------
 
 
-def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS) -> None:
-    """Compile the modules, compute the references and copy the runtime into ``out``."""
+def prepare(
+    out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS, python: str = GPU_PYTHON
+) -> None:
+    """Compile the modules, compute the references and copy the runtime (for this Python and
+    for ``python``, the GPU machine's) into ``out``."""
     import numpy as np
     import torch
 
@@ -106,16 +112,32 @@ def prepare(out: Path, target_text: str, models: tuple[str, ...] = TIMED_MODELS)
                 with torch.no_grad():
                     expected = torch.cat([reference(image[None]) for image in x])
                 np.savez(out / f"{model}_random.npz", x=x.numpy(), reference=expected.numpy())
-    _copy_runtime(out)
+    _copy_runtime(out, python)
     shutil.copy2(Path(__file__), out / "gpu_check.py")
     archive = out.with_name(out.name + ".tar.xz")
+    # sorted, so that the modules of one model at two batches (the same constants) are
+    # neighbours in the stream, and xz -9's 64 MiB dictionary stores the second as matches
     subprocess.run(
-        ["tar", "-C", str(out.parent), "-cJf", str(archive), out.name],
-        check=True, env={**os.environ, "XZ_OPT": "-6 -T2"},
+        ["tar", "--sort=name", "-C", str(out.parent), "-cJf", str(archive), out.name],
+        check=True, env={**os.environ, "XZ_OPT": "-9"},
     )  # fmt: skip
     size = archive.stat().st_size / 2**20
-    too_big = ", more than the 64 MiB a device run carries" if size > CARRY_MIB else ""
-    print(f"wrote {out} and {archive} ({size:.1f} MiB{too_big})")
+    tree = _working_tree_mib()
+    too_big = (
+        f", with the {tree:.1f} MiB working tree more than the {CARRY_MIB} MiB a device run carries"
+    )
+    print(f"wrote {out} and {archive} ({size:.1f} MiB{too_big if size + tree > CARRY_MIB else ''})")
+
+
+def _working_tree_mib() -> float:
+    """The size of what a device run sends besides the archive: the repository's tracked and
+    untracked-but-not-ignored files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=HERE.parent, capture_output=True, check=True,
+    ).stdout.split(b"\0")  # fmt: skip
+    paths = [HERE.parent / name.decode() for name in listed if name]
+    return sum(path.stat().st_size for path in paths if path.is_file()) / 2**20
 
 
 def _prepare_layer(out: Path, target, name: str, shape: tuple, conv, residual: bool) -> None:
@@ -174,11 +196,14 @@ def _compile(out: Path, model: str, batch: int, target, weights=None, calib=None
     reference and the spec."""
     from dataclasses import replace
 
+    import torch
+
     from fgq_tvm.compiler import compile_model
     from fgq_tvm.defaults import quantization_inputs
     from fgq_tvm.models import build_model
 
     started = time.perf_counter()
+    torch.manual_seed(0)  # one model's random weights alike at every batch (see prepare)
     float_model, spec = build_model(model, weights)
     spec = replace(spec, input_shape=(batch, *spec.input_shape[1:]))
     inputs = quantization_inputs(float_model, spec, {}, calib)
@@ -199,8 +224,9 @@ def _as_bytes(images, spec):
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def _copy_runtime(out: Path) -> None:
-    """fgq-tvm's runtime modules, TVM's runtime libraries and the ``tvm_ffi`` package."""
+def _copy_runtime(out: Path, python: str) -> None:
+    """fgq-tvm's runtime modules, TVM's runtime libraries and the ``tvm_ffi`` package, with
+    its compiled core for this Python and for ``python``."""
     import tvm_ffi
 
     from fgq_tvm import bundle
@@ -212,6 +238,32 @@ def _copy_runtime(out: Path) -> None:
     shutil.rmtree(out / "tvm_ffi", ignore_errors=True)
     unused = ("include", "3rdparty", "cmake", "__pycache__", "*.a")  # core links the test library
     shutil.copytree(ffi, out / "tvm_ffi", ignore=shutil.ignore_patterns(*unused))
+    _add_ffi_core(out / "tvm_ffi", tvm_ffi.__version__, python)
+
+
+def _add_ffi_core(folder: Path, version: str, python: str) -> None:
+    """Add the compiled core of apache-tvm-ffi ``version`` for CPython ``python`` (from its
+    wheel, which pip downloads) to the ``tvm_ffi`` package in ``folder``."""
+    import tempfile
+    import zipfile
+
+    tag = python.replace(".", "")
+    if list(folder.glob(f"core.cpython-{tag}-*.so")):
+        return
+    with tempfile.TemporaryDirectory() as wheels:
+        platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)]
+        command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--only-binary=:all:", f"--python-version={python}", "--implementation=cp",
+            *platforms, "-d", wheels, f"apache-tvm-ffi=={version}",
+        ]  # fmt: skip
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            print(f"gpu_check: warning: no apache-tvm-ffi {version} wheel for Python {python}: "
+                  "the runtime runs only where python3 is this one", file=sys.stderr)  # fmt: skip
+            return
+        with zipfile.ZipFile(next(Path(wheels).glob("*.whl"))) as wheel:
+            core = next(n for n in wheel.namelist() if n.startswith(f"tvm_ffi/core.cpython-{tag}"))
+            (folder / Path(core).name).write_bytes(wheel.read(core))
 
 
 # --- run (there: the runtime, NumPy and PyTorch) ---------------------------------------------
@@ -410,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", type=Path, default=BUILD)
     make.add_argument("--target", default="cuda", help="default: cuda (sm_90)")
     make.add_argument("--models", nargs="+", default=list(TIMED_MODELS))
+    make.add_argument("--python", default=GPU_PYTHON, help="the GPU machine's Python version")
     check = steps.add_parser("run", help="check and time them (on the GPU machine)")
     check.add_argument("folder", type=Path, nargs="?", default=BUILD)
     check.add_argument("--results", type=Path, default=RESULTS)
@@ -420,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     layer.add_argument("name")
     args = parser.parse_args(argv)
     if args.step == "prepare":
-        prepare(args.out, args.target, tuple(args.models))
+        prepare(args.out, args.target, tuple(args.models), args.python)
         return 0
     if args.step == "layer":
         sys.path.insert(0, str(args.folder.resolve()))

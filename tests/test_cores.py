@@ -6,14 +6,28 @@ rules that pick them and the requests they refuse.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fgq_tvm.quant.layers import ActQuant
 from fgq_tvm.schedules.conv2d import BITPLANE_CORE
 from fgq_tvm.schedules.conv2d_popcount import POPCOUNT_CORE
 from fgq_tvm.schedules.core import Conv2dShape, Core, Epilogue, LayerKernels
-from fgq_tvm.schedules.layout import BLOCKED, PLAIN
-from fgq_tvm.schedules.select import CORES, core_named, select_core
+from fgq_tvm.schedules.layout import (
+    BLOCKED,
+    CHANNELS_LAST,
+    NCHW,
+    NCHW16C,
+    NHWC,
+    PLAIN,
+    Layouts,
+    activation_dims,
+    from_layout,
+    index_map,
+    nchw_shape,
+    to_layout,
+)
+from fgq_tvm.schedules.select import CORES, core_named, network_layout, select_core
 from fgq_tvm.target import parse_target
 
 SHAPE = Conv2dShape(1, 64, 8, 8, 64, (3, 3), padding=(1, 1), group_size=4)
@@ -67,6 +81,32 @@ def test_a_core_refuses_layouts_and_activation_bytes_it_does_not_compute_in():
         BITPLANE_CORE.kernels(SHAPE, UNSIGNED, "int8", Epilogue(quantize=UNSIGNED))
     assert BITPLANE_CORE.layouts_for(BLOCKED) == PLAIN
     assert core_named("int8-dot-vnni").layouts_for(BLOCKED) == BLOCKED
+    assert core_named("int8-gemm-cuda").layouts_for(PLAIN) == CHANNELS_LAST
+    with pytest.raises(ValueError, match="gemm-cuda core computes in NHWC only, not NCHW"):
+        core_named("int8-gemm-cuda").kernels(SHAPE, UNSIGNED, "int8")
+
+
+def test_the_network_keeps_the_layout_of_the_targets_first_core_that_has_one():
+    assert network_layout(parse_target("llvm -mcpu=cascadelake")) == NCHW16C
+    assert network_layout(parse_target("llvm -mcpu=haswell")) == NCHW16C
+    assert network_layout(parse_target("llvm -mcpu=nehalem")) == NCHW
+    assert network_layout(None) == NCHW
+    assert network_layout(parse_target("cuda")) == NHWC
+
+
+@pytest.mark.parametrize("layout", [NCHW, NCHW16C, NHWC])
+def test_layouts_round_trip_and_name_their_dims(layout):
+    x = np.arange(2 * 32 * 3 * 5, dtype=np.float32).reshape(2, 32, 3, 5)
+    stored = to_layout(x, layout)
+    assert stored.shape == activation_dims(layout, *x.shape)
+    assert nchw_shape(stored.shape, layout) == x.shape
+    assert np.array_equal(from_layout(stored, layout), x)
+    if layout != NCHW:
+        moved = np.zeros(stored.shape, np.float32)
+        for index in np.ndindex(*x.shape):
+            moved[index_map(NCHW, layout)(*index)] = x[index]
+        assert np.array_equal(moved, stored)
+        assert Layouts.parse(Layouts(NCHW, layout).name) == Layouts(NCHW, layout)
 
 
 def test_only_tunable_cores_define_a_search_space():

@@ -20,8 +20,8 @@ that computes it (:func:`select_core`):
   scales on signed activations or odd group sizes, targets without AVX2); it reads the stored
   2-bit weights directly;
 * on an NVIDIA GPU (:mod:`~fgq_tvm.schedules.conv2d_cuda`), ``int8-gemm-cuda`` for the integer
-  weight encodings (implicit int8 GEMMs, on the tensor cores where they are large enough), and
-  ``bitplane-cuda`` for the rest. Their PrimFuncs are scheduled by DLight's GPU rules
+  weight encodings (implicit int8 GEMMs on the tensor cores, NHWC), and ``bitplane-cuda`` for
+  the rest. Their PrimFuncs are scheduled by the GPU rules
   (:mod:`~fgq_tvm.schedules.gpu_rules`).
 
 All compute the same numbers (``reference_forward``) from the layer's stored arguments
