@@ -30,12 +30,12 @@ by ``benchmarks/gpu_check.py``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tvm
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.s_tir.dlight import ScheduleRule
-from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
 # The attribute that marks a PrimFunc for this schedule (set by the GEMM core on its layers).
 TENSOR_CORE_GEMM = "fgq.tensor_core_gemm"
@@ -47,9 +47,18 @@ SHARED_MEMORY = 48 * 1024  # a thread block's static shared memory
 IM2COL_VECTOR = 4
 ROW_PADDING = 16  # bytes added to each shared row, so that ldmatrix's rows miss bank conflicts
 STORE_TO_SHARED = "fgq_mma_store_16x16_i32_shared"
-TensorIntrin.register(
-    STORE_TO_SHARED, *intrinsics.get_mma_store_intrin("int32", 8, "shared", False), override=True
-)
+
+
+@functools.cache
+def _intrinsics():
+    """TVM's CUDA tensor intrinsics, with :data:`STORE_TO_SHARED` registered. Imported on first
+    use: parsing them takes seconds to minutes in a process that has imported PyTorch, which
+    no command but a GPU build should pay."""
+    from tvm.s_tir.tensor_intrin import cuda
+
+    store = cuda.get_mma_store_intrin("int32", 8, "shared", False)
+    TensorIntrin.register(STORE_TO_SHARED, *store, override=True)
+    return cuda
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,7 @@ def _epilogue(sch: Schedule, block_loop, tiles: GemmTiles) -> None:
 
 def _tensorize(sch: Schedule, a_warp, b_warp, acc_warp) -> None:
     """The fragments' loads, products, fill and store on TVM's MMA intrinsics."""
+    intrinsics = _intrinsics()
     a_fragment = _split_fragments(sch, a_warp, FRAGMENT_M, FRAGMENT_K)
     b_fragment = _split_fragments(sch, b_warp, FRAGMENT_N, FRAGMENT_K)
     sch.transform_layout(a_warp, ("write", 0), _operand_fragment_layout)
@@ -226,7 +236,7 @@ def _operand_fragment_layout(i, j):
     return (
         i // FRAGMENT_M,
         j // FRAGMENT_K,
-        *intrinsics.shared_16x32_to_ldmatrix_32x16_layout(i % FRAGMENT_M, j % FRAGMENT_K),
+        *_intrinsics().shared_16x32_to_ldmatrix_32x16_layout(i % FRAGMENT_M, j % FRAGMENT_K),
     )
 
 
@@ -235,7 +245,7 @@ def _accumulator_fragment_layout(i, j):
     return (
         i // FRAGMENT_M,
         j // FRAGMENT_N,
-        *intrinsics.shared_16x16_to_ldmatrix_32x8_layout(i % FRAGMENT_M, j % FRAGMENT_N),
+        *_intrinsics().shared_16x16_to_ldmatrix_32x8_layout(i % FRAGMENT_M, j % FRAGMENT_N),
     )
 
 
