@@ -58,6 +58,7 @@ from .schedules.gpu_rules import schedule_for_gpu
 from .schedules.kernel_spec import KernelSpec, layer_encoding
 from .schedules.layout import NCHW
 from .schedules.select import network_layout
+from .schedules.widen_byte_broadcasts import cuda_tir_pipeline
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32
@@ -268,7 +269,12 @@ def _build(mod, target):
         with target:
             return tvm.compile(mod, target=target)
     with target, compiling_cuda_with_nvcc(str(target.attrs["arch"])):
-        return tvm.compile(mod, target=target, relax_pipeline=_gpu_lowering(target))
+        return tvm.compile(
+            mod,
+            target=target,
+            relax_pipeline=_gpu_lowering(target),
+            tir_pipeline=cuda_tir_pipeline(),
+        )
 
 
 def _gpu_lowering(target) -> tvm.transform.Pass:

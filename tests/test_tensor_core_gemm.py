@@ -1,15 +1,19 @@
 """The tensor-core schedule of the GPU GEMM core: its knobs, and that it builds to ldmatrix and
-mma.sync code for every kind of layer (its numbers are checked on a GPU by
-benchmarks/gpu_check.py; the compute it schedules is checked on the CPU in test_kernels)."""
+mma.sync code for every kind of layer, which nvcc compiles without local memory (its numbers are
+checked on a GPU by benchmarks/gpu_check.py; the compute it schedules is checked on the CPU in
+test_kernels)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 import tvm
 from tvm import te
 
+from fgq_tvm.cuda_binary import NVCC_OPTIONS
 from fgq_tvm.quant.layers import ActQuant
 from fgq_tvm.schedules.conv2d_cuda import GEMM_CUDA_CORE
 from fgq_tvm.schedules.core import Conv2dShape, Epilogue
@@ -22,9 +26,11 @@ from fgq_tvm.schedules.tensor_core_gemm import (
     default_tiles,
     padded_extents,
 )
+from fgq_tvm.schedules.widen_byte_broadcasts import cuda_tir_pipeline
 from fgq_tvm.target import parse_target
 
 UNSIGNED = ActQuant(0.05, 8, False)
+SIGNED = ActQuant(0.05, 8, True)
 CUDA = parse_target("cuda -arch=sm_80")
 RESNET50_BATCH1 = [  # (M, N, K) of ResNet-50's layers at batch 1, unpadded
     (12544, 64, 147), (3136, 64, 64), (3136, 64, 576), (3136, 256, 64), (784, 128, 1152),
@@ -68,20 +74,42 @@ LAYERS = [  # shape, epilogue, whether the input holds activation bytes
 ]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("case", range(len(LAYERS)))
-def test_gemm_layers_build_on_the_tensor_cores(case):
+def test_gemm_layers_build_on_the_tensor_cores(case, tmp_path):
     shape, epilogue, quantized_input = LAYERS[case]
+    act = SIGNED if case == 0 else UNSIGNED  # padding: the byte 128 of a signed input, else 0
     kernels = GEMM_CUDA_CORE.kernels(
-        shape, UNSIGNED, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
+        shape, act, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
     )
     scheduled = schedule_for_gpu(tvm.IRModule({"main": kernels.layer}), CUDA)
     with CUDA:
-        source = tvm.compile(scheduled, target=CUDA).mod.imports[0].inspect_source()
-    assert source.count("ldmatrix") >= 2 and "mma.sync.aligned.m16n8k32" in source
+        built = tvm.compile(scheduled, target=CUDA, tir_pipeline=cuda_tir_pipeline())
+    source = built.mod.imports[0].inspect_source()
+    assert source.count("ldmatrix") >= 2 and "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8" in source
     kernels_defined = set(re.findall(r"__global__ void .*? (\w+)\(", source))
     assert len(kernels_defined) == 1  # the epilogue runs beside the products
     nhwc = (shape.batch, shape.out_height, shape.out_width, shape.out_channels)
     assert kernels.output[0] == nhwc
+    if quantized_input:  # vectors of 16 bytes of one pixel's channels (8 where the tile is small)
+        assert re.search(r"= \*\(uint[24]\*\)\(x_ptr", source)
+    stack, spill_stores, spill_loads = _local_memory(source, tmp_path)
+    assert stack == spill_stores == spill_loads == 0  # the fragments stay in registers
+
+
+def _local_memory(source: str, folder) -> tuple[int, ...]:
+    """The bytes of stack frame, spill stores and spill loads ptxas reports for ``source``."""
+    path = folder / "kernel.cu"
+    path.write_text(source)
+    command = ["nvcc", "--cubin", *NVCC_OPTIONS, "-arch=sm_90", "-Xptxas", "-v", str(path)]
+    report = subprocess.run(
+        [*command, "-o", str(folder / "kernel.cubin")], capture_output=True, text=True, check=True
+    ).stderr
+    found = re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill", report
+    )
+    assert found, report
+    return tuple(int(number) for number in found.groups())
 
 
 def test_the_rule_leaves_other_prim_funcs_alone():

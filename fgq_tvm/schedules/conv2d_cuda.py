@@ -9,15 +9,15 @@ Two cores, for a ``cuda`` target (:func:`is_cuda`):
   1. the **pack** (:func:`gemm_pack_compute`), run once on the GPU when the module is loaded
      (the module's ``prepare``): the stored weights (ternary in base 3, five to a byte, with
      their int8 scales; or int8) decoded into ``wgemm [N, K]`` int8 (row ``n``: the weights of
-     filter ``n`` by kernel row, kernel column, then channel), and ``offset_sums[n] = (128 -
-     offset) * sum w[n]``;
+     filter ``n`` by kernel row, kernel column, then channel), and ``offset_sums[n] = -offset *
+     sum w[n]``;
   2. the **layer** (:func:`gemm_conv2d_compute`), per inference: ``a[m, j]``, the im2col
-     matrix of the activations as signed bytes (``m``: batch, output row and column; ``j``:
-     kernel position then channel, so neighbouring elements of a row are neighbouring bytes of
-     one pixel of the NHWC input), read from the float32 input (quantized here) or from the
-     activation bytes the previous kernel wrote; a byte ``q`` stored with the quantizer's
-     offset (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`, value ``q - offset``) becomes
-     ``q - 128``, padding the value 0; so ``sum w * (q - offset) = sum w * a + offset_sums``
+     matrix of the activation bytes (``m``: batch, output row and column; ``j``: kernel
+     position then channel, so neighbouring elements of a row are neighbouring bytes of one
+     pixel of the NHWC input), read as the previous kernel wrote them or quantized here from
+     the float32 input: a byte ``q`` stored with the quantizer's offset
+     (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`, value ``q - offset``) as it is, padding
+     the byte ``offset`` (the value 0); so ``sum w * (q - offset) = sum w * a + offset_sums``
      exactly. ``acc[m, n] = sum_j a[m, j] * wgemm[n, j]`` in int32, then ``y =
      f32(f64(acc + offset_sums) * f64(out_scale[n])) + bias`` and the epilogue (residual add,
      ReLU, the next layer's quantization), stored NHWC: ``acc``'s row ``m`` is pixel ``m`` of
@@ -60,7 +60,6 @@ from .core import INTEGER_ENCODINGS, Conv2dShape, Core, Epilogue, LayerKernels, 
 from .layout import NHWC, Layouts, activation_dims
 from .tensor_core_gemm import TENSOR_CORE_GEMM, padded_extents
 
-SIGNED_ZERO = 128  # a stored activation byte q is the signed byte q - 128 on the tensor cores
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
 
 
@@ -97,7 +96,8 @@ def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncodin
     int8 scales: the layer reads only ``out_scale`` and ``bias`` as they are stored).
     """
     args = layer_arguments(shape, encoding, STORAGE)
-    _, n, k = gemm_extents(shape)
+    extents = gemm_extents(shape)
+    _, n, k = extents
 
     def weight(row, j):
         r, s, c = _window_element(tirx.min(j, k - 1), shape)
@@ -107,12 +107,11 @@ def gemm_pack_compute(shape: Conv2dShape, act: ActQuant, encoding: WeightEncodin
         inside = tirx.all(row < n, j < k)
         return tirx.if_then_else(inside, weight(row, j), 0).astype("int8")
 
-    _, padded_n, padded_k = padded_extents(*gemm_extents(shape))
+    _, padded_n, padded_k = padded_extents(*extents)
     wgemm = te.compute((padded_n, padded_k), padded_weight, name="wgemm")
     j = te.reduce_axis((0, k), name="j")
-    offset = SIGNED_ZERO - act.offset
     offset_sums = te.compute(
-        (n,), lambda row: te.sum(weight(row, j) * offset, axis=j), name="offset_sums"
+        (n,), lambda row: te.sum(weight(row, j) * -act.offset, axis=j), name="offset_sums"
     )
     return [*args.weights, wgemm, offset_sums]
 
@@ -190,9 +189,9 @@ def gemm_conv2d_prim_func(
 
 
 def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
-    """``a[m, j]``: the signed byte ``q - 128`` of the NHWC input at output pixel ``m``'s
-    window element ``j`` (:func:`_window_element`); padding holds the value 0 (``offset -
-    128``). Rows and columns beyond the GEMM's (:func:`padded_extents`) repeat its last ones:
+    """``a[m, j]``: the activation byte of the NHWC input at output pixel ``m``'s window
+    element ``j`` (:func:`_window_element`); padding holds the value 0 (the byte ``offset``).
+    Rows and columns beyond the GEMM's (:func:`padded_extents`) repeat its last ones:
     ``wgemm`` is zero on those columns, and those rows are never stored."""
     (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
     dil_h, dil_w = shape.dilation
@@ -207,8 +206,7 @@ def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
         row = tirx.max(tirx.min(h, shape.height - 1), 0)
         clamped = x[b, row, tirx.max(tirx.min(w, shape.width - 1), 0), c]
         stored = clamped if x.dtype == "uint8" else stored_byte(clamped, act)
-        signed = (stored.astype("int32") - SIGNED_ZERO).astype("int8")
-        return tirx.if_then_else(inside, signed, tirx.const(act.offset - SIGNED_ZERO, "int8"))
+        return tirx.if_then_else(inside, stored, tirx.const(act.offset, "uint8"))
 
     padded_m, _, padded_k = padded_extents(*gemm_extents(shape))
     return te.compute((padded_m, padded_k), element, name="a")

@@ -11,7 +11,7 @@ computes it. A core states, in its own module beside its compute and schedule:
 
 * what it needs and computes: :meth:`~Core.available`, :meth:`~Core.supports`;
 * how it wants the layer's constants (:attr:`~Core.ternary_storage`) and what it reads and
-  writes (:attr:`~Core.blocked_layouts`, :attr:`~Core.activation_bytes`);
+  writes (:attr:`~Core.layouts`, :attr:`~Core.activation_bytes`);
 * its PrimFuncs with their default schedule and load-time pack (:meth:`~Core.layer_kernels`,
   which :meth:`~Core.kernels` calls once the request is one the core computes);
 * its tuning knobs, where MetaSchedule may search them (:attr:`~Core.tunable`,

@@ -45,6 +45,7 @@ from .conv2d_popcount import POPCOUNT_CORE
 from .core import Conv2dShape, Core, LayerKernels, TensorSpec, WeightEncoding
 from .gpu_rules import schedule_for_gpu
 from .layout import NCHW, PLAIN, ActivationLayout, Layouts, from_layout, to_layout
+from .widen_byte_broadcasts import cuda_tir_pipeline
 
 CORES: tuple[Core, ...] = (
     GEMM_CUDA_CORE,
@@ -156,9 +157,11 @@ def _compile(func: tvm.tirx.PrimFunc, core: str, target):
     leaves its schedule to them; built as it is (plain loops) on a CPU, to check the
     arithmetic of a GPU core there."""
     mod = tvm.IRModule({"main": func})
-    if core_named(core).rule_scheduled and is_cuda(target):
+    if not is_cuda(target):
+        return tvm.compile(mod, target=target)
+    if core_named(core).rule_scheduled:
         mod = schedule_for_gpu(mod, target)
-    return tvm.compile(mod, target=target)
+    return tvm.compile(mod, target=target, tir_pipeline=cuda_tir_pipeline())
 
 
 def _empty(session: Session, shape: tuple[int, ...], dtype: str):

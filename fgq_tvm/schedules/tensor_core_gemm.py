@@ -1,27 +1,30 @@
 """The int8 tensor-core schedule of the GPU GEMM core: its knobs, its schedule, its rule.
 
 The GEMM core (:mod:`~fgq_tvm.schedules.conv2d_cuda`) states each layer as three stages: ``a``
-(the im2col matrix, signed bytes, ``[M, K]``), ``acc`` (``sum_j a[m, j] * wgemm[n, j]`` in
-int32, ``[M, N]``) and ``y`` (the epilogue, one output element per ``acc`` element). Its
-extents are padded (:func:`padded_extents`) to whole tiles of the tensor-core instruction.
+(the im2col matrix of the activation bytes as stored, ``[M, K]``), ``acc`` (``sum_j a[m, j] *
+wgemm[n, j]`` in int32, ``[M, N]``) and ``y`` (the epilogue, one output element per ``acc``
+element). Its extents are padded (:func:`padded_extents`) to whole tiles of the tensor-core
+instruction.
 
 The schedule (:func:`schedule_tensor_core_gemm`), for one thread block per ``block_m x
 block_n`` tile of ``acc`` and ``warps_m x warps_n`` warps in it:
 
 1. every ``32 * k_steps`` reduction steps, the block's threads copy the tile's slice of
    ``wgemm`` and of ``a`` into shared memory; the im2col is computed in that copy (``a`` is
-   inlined into it), so the activations are read from the input tensor directly;
+   inlined into it), so the activations are read from the input tensor directly, up to 16
+   bytes per thread and access (a whole vector of neighbouring channels of one pixel);
 2. each warp loads its 16x32 fragments from shared memory into registers (``ldmatrix``) and
-   multiplies them on the tensor cores (``mma.sync m16n8k32`` s8 x s8 -> s32), accumulating in
+   multiplies them on the tensor cores (``mma.sync m16n8k32`` u8 x s8 -> s32), accumulating in
    registers;
 3. the accumulators go through shared memory (the block's ``acc`` tile), from which the
    block's threads compute the epilogue (``y``), one output element each, consecutive threads
    on consecutive channels (NHWC: coalesced stores).
 
-The instructions are TVM's own tensor intrinsics (``tvm.s_tir.tensor_intrin.cuda``): ldmatrix
-of A and of B (stored ``[N, K]``, so "transposed"), the int8 MMA, the accumulator fill, and a
-store of the accumulator fragments to shared memory (:data:`STORE_TO_SHARED`, built from TVM's
-own template). Knobs: :class:`GemmTiles`; :func:`default_tiles` picks them without tuning.
+The instructions are tensor intrinsics (:mod:`~fgq_tvm.schedules.intrinsics_cuda`): the
+project's ldmatrix of the unsigned A and its u8 x s8 MMA, TVM's ldmatrix of B (stored ``[N,
+K]``, so "transposed") and accumulator fill, and a store of the accumulator fragments to shared
+memory built from TVM's template. Knobs: :class:`GemmTiles`; :func:`default_tiles` picks them
+without tuning.
 
 NumPy reference: ``acc = a.astype(int32) @ wgemm.astype(int32).T``; the whole layer is checked
 against ``reference_forward`` (the same PrimFunc, unscheduled, on the CPU; scheduled, on a GPU
@@ -30,35 +33,30 @@ by ``benchmarks/gpu_check.py``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import tvm
-from tvm.s_tir import Schedule, TensorIntrin
+from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import ScheduleRule
+
+from .intrinsics_cuda import (
+    FRAGMENT_K,
+    FRAGMENT_M,
+    FRAGMENT_N,
+    WARP,
+    accumulator_fragment_layout,
+    intrinsics,
+    operand_fragment_layout,
+)
 
 # The attribute that marks a PrimFunc for this schedule (set by the GEMM core on its layers).
 TENSOR_CORE_GEMM = "fgq.tensor_core_gemm"
-FRAGMENT_M, FRAGMENT_N, FRAGMENT_K = 16, 16, 32  # one m16n8k32 pair: a 16x16 tile, k 32
 PADDING = 32  # M, N and K are padded to whole multiples of this
-WARP = 32
 SHARED_MEMORY = 48 * 1024  # a thread block's static shared memory
-# The im2col's vector: it computes in int32 or float32 lanes, and CUDA has vectors of 4 of them
-IM2COL_VECTOR = 4
 ROW_PADDING = 16  # bytes added to each shared row, so that ldmatrix's rows miss bank conflicts
-STORE_TO_SHARED = "fgq_mma_store_16x16_i32_shared"
-
-
-@functools.cache
-def _intrinsics():
-    """TVM's CUDA tensor intrinsics, with :data:`STORE_TO_SHARED` registered. Imported on first
-    use: parsing them takes seconds to minutes in a process that has imported PyTorch, which
-    no command but a GPU build should pay."""
-    from tvm.s_tir.tensor_intrin import cuda
-
-    store = cuda.get_mma_store_intrin("int32", 8, "shared", False)
-    TensorIntrin.register(STORE_TO_SHARED, *store, override=True)
-    return cuda
+WIDEST_COPY = 16  # bytes a thread copies into shared memory per step (one 128-bit access)
+# The im2col from a float32 input quantizes in float32 lanes, of which CUDA has vectors of 4
+WIDEST_FLOAT_COPY = 4
 
 
 @dataclass(frozen=True)
@@ -125,9 +123,7 @@ def default_tiles(m: int, n: int, k: int, blocks_wanted: int = 132) -> GemmTiles
         else:
             block_n //= 2
     k_steps = 2 if k % (2 * FRAGMENT_K) == 0 else 1
-    tiles = GemmTiles(block_m, block_n, min(2, block_m // 16), min(2, block_n // 16), k_steps)
-    tiles.check(m, n, k)
-    return tiles
+    return GemmTiles(block_m, block_n, min(2, block_m // 16), min(2, block_n // 16), k_steps)
 
 
 def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
@@ -136,7 +132,7 @@ def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
     acc = sch.get_sblock("acc")
     tiles.check(*_extents(sch))
     fragment, block_loop, warp_loop, k_outer, k_inner = _tile(sch, acc, tiles)
-    _copy_to_shared(sch, fragment, 0, k_outer, tiles, IM2COL_VECTOR)
+    _copy_to_shared(sch, fragment, 0, k_outer, tiles, _widest_im2col_copy(sch))
     _copy_to_shared(sch, fragment, 1, k_outer, tiles, 16)
     sch.compute_inline(sch.get_sblock("a"))
     a_warp = sch.cache_read(fragment, 0, "warp")
@@ -174,6 +170,16 @@ def _tile(sch: Schedule, acc, tiles: GemmTiles):
     sch.bind(block_loop, "blockIdx.x")
     sch.bind(warp_loop, "threadIdx.y")
     return fragment, block_loop, warp_loop, k_outer, k_inner
+
+
+def _widest_im2col_copy(sch: Schedule) -> int:
+    """The widest vector of ``a`` one thread copies: neighbouring elements of an im2col row
+    are neighbouring channels of one input pixel only within whole vectors that divide the
+    channels; bytes go 16 at a time, float32 values 4."""
+    (x,) = [read.source.ty for read in sch.get(sch.get_sblock("a")).reads if len(read.region) == 4]
+    channels = int(x.shape[-1])
+    widest = WIDEST_COPY if x.dtype == "uint8" else WIDEST_FLOAT_COPY
+    return next(v for v in (16, 8, 4, 2, 1) if v <= widest and channels % v == 0)
 
 
 def _copy_to_shared(sch: Schedule, fragment, operand: int, k_outer, tiles: GemmTiles, widest: int):
@@ -215,38 +221,26 @@ def _epilogue(sch: Schedule, block_loop, tiles: GemmTiles) -> None:
 
 
 def _tensorize(sch: Schedule, a_warp, b_warp, acc_warp) -> None:
-    """The fragments' loads, products, fill and store on TVM's MMA intrinsics."""
-    intrinsics = _intrinsics()
+    """The fragments' loads, products, fill and store on the tensor intrinsics
+    (:mod:`~fgq_tvm.schedules.intrinsics_cuda`)."""
+    names = intrinsics()
     a_fragment = _split_fragments(sch, a_warp, FRAGMENT_M, FRAGMENT_K)
     b_fragment = _split_fragments(sch, b_warp, FRAGMENT_N, FRAGMENT_K)
-    sch.transform_layout(a_warp, ("write", 0), _operand_fragment_layout)
-    sch.transform_layout(b_warp, ("write", 0), _operand_fragment_layout)
-    sch.transform_layout(acc_warp, ("read", 0), _accumulator_fragment_layout)
-    sch.tensorize(a_fragment, intrinsics.LDMATRIX_i8_A_INTRIN)
-    sch.tensorize(b_fragment, intrinsics.LDMATRIX_i8_B_TRANS_INTRIN)
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], intrinsics.MMA_i8i8i32_TRANS_B_INTRIN)
-    sch.tensorize(
-        sch.get_loops(sch.get_sblock("acc_init"))[-2], intrinsics.MMA_fill_16x16_i32_INTRIN
-    )
-    sch.tensorize(sch.get_loops(acc_warp)[-2], STORE_TO_SHARED)
+    sch.transform_layout(a_warp, ("write", 0), _in_fragments(operand_fragment_layout, FRAGMENT_K))
+    sch.transform_layout(b_warp, ("write", 0), _in_fragments(operand_fragment_layout, FRAGMENT_K))
+    accumulators = _in_fragments(accumulator_fragment_layout, FRAGMENT_N)
+    sch.transform_layout(acc_warp, ("read", 0), accumulators)
+    sch.tensorize(a_fragment, names.load_a)
+    sch.tensorize(b_fragment, names.load_b)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], names.mma)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc_init"))[-2], names.fill)
+    sch.tensorize(sch.get_loops(acc_warp)[-2], names.store)
 
 
-def _operand_fragment_layout(i, j):
-    """A 16x32 int8 operand fragment in the registers of a warp's 32 threads (ldmatrix)."""
-    return (
-        i // FRAGMENT_M,
-        j // FRAGMENT_K,
-        *_intrinsics().shared_16x32_to_ldmatrix_32x16_layout(i % FRAGMENT_M, j % FRAGMENT_K),
-    )
-
-
-def _accumulator_fragment_layout(i, j):
-    """A 16x16 int32 accumulator fragment in the registers of a warp's 32 threads."""
-    return (
-        i // FRAGMENT_M,
-        j // FRAGMENT_N,
-        *_intrinsics().shared_16x16_to_ldmatrix_32x8_layout(i % FRAGMENT_M, j % FRAGMENT_N),
-    )
+def _in_fragments(layout, width: int):
+    """The index map of a warp's buffer of 16 x ``width`` fragments, each laid out in the
+    registers of its 32 threads by ``layout``."""
+    return lambda i, j: (i // FRAGMENT_M, j // width, *layout(i % FRAGMENT_M, j % width))
 
 
 class TensorCoreGemm(ScheduleRule):
