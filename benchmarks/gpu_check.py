@@ -29,7 +29,9 @@ batch) as matches; ``prepare`` says when the two exceed the limit.
 * ResNet-18 and ResNet-50 at batch 1 on random inputs: logits close to the reference's;
 * latency of the ResNet-18/50 modules at batch 1 and 64, interleaved with PyTorch FP32 eager
   and FP16 channels_last (``cudnn.benchmark``), median of ``--repeats`` after warm-up, and the
-  ratios; PyTorch's rows read "n/a" without torchvision.
+  ratios; every runtime reads an input already on the GPU (fgq-tvm a PyTorch CUDA tensor, in
+  place), and a second fgq-tvm column takes the NumPy array (its copy to the GPU included);
+  PyTorch's rows read "n/a" without torchvision.
 
 It prints the table and writes it to ``benchmarks/results/<gpu key>/gpu-check.md`` (and
 ``.json``); the exit status is 1 when a correctness check fails.
@@ -55,6 +57,7 @@ CIFAR_BATCH = 100
 TIMED_MODELS = ("resnet18", "resnet50")
 TIMED_BATCHES = (1, 64)
 RANDOM_IMAGES = 2
+FROM_NUMPY = "fgq-tvm from NumPy"
 AGREEMENT_TARGET = 0.999
 CARRY_MIB = 64  # what a device run carries: the working tree and the archive together
 GPU_PYTHON = "3.12"  # the GPU machine's python3 (the device image's PyTorch venv)
@@ -361,7 +364,7 @@ def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
     import numpy as np
 
     x = np.random.default_rng(0).standard_normal(module.input_shape).astype(np.float32)
-    runners = {"fgq-tvm": lambda: module(x)}
+    runners = _fgq_runners(module, x)
     runners.update(_torch_runners(model, x, on_gpu=module.gpu is not None))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for runner in runners.values():
@@ -376,6 +379,21 @@ def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"{model} batch {batch}: " + ", ".join(f"{n} {m:.3f} ms" for n, m in medians.items()))
     return {"model": model, "batch": batch, "ms": medians}
+
+
+def _fgq_runners(module, x) -> dict:
+    """The module on an input already on its GPU (a PyTorch CUDA tensor, read in place, as
+    PyTorch's runners read theirs) and on the NumPy array (copied there and back: what a
+    NumPy caller pays); the NumPy runner alone without PyTorch or a GPU."""
+    runners = {FROM_NUMPY: lambda: module(x)}
+    try:
+        import torch
+    except ImportError:
+        return {"fgq-tvm": runners[FROM_NUMPY]}
+    if module.gpu is None or not torch.cuda.is_available():
+        return {"fgq-tvm": runners[FROM_NUMPY]}
+    image = torch.from_numpy(x).to(f"cuda:{module.gpu.index}")
+    return {"fgq-tvm": lambda: module(image), **runners}
 
 
 def _torch_runners(model: str, x, on_gpu: bool) -> dict:
@@ -426,15 +444,18 @@ def _report(results: Path, where: str, checks, rows, top1: float, reference_top1
         "",
         f"CIFAR ResNet-20 top-1: {top1:.2%} compiled, {reference_top1:.2%} reference.",
         "",
-        "| model | batch | fgq-tvm (ms) | PyTorch FP32 (ms) | PyTorch FP16 CL (ms) | "
-        "vs FP32 | vs FP16 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Input on the GPU for fgq-tvm and PyTorch alike; the NumPy column adds the copies of a "
+        "NumPy caller's input and logits.",
+        "",
+        "| model | batch | fgq-tvm (ms) | fgq-tvm from NumPy (ms) | PyTorch FP32 (ms) | "
+        "PyTorch FP16 CL (ms) | vs FP32 | vs FP16 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         ms = row["ms"]
         ours, fp32 = ms["fgq-tvm"], ms.get("PyTorch FP32")
         fp16 = ms.get("PyTorch FP16 channels_last")
-        cells = [f"{v:.3f}" if v else "n/a" for v in (ours, fp32, fp16)]
+        cells = [f"{v:.3f}" if v else "n/a" for v in (ours, ms.get(FROM_NUMPY), fp32, fp16)]
         ratios = [f"{ours / v:.2f}x" if v else "n/a" for v in (fp32, fp16)]
         lines.append(f"| {row['model']} | {row['batch']} | {' | '.join(cells + ratios)} |")
     text = "\n".join(lines) + "\n"

@@ -45,7 +45,7 @@ import numpy as np
 
 from . import cpu_features, gpu_runtime
 from .errors import FGQError
-from .gpu_runtime import Gpu
+from .gpu_runtime import CUDA_DEVICE_TYPE, Gpu
 from .threads import choose_threads, cores, usable_cpus
 
 SIDECAR_FORMAT = "fgq-tvm-module/3"
@@ -55,6 +55,7 @@ _FORMAT_NAME = SIDECAR_FORMAT.split("/")[0]
 _DIGEST = re.compile("[0-9a-f]{64}")  # a SHA-256 in hexadecimal
 _CHUNK = 1 << 20
 INPUT_DTYPE = np.dtype("float32")
+_CPU_DEVICE = 1  # DLPack's kDLCPU
 _ALIGNMENT = 64  # bytes: TVM's allocations, which compiled kernels may assume of their inputs
 _CPU = (1, 0)  # DLPack device type and index of the CPU
 _POOLED_ALLOCATOR = 2  # the Relax VM's memory allocator kind, as tvm.relax.VirtualMachine picks
@@ -115,18 +116,22 @@ class CompiledModel:
         self._vm = vm
         self._prepared = prepared
 
-    def __call__(self, x: np.ndarray, check_finite: bool = True) -> np.ndarray:
+    def __call__(self, x, check_finite: bool = True) -> np.ndarray:
         """Run the network on ``x``.
 
         Parameters
         ----------
         x
             float32 array of shape ``[k * B, C, H, W]``, where ``[B, C, H, W]`` is
-            :attr:`input_shape` and ``k >= 1``, normalised as ``info["input"]`` says.
-            Other dtypes (float64 included) are rejected rather than converted.
+            :attr:`input_shape` and ``k >= 1``, normalised as ``info["input"]`` says: a NumPy
+            array, or a C-contiguous tensor already on the module's device that supports
+            DLPack (such as a PyTorch CUDA tensor for a module compiled for ``cuda``), which
+            the module reads in place. Other dtypes (float64 included) are rejected rather
+            than converted.
         check_finite
-            Refuse ``x`` if it holds NaN or infinite values (the quantized network would turn
-            them into a confident class, NaN as if it were +inf). ``False`` skips the check.
+            Refuse a NumPy ``x`` if it holds NaN or infinite values (the quantized network
+            would turn them into a confident class, NaN as if it were +inf). ``False`` skips
+            the check; tensors on a device are not checked.
             Finite values of any size are accepted: activation quantization clamps them.
 
         Returns
@@ -137,10 +142,11 @@ class CompiledModel:
         Raises
         ------
         FGQError
-            Wrong shape or dtype, non-finite values, or the module fails to run.
+            Wrong shape, dtype, device or layout, non-finite values, or the module fails to
+            run.
         """
-        self._check_input(x)
-        if check_finite:
+        self._check_input(*_description(x))
+        if check_finite and isinstance(x, np.ndarray):
             _check_finite(x)
         batch = self.input_shape[0]
         _use_threads(self.threads)
@@ -169,7 +175,7 @@ class CompiledModel:
             the function's calls in that inference), in order of first call. Kernels are
             named ``fgq_<layer>...``.
         """
-        self._check_input(x)
+        self._check_input(*_description(x))
         if len(x) != self.input_shape[0]:
             raise FGQError(f"profile one batch of {self.input_shape[0]}, not {len(x)} images")
         started: dict[str, float] = {}
@@ -194,8 +200,11 @@ class CompiledModel:
             self._vm["set_instrument"](lambda *_args: None)
         return {name: [run.get(name, 0.0) for run in runs] for name in runs[0]}
 
-    def _input(self, x: np.ndarray):
-        """``x`` as a tensor on the module's device."""
+    def _input(self, x):
+        """``x`` as a tensor on the module's device: a copy of a NumPy array, a device
+        tensor as it is."""
+        if not isinstance(x, np.ndarray):
+            return _device_tensor(x)
         tensor = _tensor(x)
         return tensor if self.gpu is None else gpu_runtime.to_gpu(tensor, self.gpu, _tvm_ffi())
 
@@ -205,24 +214,67 @@ class CompiledModel:
             return _to_numpy(result[0])
         return gpu_runtime.to_numpy(result[0], _tvm_ffi())
 
-    def _check_input(self, x: np.ndarray) -> None:
-        if not isinstance(x, np.ndarray):
-            raise FGQError(f"expected a NumPy array as input, got {type(x).__name__}")
-        if x.dtype != INPUT_DTYPE:
+    def _check_input(self, shape: tuple[int, ...], dtype, device: tuple[int, int] | None):
+        """Refuse an input of the wrong dtype, shape or (``(DLPack device type, index)``;
+        ``None`` for a NumPy array) device."""
+        if np.dtype(dtype) != INPUT_DTYPE:
             raise FGQError(
-                f"expected float32 input, got {x.dtype}; convert it with x.astype(np.float32)"
+                f"expected float32 input, got {np.dtype(dtype)}; convert it (NumPy: "
+                "x.astype(np.float32))"
             )
         batch, *sample = self.input_shape
-        if x.ndim != len(self.input_shape) or list(x.shape[1:]) != sample or not _fits(x, batch):
+        if (
+            len(shape) != len(self.input_shape)
+            or list(shape[1:]) != sample
+            or not _fits(shape[0], batch)
+        ):
             multiple = f" with N a multiple of {batch}" if batch > 1 else ""
             raise FGQError(
                 f"expected input of shape [N, {', '.join(map(str, sample))}]{multiple}, "
-                f"got {list(x.shape)}"
+                f"got {list(shape)}"
+            )
+        expected = (_CPU_DEVICE, 0) if self.gpu is None else (CUDA_DEVICE_TYPE, self.gpu.index)
+        if device is not None and device != expected:
+            where = "the CPU" if self.gpu is None else f"GPU {self.gpu.index}"
+            raise FGQError(
+                f"the input tensor is on {_device_name(device)}, and this module runs on "
+                f"{where}; move it there, or pass a NumPy array"
             )
 
 
-def _fits(x: np.ndarray, batch: int) -> bool:
-    return len(x) > 0 and len(x) % batch == 0
+def _fits(rows: int, batch: int) -> bool:
+    return rows > 0 and rows % batch == 0
+
+
+def _device_tensor(x):
+    """The DLPack tensor ``x`` as a ``tvm_ffi`` tensor, without a copy."""
+    import tvm_ffi
+
+    if not hasattr(x, "__dlpack__"):
+        raise FGQError(f"expected a NumPy array or a DLPack tensor, got {type(x).__name__}")
+    try:
+        return tvm_ffi.from_dlpack(x, require_alignment=_ALIGNMENT, require_contiguous=True)
+    except Exception as error:  # from_dlpack's own errors: not contiguous, not aligned
+        raise FGQError(
+            f"the input tensor cannot be read in place ({_first_line(error)}); pass a "
+            f"contiguous tensor aligned to {_ALIGNMENT} bytes, or a NumPy array"
+        ) from None
+
+
+def _description(x) -> tuple[tuple[int, ...], np.dtype, tuple[int, int] | None]:
+    """Shape, dtype and ``(DLPack device type, index)`` of the input ``x`` (``None`` for a
+    NumPy array)."""
+    if isinstance(x, np.ndarray):
+        return x.shape, x.dtype, None
+    tensor = _device_tensor(x)
+    device = (int(tensor.device.dlpack_device_type()), int(tensor.device.index))
+    return tuple(tensor.shape), np.dtype(str(tensor.dtype)), device
+
+
+def _device_name(device: tuple[int, int]) -> str:
+    kind, index = device
+    names = {_CPU_DEVICE: "the CPU", CUDA_DEVICE_TYPE: f"GPU {index}"}
+    return names.get(kind, f"DLPack device {kind}:{index}")
 
 
 def _tensor(x: np.ndarray):

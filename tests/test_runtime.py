@@ -80,6 +80,25 @@ def test_operator_times_cover_every_call_of_each_inference(tiny):
     np.testing.assert_allclose(model(batch(2)), batch(2).mean(axis=(2, 3)), rtol=1e-6, atol=1e-6)
 
 
+def test_a_dlpack_tensor_on_the_device_is_read_in_place(tiny):
+    torch = pytest.importorskip("torch")
+    model, x = fgq_tvm.load(tiny), batch(4)
+    tensor = torch.tensor(x)  # PyTorch's allocations are aligned as TVM's
+    np.testing.assert_array_equal(model(tensor), model(x))
+    with pytest.raises(FGQError, match="cannot be read in place .*; pass a contiguous tensor"):
+        model(tensor.transpose(2, 3))
+    with pytest.raises(FGQError, match="expected float32 input, got float64"):
+        model(tensor.double())
+    with pytest.raises(FGQError, match="expected a NumPy array or a DLPack tensor, got list"):
+        model(x.tolist())
+
+
+def test_a_tensor_on_another_device_is_refused(tiny):
+    model = fgq_tvm.load(tiny)
+    with pytest.raises(FGQError, match="the input tensor is on GPU 1, and this module runs on the"):
+        model._check_input(SHAPE, np.float32, (gpu_runtime.CUDA_DEVICE_TYPE, 1))
+
+
 @pytest.mark.parametrize(
     "x", [batch(3), batch(2)[:, :, :3], batch(2)[0], np.zeros((0, 3, 4, 4), np.float32)]
 )
