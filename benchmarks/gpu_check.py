@@ -356,6 +356,7 @@ def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> i
         for batch in TIMED_BATCHES:
             modules = single if batch == 1 else fgq_tvm.load(folder / f"{model}_b{batch}.so")
             rows.append(_time(model, batch, modules, repeats, warmup))
+            rows[-1]["operators"] = _operator_profile(modules)
     return _report(results, where, checks, rows, top1, reference_top1)
 
 
@@ -381,19 +382,38 @@ def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
     return {"model": model, "batch": batch, "ms": medians}
 
 
+def _operator_profile(module, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds per inference of each operator (the device synchronised around
+    each call: :meth:`~fgq_tvm.runtime.CompiledModel.operator_times`), slowest first."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal(module.input_shape).astype(np.float32)
+    image = _on_gpu(module, x)
+    times = module.operator_times(x if image is None else image, repeats)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return dict(sorted(medians.items(), key=lambda item: -item[1]))
+
+
 def _fgq_runners(module, x) -> dict:
     """The module on an input already on its GPU (a PyTorch CUDA tensor, read in place, as
     PyTorch's runners read theirs) and on the NumPy array (copied there and back: what a
     NumPy caller pays); the NumPy runner alone without PyTorch or a GPU."""
-    runners = {FROM_NUMPY: lambda: module(x)}
+    image = _on_gpu(module, x)
+    if image is None:
+        return {"fgq-tvm": lambda: module(x)}
+    return {"fgq-tvm": lambda: module(image), FROM_NUMPY: lambda: module(x)}
+
+
+def _on_gpu(module, x):
+    """``x`` as a PyTorch tensor on the module's GPU; ``None`` for a CPU module or without
+    PyTorch's CUDA."""
     try:
         import torch
     except ImportError:
-        return {"fgq-tvm": runners[FROM_NUMPY]}
+        return None
     if module.gpu is None or not torch.cuda.is_available():
-        return {"fgq-tvm": runners[FROM_NUMPY]}
-    image = torch.from_numpy(x).to(f"cuda:{module.gpu.index}")
-    return {"fgq-tvm": lambda: module(image), **runners}
+        return None
+    return torch.from_numpy(x).to(f"cuda:{module.gpu.index}")
 
 
 def _torch_runners(model: str, x, on_gpu: bool) -> dict:
@@ -458,6 +478,8 @@ def _report(results: Path, where: str, checks, rows, top1: float, reference_top1
         cells = [f"{v:.3f}" if v else "n/a" for v in (ours, ms.get(FROM_NUMPY), fp32, fp16)]
         ratios = [f"{ours / v:.2f}x" if v else "n/a" for v in (fp32, fp16)]
         lines.append(f"| {row['model']} | {row['batch']} | {' | '.join(cells + ratios)} |")
+    for row in rows:
+        lines += _operator_lines(row)
     text = "\n".join(lines) + "\n"
     print(text)
     folder = results / key
@@ -466,6 +488,24 @@ def _report(results: Path, where: str, checks, rows, top1: float, reference_top1
     record = {"device": where, "checks": checks, "rows": rows}
     (folder / "gpu-check.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0 if all(ok for _, _, ok in checks) else 1
+
+
+def _operator_lines(row: dict, shown: int = 12) -> list[str]:
+    """The slowest operators of one timed module, with their shares of the profiled
+    inference."""
+    operators = row["operators"]
+    total, shown = sum(operators.values()), min(shown, len(row["operators"]))
+    lines = [
+        "",
+        f"{row['model']} batch {row['batch']}, the {shown} slowest of {len(operators)} operators "
+        f"(profiled inference {total:.3f} ms, synchronised around each call):",
+        "",
+        "| operator | ms | share |",
+        "| --- | --- | --- |",
+    ]
+    for name, ms in list(operators.items())[:shown]:
+        lines.append(f"| {name} | {ms:.4f} | {ms / total:.1%} |")
+    return lines
 
 
 def _device_key(where: str) -> str:
