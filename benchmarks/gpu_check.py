@@ -34,7 +34,10 @@ batch) as matches; ``prepare`` says when the two exceed the limit.
   PyTorch's rows read "n/a" without torchvision.
 
 It prints the table and writes it to ``benchmarks/results/<gpu key>/gpu-check.md`` (and
-``.json``); the exit status is 1 when a correctness check fails.
+``.json``); the exit status is 1 when a correctness check fails. Then, in a process of its
+own, the GEMM tile search (:mod:`gemm_tiles`: ResNet-50's heaviest convolutions at batch 1 and
+64, each with its default tiles and four others, checked against each other and timed), written
+to ``gemm-tiles.md`` (and ``.json``) beside it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+import gemm_tiles
+
 HERE = Path(__file__).resolve().parent
 BUILD = HERE.parent / "build" / "gpu_check"
 RESULTS = HERE / "results"
@@ -58,6 +63,7 @@ TIMED_MODELS = ("resnet18", "resnet50")
 TIMED_BATCHES = (1, 64)
 RANDOM_IMAGES = 2
 FROM_NUMPY = "fgq-tvm from NumPy"
+TILES = "gemm_tiles"  # the tile search's modules (gemm_tiles.py)
 AGREEMENT_TARGET = 0.999
 CARRY_MIB = 64  # what a device run carries: the working tree and the archive together
 GPU_PYTHON = "3.12"  # the GPU machine's python3 (the device image's PyTorch venv)
@@ -115,8 +121,11 @@ def prepare(
                 with torch.no_grad():
                     expected = torch.cat([reference(image[None]) for image in x])
                 np.savez(out / f"{model}_random.npz", x=x.numpy(), reference=expected.numpy())
+    if target.kind.name == "cuda":
+        gemm_tiles.prepare(out / TILES, target_text)
     _copy_runtime(out, python)
-    shutil.copy2(Path(__file__), out / "gpu_check.py")
+    for script in ("gpu_check.py", "gemm_tiles.py"):
+        shutil.copy2(HERE / script, out / script)
     archive = out.with_name(out.name + ".tar.xz")
     # sorted, so that the modules of one model at two batches (the same constants) are
     # neighbours in the stream, and xz -9's 64 MiB dictionary stores the second as matches
@@ -357,7 +366,28 @@ def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> i
             modules = single if batch == 1 else fgq_tvm.load(folder / f"{model}_b{batch}.so")
             rows.append(_time(model, batch, modules, repeats, warmup))
             rows[-1]["operators"] = _operator_profile(modules)
-    return _report(results, where, checks, rows, top1, reference_top1)
+    status = _report(results, where, checks, rows, top1, reference_top1)
+    if module.gpu is not None and (folder / TILES / gemm_tiles.MANIFEST).is_file():
+        _tile_search(folder, results / _device_key(where))
+    return status
+
+
+def _tile_search(folder: Path, results: Path) -> None:
+    """The tile search (:mod:`gemm_tiles`), in a process of its own, after everything else:
+    a variant that faults the GPU loses only its own table."""
+    command = [sys.executable, str(folder / "gpu_check.py"), "tiles", str(folder), str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    print(done.stdout if done.returncode == 0 else f"gemm tiles: failed: {done.stderr.strip()}")
+
+
+def tile_search(folder: Path, results: Path) -> None:
+    """Run the tile search on GPU 0, print its table and write it to ``results``."""
+    rows = gemm_tiles.run(folder / TILES)
+    text = "\n".join(["# GEMM tiles", "", *gemm_tiles.table(rows)]) + "\n"
+    print(text)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "gemm-tiles.md").write_text(text)
+    (results / "gemm-tiles.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
@@ -532,7 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     layer = steps.add_parser("layer", help="check one one-layer model (run calls it)")
     layer.add_argument("folder", type=Path)
     layer.add_argument("name")
+    tiles = steps.add_parser("tiles", help="the GEMM tile search (run calls it)")
+    tiles.add_argument("folder", type=Path)
+    tiles.add_argument("results", type=Path)
     args = parser.parse_args(argv)
+    if args.step == "tiles":
+        sys.path.insert(0, str(args.folder.resolve()))
+        tile_search(args.folder.resolve(), args.results)
+        return 0
     if args.step == "prepare":
         prepare(args.out, args.target, tuple(args.models), args.python)
         return 0

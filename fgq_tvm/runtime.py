@@ -209,7 +209,7 @@ class CompiledModel:
         """A function that waits for the module's GPU to finish its work (nothing on a CPU)."""
         if self.gpu is None:
             return lambda: None
-        tvm_ffi = _tvm_ffi()
+        tvm_ffi = tvm_ffi_runtime()
         device = tvm_ffi.device("cuda", self.gpu.index)
         sync = tvm_ffi.get_global_func("runtime.Device_StreamSync")
         return lambda: sync(device, 0)  # 0: the default stream, which the kernels run on
@@ -220,13 +220,15 @@ class CompiledModel:
         if not isinstance(x, np.ndarray):
             return _device_tensor(x)
         tensor = _tensor(x)
-        return tensor if self.gpu is None else gpu_runtime.to_gpu(tensor, self.gpu, _tvm_ffi())
+        return (
+            tensor if self.gpu is None else gpu_runtime.to_gpu(tensor, self.gpu, tvm_ffi_runtime())
+        )
 
     def _logits(self, result) -> np.ndarray:
         """The logits of ``main``'s result as a NumPy array."""
         if self.gpu is None:
             return _to_numpy(result[0])
-        return gpu_runtime.to_numpy(result[0], _tvm_ffi())
+        return gpu_runtime.to_numpy(result[0], tvm_ffi_runtime())
 
     def _check_input(self, shape: tuple[int, ...], dtype, device: tuple[int, int] | None):
         """Refuse an input of the wrong dtype, shape or (``(DLPack device type, index)``;
@@ -247,7 +249,7 @@ class CompiledModel:
                 f"expected input of shape [N, {', '.join(map(str, sample))}]{multiple}, "
                 f"got {list(shape)}"
             )
-        expected = (_CPU_DEVICE, 0) if self.gpu is None else (CUDA_DEVICE_TYPE, self.gpu.index)
+        expected = (_CPU_DEVICE, 0) if self.gpu is None else self.gpu.device
         if device is not None and device != expected:
             where = "the CPU" if self.gpu is None else f"GPU {self.gpu.index}"
             raise FGQError(
@@ -456,7 +458,7 @@ def _open_device(path: Path, info: dict, device: str | None) -> Gpu | None:
     if kind == "cpu":
         return None
     arch = json.loads(info["target"])["arch"]
-    return gpu_runtime.open_gpu(path, arch, runtime_library(), _tvm_ffi())
+    return gpu_runtime.open_gpu(path, arch, runtime_library(), tvm_ffi_runtime())
 
 
 def check_module(path: str | os.PathLike) -> dict:
@@ -743,7 +745,7 @@ def _tvm_package_folders() -> list[str]:
     return list(spec.submodule_search_locations or []) if spec else []
 
 
-def _tvm_ffi():
+def tvm_ffi_runtime():
     """The ``tvm_ffi`` module, with TVM's runtime library loaded once into the process."""
     try:
         import tvm_ffi
@@ -762,7 +764,7 @@ def _tvm_ffi():
 def _virtual_machine(path: Path, gpu: Gpu | None = None):
     """Open the library with ``tvm_ffi`` and start its Relax virtual machine on the CPU, or on
     ``gpu`` with the CPU as its host."""
-    tvm_ffi = _tvm_ffi()
+    tvm_ffi = tvm_ffi_runtime()
     devices = [*_CPU, _POOLED_ALLOCATOR]
     if gpu is not None:
         devices = [*gpu.device, _POOLED_ALLOCATOR, *devices]

@@ -25,6 +25,7 @@ from fgq_tvm.schedules.tensor_core_gemm import (
     TensorCoreGemm,
     default_tiles,
     padded_extents,
+    tile_candidates,
 )
 from fgq_tvm.schedules.widen_byte_broadcasts import cuda_tir_pipeline
 from fgq_tvm.target import parse_target
@@ -47,6 +48,18 @@ def test_default_tiles_divide_and_fit_every_resnet50_gemm(batch):
         tiles.check(*padded)  # raises if they do not divide or fit
         assert tiles.shared_bytes <= SHARED_MEMORY
         assert all(p >= e and p % 32 == 0 for p, e in zip(padded, (m * batch, n, k), strict=True))
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_the_search_space_holds_the_default_and_only_tiles_that_fit(batch):
+    for m, n, k in RESNET50_BATCH1:
+        padded = padded_extents(m * batch, n, k)
+        candidates = tile_candidates(*padded)
+        assert default_tiles(*padded) in candidates
+        for tiles in candidates:
+            tiles.check(*padded)
+            assert tiles.block_m * tiles.block_n // tiles.threads <= 64
+        assert len(set(candidates)) == len(candidates) > 10
 
 
 def test_big_gemms_get_big_tiles_and_small_ones_enough_blocks():

@@ -34,6 +34,7 @@ by ``benchmarks/gpu_check.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import tvm
 from tvm.s_tir import Schedule
@@ -57,6 +58,8 @@ ROW_PADDING = 16  # bytes added to each shared row, so that ldmatrix's rows miss
 WIDEST_COPY = 16  # bytes a thread copies into shared memory per step (one 128-bit access)
 # The im2col from a float32 input quantizes in float32 lanes, of which CUDA has vectors of 4
 WIDEST_FLOAT_COPY = 4
+WARPS_EACH_WAY = (1, 2, 4)  # the warps of a block along M and along N that a search tries
+MAX_ACCUMULATORS = 64  # int32 accumulators per thread: a 64 x 32 warp tile
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,26 @@ def default_tiles(m: int, n: int, k: int, blocks_wanted: int = 132) -> GemmTiles
             block_n //= 2
     k_steps = 2 if k % (2 * FRAGMENT_K) == 0 else 1
     return GemmTiles(block_m, block_n, min(2, block_m // 16), min(2, block_n // 16), k_steps)
+
+
+def tile_candidates(m: int, n: int, k: int) -> list[GemmTiles]:
+    """Every :class:`GemmTiles` that divides and fits a GEMM of padded extents ``m, n, k``:
+    blocks of 32 to 256 by 32 to 128, 1, 2 or 4 warps each way whose warp tiles hold at most
+    64 accumulators per thread, 1, 2 or 4 reduction steps per copy (the space a tile search
+    measures)."""
+    found = []
+    for block_m, block_n, warps_m, warps_n, k_steps in product(
+        (32, 64, 128, 256), (32, 64, 128), *[WARPS_EACH_WAY] * 2, (1, 2, 4)
+    ):
+        tiles = GemmTiles(block_m, block_n, warps_m, warps_n, k_steps)
+        accumulators = block_m * block_n // tiles.threads
+        try:
+            tiles.check(m, n, k)
+        except ValueError:
+            continue
+        if accumulators <= MAX_ACCUMULATORS:
+            found.append(tiles)
+    return found
 
 
 def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
