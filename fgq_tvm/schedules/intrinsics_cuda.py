@@ -30,7 +30,6 @@ from tvm.script import tirx as T
 
 WARP = 32
 FRAGMENT_M, FRAGMENT_N, FRAGMENT_K = 16, 16, 32
-OPERAND_REGISTERS = FRAGMENT_M * FRAGMENT_K // WARP  # bytes of a 16x32 fragment per thread
 ACCUMULATORS = FRAGMENT_M * FRAGMENT_N // WARP  # int32 of a 16x16 fragment per thread
 
 LDMATRIX_U8_A = "fgq_ldmatrix_16x32_u8_a"
