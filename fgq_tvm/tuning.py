@@ -77,6 +77,7 @@ from .remote import LOCAL, LOCAL_DEVICE, Call, Device, Session
 from .reporting import progress_bar
 from .schedules.kernel_spec import KernelSpec, kernel_arguments
 from .schedules.select import build_layer, core_named
+from .schedules.tvmscript_parsing import import_tensor_intrinsics
 from .threads import thread_settings
 from .timing import time_rounds
 from .tuning_database import TuningDatabase, open_database, skipped_warning
@@ -438,6 +439,7 @@ def search_context(workload: tvm.IRModule, target, name: str, space, strategy, s
 
     if isinstance(strategy, str):
         strategy = ms.search_strategy.create(strategy)
+    import_tensor_intrinsics()  # which TuneContext imports, slowly (tvmscript_parsing)
     return ms.TuneContext(
         mod=workload,
         target=target,
@@ -477,7 +479,9 @@ def run_search(
                 work_dir=str(work_dir),
                 max_trials_global=trials,
                 num_trials_per_iter=min(trials, 16),
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                builder=ms.builder.LocalBuilder(
+                    timeout_sec=BUILD_TIMEOUT_S, initializer=import_tensor_intrinsics
+                ),  # each worker imports them before its first build: that way, in seconds
                 runner=runner,
                 database=database,
                 cost_model="xgb",

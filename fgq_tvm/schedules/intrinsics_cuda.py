@@ -14,8 +14,9 @@ activations need no conversion on their way to shared memory, and are copied 16 
   template, registered for the shared scope).
 
 TVM's ``mma_ldmatrix_i8_b_trans`` (the weights, ``[N, K]``) and ``mma_fill_16x16_i32`` are used
-as they are. The module is imported on first use (:func:`intrinsics`): TVMScript parsing is slow
-in a process that has imported PyTorch, and only a GPU build needs these.
+as they are. They are registered on first use (:func:`intrinsics`), TVM's through
+:func:`~fgq_tvm.schedules.tvmscript_parsing.import_tensor_intrinsics`: parsing them takes
+seconds, and only a GPU build needs them.
 
 NumPy reference: ``C += A.astype(int32) @ B.astype(int32).T``.
 """
@@ -27,6 +28,8 @@ from types import SimpleNamespace
 
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+from .tvmscript_parsing import cheap_stacks, import_tensor_intrinsics
 
 WARP = 32
 FRAGMENT_M, FRAGMENT_N, FRAGMENT_K = 16, 16, 32
@@ -166,9 +169,12 @@ def _own_intrinsics() -> dict:
 def intrinsics() -> SimpleNamespace:
     """The intrinsics the tensor-core GEMM tensorizes with, registered on first use: the names
     of this module's and of TVM's (``tvm.s_tir.tensor_intrin.cuda``)."""
+    import_tensor_intrinsics()
     from tvm.s_tir.tensor_intrin import cuda
 
-    for name, (description, implementation) in _own_intrinsics().items():
+    with cheap_stacks():
+        own = _own_intrinsics()
+    for name, (description, implementation) in own.items():
         TensorIntrin.register(name, description, implementation, override=True)
     store = cuda.get_mma_store_intrin("int32", ACCUMULATORS, "shared", False)
     TensorIntrin.register(STORE_TO_SHARED, *store, override=True)
