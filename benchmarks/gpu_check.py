@@ -6,7 +6,8 @@ Two steps, one on each machine:
 ``python benchmarks/gpu_check.py prepare [--out build/gpu_check]`` (here, with fgq-tvm and
 TVM) compiles with the defaults of ``fgq-tvm compile --target cuda``: one-layer models of every
 kind of GEMM kernel (:data:`LAYER_CASES`), the CIFAR ResNet-20 at batch 100 (calibrated on the
-CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and 64 (random weights). It
+CIFAR calibration split), ResNet-18 and ResNet-50 at batch 1 and 64 (random weights), and
+at batch 1 once more with ``--cuda-graph`` (its kernels captured as one CUDA graph). It
 writes the modules, the runtime that runs them (fgq-tvm's runtime modules,
 ``libtvm_runtime.so``, ``libtvm_runtime_cuda.so``, ``libcudart.so.13`` and the ``tvm_ffi``
 package, with its compiled core for this Python and for the GPU machine's: ``--python``, 3.12,
@@ -26,7 +27,8 @@ batch) as matches; ``prepare`` says when the two exceed the limit.
   GPU fails its own check only): its output against the quantized reference's;
 * the ResNet-20 module on the 5,000 eval images: top-1 agreement with the reference (target
   >= 99.9%), logits within 1e-4, top-1 accuracy against the reference's;
-* ResNet-18 and ResNet-50 at batch 1 on random inputs: logits close to the reference's;
+* ResNet-18 and ResNet-50 at batch 1 on random inputs: logits close to the reference's, and
+  the CUDA-graph module's equal to the plain one's, input after input;
 * latency of the ResNet-18/50 modules at batch 1 and 64, interleaved with PyTorch FP32 eager
   and FP16 channels_last (``cudnn.benchmark``), median of ``--repeats`` after warm-up, and the
   ratios; every runtime reads an input already on the GPU (fgq-tvm a PyTorch CUDA tensor, in
@@ -64,6 +66,8 @@ TIMED_BATCHES = (1, 64)
 RANDOM_IMAGES = 2
 FROM_NUMPY = "fgq-tvm from NumPy"
 TILES = "gemm_tiles"  # the tile search's modules (gemm_tiles.py)
+GRAPH = "_graph"  # the name's end of a module whose kernels run as one CUDA graph
+_compiled: dict = {}  # (model, batch) -> (its quantized network, its spec), as prepare made them
 AGREEMENT_TARGET = 0.999
 CARRY_MIB = 64  # what a device run carries: the working tree and the archive together
 GPU_PYTHON = "3.12"  # the GPU machine's python3 (the device image's PyTorch venv)
@@ -116,6 +120,8 @@ def prepare(
     for model in models:
         for batch in TIMED_BATCHES:
             reference, spec = _compile(out, model, batch, target)
+            if batch == 1 and target.kind.name == "cuda":
+                _compile_graph(out, model, target)
             if batch == 1:
                 x = torch.randn(RANDOM_IMAGES, *spec.input_shape[1:], generator=generator)
                 with torch.no_grad():
@@ -221,9 +227,20 @@ def _compile(out: Path, model: str, batch: int, target, weights=None, calib=None
     inputs = quantization_inputs(float_model, spec, {}, calib)
     output = out / f"{model}_b{batch}.so"
     result = compile_model(float_model, spec, inputs.quant, inputs.calibration, target, output)
+    _compiled[model, batch] = result.quantized, spec
     elapsed = time.perf_counter() - started
     print(f"compiled {output.name} in {elapsed:.0f} s ({output.stat().st_size / 2**20:.1f} MiB)")
     return result.quantized.reference, spec
+
+
+def _compile_graph(out: Path, model: str, target) -> None:
+    """``{model}_b1.so``'s quantized network again, its kernels as one CUDA graph."""
+    from fgq_tvm.compiler import compile_quantized
+
+    quantized, spec = _compiled[model, 1]
+    output = out / f"{model}_b1{GRAPH}.so"
+    compile_quantized(quantized, spec, target, output, cuda_graph=True)
+    print(f"compiled {output.name} ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _as_bytes(images, spec):
@@ -362,10 +379,18 @@ def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> i
         error = float(np.abs(got - data["reference"]).max() / np.abs(data["reference"]).max())
         same = bool((got.argmax(1) == data["reference"].argmax(1)).all())
         checks.append((f"{model} random inputs, same top-1", error, same and error < 1e-3))
+        graph_path = folder / f"{model}_b1{GRAPH}.so"
+        if graph_path.is_file():
+            graphed = fgq_tvm.load(graph_path)
+            same = bool(all(np.array_equal(graphed(x[None]), single(x[None])) for x in data["x"]))
+            checks.append((f"{model} batch 1 as a CUDA graph, same logits", float(same), same))
         for batch in TIMED_BATCHES:
             modules = single if batch == 1 else fgq_tvm.load(folder / f"{model}_b{batch}.so")
             rows.append(_time(model, batch, modules, repeats, warmup))
             rows[-1]["operators"] = _operator_profile(modules)
+            if batch == 1 and graph_path.is_file():
+                rows.append(_time(model, "1, CUDA graph", graphed, repeats, warmup))
+                rows[-1]["operators"] = {}
     status = _report(results, where, checks, rows, top1, reference_top1)
     if module.gpu is not None and (folder / TILES / gemm_tiles.MANIFEST).is_file():
         _tile_search(folder, results / _device_key(where))
@@ -509,7 +534,7 @@ def _report(results: Path, where: str, checks, rows, top1: float, reference_top1
         ratios = [f"{ours / v:.2f}x" if v else "n/a" for v in (fp32, fp16)]
         lines.append(f"| {row['model']} | {row['batch']} | {' | '.join(cells + ratios)} |")
     for row in rows:
-        lines += _operator_lines(row)
+        lines += _operator_lines(row) if row["operators"] else []
     text = "\n".join(lines) + "\n"
     print(text)
     folder = results / key

@@ -131,6 +131,12 @@ def _add_compile(commands) -> None:
     )
     sub.set_defaults(handler=_compile)
     sub.add_argument("-o", "--output", required=True, metavar="OUT.so", help="module to write")
+    sub.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="cuda targets: run the kernels between the input's and the logits' as one captured "
+        "CUDA graph (one launch per inference after the first)",
+    )
     _add_model_arguments(sub)
     _add_schedule_arguments(sub)
 
@@ -712,14 +718,17 @@ def _compile(args: argparse.Namespace) -> int:
     output = _checked_output(args.output)
     if output.suffix != ".so":
         raise UsageError(f"output {str(output)!r} must end in .so")
+    if args.cuda_graph and _target(args.target).kind.name != "cuda":
+        raise UsageError("--cuda-graph needs --target cuda (CUDA graphs run on NVIDIA GPUs)")
     model, spec, quant, target, calibration = _model_inputs(args)
     from .compiler import compile_model
     from .models import layer_ops
     from .summary import format_summary
 
     result = compile_model(
-        model, spec, quant, calibration, target, output, progress, tuning_logs=_tuning_logs(args)
-    )
+        model, spec, quant, calibration, target, output, progress, _tuning_logs(args),
+        cuda_graph=args.cuda_graph,
+    )  # fmt: skip
     progress("done")
     print(format_summary(result.sidecar, layer_ops(model)))
     _print_outputs(output)

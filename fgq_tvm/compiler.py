@@ -87,6 +87,7 @@ def compile_model(
     progress: Progress | None = None,
     calib_batch_size: int = CALIB_BATCH_SIZE,
     tuning_logs: Path | None = None,
+    cuda_graph: bool = False,
 ) -> CompileResult:
     """Quantize ``model`` and compile it for ``target`` into the shared library ``output``.
 
@@ -112,14 +113,25 @@ def compile_model(
         Folder of tuning databases: the kernels recorded in ``tuning_logs/<target key>`` (if
         it exists) use their tuned schedules, verified first (:mod:`fgq_tvm.tuning`); ``None``:
         default schedules only.
+    cuda_graph
+        On a ``cuda`` target, run the kernels that neither read the input nor write the
+        logits as one CUDA graph, captured at the first inference and replayed after
+        (TVM's ``RewriteCUDAGraph``).
 
     Returns
     -------
     CompileResult
+
+    Raises
+    ------
+    FGQError
+        ``cuda_graph`` for a target that is not ``cuda``, or any stage fails.
     """
+    if cuda_graph and not is_cuda(target):
+        raise FGQError(f"CUDA graphs need a cuda target, not {target.kind.name}")
     output_file(Path(output))  # before the minutes of quantization
     quantized = quantize(model, spec, quant, calibration, progress, calib_batch_size)
-    return compile_quantized(quantized, spec, target, output, progress, tuning_logs)
+    return compile_quantized(quantized, spec, target, output, progress, tuning_logs, cuda_graph)
 
 
 def compile_quantized(
@@ -129,6 +141,7 @@ def compile_quantized(
     output: str | os.PathLike,
     progress: Progress | None = None,
     tuning_logs: Path | None = None,
+    cuda_graph: bool = False,
 ) -> CompileResult:
     """The second stage of :func:`compile_model`: lower, build and write ``quantized``."""
     report = progress or (lambda stage: None)
@@ -142,8 +155,8 @@ def compile_quantized(
         report(f"tuned schedules failed the check, defaults kept: {', '.join(tuned.failed)}")
     if tuned is not None and tuned.slower:
         report(f"tuned schedules slower than the defaults, defaults kept: {len(tuned.slower)}")
-    report(f"build for {target}")
-    executable = _build(mod, target)
+    report(f"build for {target}" + (", the kernels as one CUDA graph" if cuda_graph else ""))
+    executable = _build(mod, target, cuda_graph)
     kernels = kernel_info(mod, quantized.layers)
     sidecar = describe(quantized, spec, target, kernels, tuned.folder if tuned else None)
     sidecar = _write_outputs(output, executable, sidecar)
@@ -262,13 +275,15 @@ def _layers_by_parameter(exported, layers: dict[str, QuantizedLayer]) -> dict:
     return result
 
 
-def _build(mod, target):
+def _build(mod, target, cuda_graph: bool = False):
     """``tvm.compile``; its CPU pipeline folds no constants, so ``prepare`` stays a function.
-    GPU code is compiled by nvcc into the module (:mod:`fgq_tvm.cuda_binary`)."""
+    GPU code is compiled by nvcc into the module (:mod:`fgq_tvm.cuda_binary`), its kernels
+    captured as a CUDA graph with ``cuda_graph``."""
     if not is_cuda(target):
         with target:
             return tvm.compile(mod, target=target)
-    with target, compiling_cuda_with_nvcc(str(target.attrs["arch"])):
+    graphs = tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graph})
+    with target, graphs, compiling_cuda_with_nvcc(str(target.attrs["arch"])):
         return tvm.compile(
             mod,
             target=target,

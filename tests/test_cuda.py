@@ -53,15 +53,20 @@ class ResidualNet(nn.Module):
         return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@pytest.fixture(scope="module")
-def cuda_module(tmp_path_factory):
+SPEC = ModelSpec("residual", (1, 3, 8, 8), (0.0,) * 3, (1.0,) * 3, num_classes=10)
+CONFIG = QuantConfig(method="exact", calibration="max")
+
+
+def compile_residual_net(target, output, **options):
     torch.manual_seed(0)
     model = randomize_batchnorm(ResidualNet()).eval()
-    spec = ModelSpec("residual", (1, 3, 8, 8), (0.0,) * 3, (1.0,) * 3, num_classes=10)
-    config = QuantConfig(method="exact", calibration="max")
     calibration = torch.randn(8, 3, 8, 8)
-    output = tmp_path_factory.mktemp("cuda") / "m.so"
-    return compile_model(model, spec, config, calibration, parse_target("cuda"), output)
+    return compile_model(model, SPEC, CONFIG, calibration, target, output, **options)
+
+
+@pytest.fixture(scope="module")
+def cuda_module(tmp_path_factory):
+    return compile_residual_net(parse_target("cuda"), tmp_path_factory.mktemp("cuda") / "m.so")
 
 
 def test_cuda_targets():
@@ -96,6 +101,16 @@ def test_module_carries_compiled_gpu_code(cuda_module):
     assert cores == {"int8-gemm-cuda"}
     epilogues = {layer["epilogue"] for layer in cuda_module.sidecar["layers"]}
     assert {"relu_quantize", "add_relu"} <= epilogues
+
+
+@needs_nvcc
+def test_cuda_graph_captures_the_kernels_between_input_and_logits(cuda_module, tmp_path):
+    graphed = compile_residual_net(parse_target("cuda"), tmp_path / "g.so", cuda_graph=True)
+    capture = b"vm.builtin.cuda_graph.run_or_capture"
+    assert capture in graphed.output.read_bytes()
+    assert capture not in cuda_module.output.read_bytes()
+    with pytest.raises(FGQError, match="CUDA graphs need a cuda target, not llvm"):
+        compile_residual_net(parse_target("llvm"), tmp_path / "c.so", cuda_graph=True)
 
 
 @needs_nvcc
