@@ -55,7 +55,6 @@ _FORMAT_NAME = SIDECAR_FORMAT.split("/")[0]
 _DIGEST = re.compile("[0-9a-f]{64}")  # a SHA-256 in hexadecimal
 _CHUNK = 1 << 20
 INPUT_DTYPE = np.dtype("float32")
-_CPU_DEVICE = 1  # DLPack's kDLCPU
 _ALIGNMENT = 64  # bytes: TVM's allocations, which compiled kernels may assume of their inputs
 _CPU = (1, 0)  # DLPack device type and index of the CPU
 _POOLED_ALLOCATOR = 2  # the Relax VM's memory allocator kind, as tvm.relax.VirtualMachine picks
@@ -249,7 +248,7 @@ class CompiledModel:
                 f"expected input of shape [N, {', '.join(map(str, sample))}]{multiple}, "
                 f"got {list(shape)}"
             )
-        expected = (_CPU_DEVICE, 0) if self.gpu is None else self.gpu.device
+        expected = _CPU if self.gpu is None else self.gpu.device
         if device is not None and device != expected:
             where = "the CPU" if self.gpu is None else f"GPU {self.gpu.index}"
             raise FGQError(
@@ -289,7 +288,7 @@ def _description(x) -> tuple[tuple[int, ...], np.dtype, tuple[int, int] | None]:
 
 def _device_name(device: tuple[int, int]) -> str:
     kind, index = device
-    names = {_CPU_DEVICE: "the CPU", CUDA_DEVICE_TYPE: f"GPU {index}"}
+    names = {_CPU[0]: "the CPU", CUDA_DEVICE_TYPE: f"GPU {index}"}
     return names.get(kind, f"DLPack device {kind}:{index}")
 
 

@@ -156,7 +156,7 @@ def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
     tiles.check(*_extents(sch))
     fragment, block_loop, warp_loop, k_outer, k_inner = _tile(sch, acc, tiles)
     _copy_to_shared(sch, fragment, 0, k_outer, tiles, _widest_im2col_copy(sch))
-    _copy_to_shared(sch, fragment, 1, k_outer, tiles, 16)
+    _copy_to_shared(sch, fragment, 1, k_outer, tiles, WIDEST_COPY)
     sch.compute_inline(sch.get_sblock("a"))
     a_warp = sch.cache_read(fragment, 0, "warp")
     b_warp = sch.cache_read(fragment, 1, "warp")
