@@ -87,7 +87,8 @@ def _build_layer(out: Path, target, label: str, batch, channels, size, out_chann
     shape = Conv2dShape(batch, channels, size, size, out_channels, (kernel, kernel),
                         (stride, stride), padding)  # fmt: skip
     func = gemm_conv2d_prim_func(shape, act, "ternary_int8_scales", Epilogue(True, True, act), True)
-    extents = padded_extents(*gemm_extents(shape))
+    pixels, channels_out, depth = gemm_extents(shape)
+    extents = padded_extents(pixels, channels_out, depth)
     chosen = _variants(default_tiles(*extents), tile_candidates(*extents))
     functions = {}
     for tiles in chosen:
@@ -103,7 +104,7 @@ def _build_layer(out: Path, target, label: str, batch, channels, size, out_chann
     arguments = [(tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in func.params]
     return {
         "layer": label, "module": module, "arguments": arguments, "arch": target.attrs["arch"],
-        "macs": gemm_extents(shape)[0] * gemm_extents(shape)[1] * gemm_extents(shape)[2],
+        "macs": pixels * channels_out * depth,
         "variants": [_symbol(tiles) for tiles in chosen],
     }  # fmt: skip
 
