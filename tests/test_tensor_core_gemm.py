@@ -84,6 +84,7 @@ LAYERS = [  # shape, epilogue, whether the input holds activation bytes
     (Conv2dShape(2, 3, 17, 17, 24, (7, 7), (2, 2), (3, 3)), Epilogue(relu=True), False),
     (Conv2dShape(1, 512, 1, 1, 10), Epilogue(), True),
     (Conv2dShape(4, 96, 9, 9, 48, (1, 1), (2, 2)), Epilogue(quantize=UNSIGNED), True),
+    (Conv2dShape(4, 48, 5, 5, 48), Epilogue(relu=True), True),  # K 48, padded to 64
 ]
 
 

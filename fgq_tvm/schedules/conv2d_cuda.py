@@ -191,15 +191,16 @@ def gemm_conv2d_prim_func(
 def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
     """``a[m, j]``: the activation byte of the NHWC input at output pixel ``m``'s window
     element ``j`` (:func:`_window_element`); padding holds the value 0 (the byte ``offset``).
-    Rows and columns beyond the GEMM's (:func:`padded_extents`) repeat its last ones:
-    ``wgemm`` is zero on those columns, and those rows are never stored."""
+    Rows beyond the GEMM's (:func:`padded_extents`) repeat its last row, and are never
+    stored; columns beyond it read column ``j mod K`` (``wgemm`` is zero on them): so a vector
+    of them is still a run of one pixel's channels, which the copy loads whole."""
     (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
     dil_h, dil_w = shape.dilation
     pixels, _, size = gemm_extents(shape)
 
     def element(m, j):
         b, oh, ow = _pixel(tirx.min(m, pixels - 1), shape)
-        r, s, c = _window_element(tirx.min(j, size - 1), shape)
+        r, s, c = _window_element(j % size, shape)
         h = oh * stride_h + r * dil_h - pad_h
         w = ow * stride_w + s * dil_w - pad_w
         inside = tirx.all(h >= 0, h < shape.height, w >= 0, w < shape.width)
