@@ -726,8 +726,8 @@ def _compile(args: argparse.Namespace) -> int:
     from .summary import format_summary
 
     result = compile_model(
-        model, spec, quant, calibration, target, output, progress, _tuning_logs(args),
-        cuda_graph=args.cuda_graph,
+        model, spec, quant, calibration, target, output, progress,
+        tuning_logs=_tuning_logs(args), cuda_graph=args.cuda_graph,
     )  # fmt: skip
     progress("done")
     print(format_summary(result.sidecar, layer_ops(model)))
