@@ -250,10 +250,9 @@ class CompiledModel:
             )
         expected = _CPU if self.gpu is None else self.gpu.device
         if device is not None and device != expected:
-            where = "the CPU" if self.gpu is None else f"GPU {self.gpu.index}"
             raise FGQError(
                 f"the input tensor is on {_device_name(device)}, and this module runs on "
-                f"{where}; move it there, or pass a NumPy array"
+                f"{_device_name(expected)}; move it there, or pass a NumPy array"
             )
 
 

@@ -196,7 +196,8 @@ def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
     of them is still a run of one pixel's channels, which the copy loads whole."""
     (pad_h, pad_w), (stride_h, stride_w) = shape.padding, shape.stride
     dil_h, dil_w = shape.dilation
-    pixels, _, size = gemm_extents(shape)
+    extents = gemm_extents(shape)
+    pixels, _, size = extents
 
     def element(m, j):
         b, oh, ow = _pixel(tirx.min(m, pixels - 1), shape)
@@ -209,7 +210,7 @@ def _im2col(x: te.Tensor, shape: Conv2dShape, act: ActQuant) -> te.Tensor:
         stored = clamped if x.dtype == "uint8" else stored_byte(clamped, act)
         return tirx.if_then_else(inside, stored, tirx.const(act.offset, "uint8"))
 
-    padded_m, _, padded_k = padded_extents(*gemm_extents(shape))
+    padded_m, _, padded_k = padded_extents(*extents)
     return te.compute((padded_m, padded_k), element, name="a")
 
 
