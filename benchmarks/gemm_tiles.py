@@ -4,9 +4,10 @@ Which :class:`~fgq_tvm.schedules.tensor_core_gemm.GemmTiles` run ResNet-50's con
 fastest on a given GPU is a question for that GPU. ``gpu_check prepare`` calls :func:`prepare`
 here (with fgq-tvm and TVM): for each layer of :data:`LAYERS` at batch 1 and 64, the layer's
 kernel (bias, ReLU and the next layer's quantization in its epilogue, activation bytes in and
-out) scheduled with the default tiles and with up to :data:`VARIANTS` - 1 others from
-:func:`~fgq_tvm.schedules.tensor_core_gemm.tile_candidates` (:data:`PROBES` first), all in one
-module per layer and batch, compiled by nvcc, and a manifest of their arguments.
+out) scheduled with the default tiles, with them pipelined over 2 and 3 stages, and with others
+from :func:`~fgq_tvm.schedules.tensor_core_gemm.tile_candidates` (:data:`PROBES` first),
+:data:`VARIANTS` at most, all in one module per layer and batch, compiled by nvcc, and a
+manifest of their arguments.
 
 ``gpu_check run`` calls :func:`run` there (the TVM runtime and PyTorch): random arguments on
 the GPU, every variant of a layer run on the same ones (their outputs must be identical: they
@@ -20,11 +21,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import astuple, replace
 from pathlib import Path
 
 MANIFEST = "gemm_tiles.json"
 BATCHES = (1, 64)
-VARIANTS = 5
+VARIANTS = 8
 WARMUP, REPEATS = 3, 20
 # ResNet-50's heaviest kinds of convolution: (name, in channels, size, out channels, kernel,
 # stride), and its classifier as a 1x1 conv on a 1x1 input
@@ -38,9 +40,9 @@ LAYERS = (
     ("layer4_1x1_expand", 512, 7, 2048, 1, 1),
     ("fc", 2048, 1, 1000, 1, 1),
 )
-PROBES = (  # (block_m, block_n, warps_m, warps_n, k_steps), tried first where they fit
-    (128, 128, 2, 4, 2), (128, 64, 2, 2, 4), (64, 128, 2, 2, 2), (64, 64, 2, 2, 2),
-    (256, 64, 4, 2, 2), (32, 64, 1, 2, 4), (32, 32, 1, 1, 4),
+PROBES = (  # (block_m, block_n, warps_m, warps_n, k_steps, stages), tried where they fit
+    (128, 64, 2, 2, 4, 1), (64, 128, 2, 2, 2, 2), (64, 64, 2, 2, 2, 2), (64, 64, 2, 2, 4, 3),
+    (256, 64, 4, 2, 2, 1), (32, 64, 1, 2, 4, 2), (32, 32, 1, 1, 4, 2),
 )  # fmt: skip
 
 
@@ -74,13 +76,13 @@ def _build_layer(out: Path, target, label: str, batch, channels, size, out_chann
     from fgq_tvm.quant.layers import ActQuant
     from fgq_tvm.schedules.conv2d_cuda import gemm_conv2d_prim_func, gemm_extents
     from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+    from fgq_tvm.schedules.cuda_pipeline import cuda_tir_pipeline
     from fgq_tvm.schedules.tensor_core_gemm import (
         default_tiles,
         padded_extents,
         schedule_tensor_core_gemm,
         tile_candidates,
     )
-    from fgq_tvm.schedules.widen_byte_broadcasts import cuda_tir_pipeline
 
     act = ActQuant(0.05, 8, False)
     padding = (kernel // 2, kernel // 2)
@@ -110,25 +112,23 @@ def _build_layer(out: Path, target, label: str, batch, channels, size, out_chann
 
 
 def _variants(default, candidates: list) -> list:
-    """The default tiles, then the :data:`PROBES` among ``candidates``, then others, spread
-    over the list: :data:`VARIANTS` at most."""
-    chosen = [default]
-    probes = [tiles for tiles in candidates if _knobs(tiles) in PROBES]
+    """The default tiles, then the candidates that differ from them only in their stages,
+    then the :data:`PROBES` among ``candidates``, then others spread over the list:
+    :data:`VARIANTS` at most."""
+    pipelined = [t for t in candidates if replace(t, stages=default.stages) == default]
+    probes = [tiles for tiles in candidates if astuple(tiles) in PROBES]
     others = candidates[:: max(1, len(candidates) // VARIANTS)]
-    for tiles in (*probes, *others):
+    chosen = [default]
+    for tiles in (*pipelined, *probes, *others):
         if len(chosen) < VARIANTS and tiles not in chosen:
             chosen.append(tiles)
     return chosen
 
 
-def _knobs(tiles) -> tuple[int, ...]:
-    return tiles.block_m, tiles.block_n, tiles.warps_m, tiles.warps_n, tiles.k_steps
-
-
 def _symbol(tiles) -> str:
-    """``t128x64_w2x2_k2``: the function of one variant."""
-    m, n, warps_m, warps_n, steps = _knobs(tiles)
-    return f"t{m}x{n}_w{warps_m}x{warps_n}_k{steps}"
+    """``t128x64_w2x2_k2_s1``: the function of one variant."""
+    m, n, warps_m, warps_n, steps, stages = astuple(tiles)
+    return f"t{m}x{n}_w{warps_m}x{warps_n}_k{steps}_s{stages}"
 
 
 # --- run (there: the TVM runtime and PyTorch) ------------------------------------------------

@@ -54,11 +54,11 @@ from .relax_passes import (
 from .reporting import output_file
 from .runtime import SIDECAR_FORMAT, module_digest, sidecar_path
 from .schedules.conv2d_cuda import is_cuda
+from .schedules.cuda_pipeline import cuda_tir_pipeline
 from .schedules.gpu_rules import schedule_for_gpu
 from .schedules.kernel_spec import KernelSpec, layer_encoding
 from .schedules.layout import NCHW
 from .schedules.select import network_layout
-from .schedules.widen_byte_broadcasts import cuda_tir_pipeline
 
 Progress = Callable[[str], None]
 CALIB_BATCH_SIZE = 32

@@ -8,15 +8,18 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 
 import pytest
 import tvm
 from tvm import te
+from tvm.s_tir import Schedule
 
 from fgq_tvm.cuda_binary import NVCC_OPTIONS
 from fgq_tvm.quant.layers import ActQuant
-from fgq_tvm.schedules.conv2d_cuda import GEMM_CUDA_CORE
+from fgq_tvm.schedules.conv2d_cuda import GEMM_CUDA_CORE, gemm_extents
 from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+from fgq_tvm.schedules.cuda_pipeline import cuda_tir_pipeline
 from fgq_tvm.schedules.gpu_rules import schedule_for_gpu
 from fgq_tvm.schedules.layout import CHANNELS_LAST
 from fgq_tvm.schedules.tensor_core_gemm import (
@@ -25,9 +28,9 @@ from fgq_tvm.schedules.tensor_core_gemm import (
     TensorCoreGemm,
     default_tiles,
     padded_extents,
+    schedule_tensor_core_gemm,
     tile_candidates,
 )
-from fgq_tvm.schedules.widen_byte_broadcasts import cuda_tir_pipeline
 from fgq_tvm.target import parse_target
 
 UNSIGNED = ActQuant(0.05, 8, False)
@@ -77,6 +80,16 @@ def test_tiles_that_do_not_fit_say_why():
         GemmTiles(32, 32, 4, 1, 1).check(64, 64, 64)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         GemmTiles(128, 128, 2, 2, 4).check(128, 128, 128)
+    with pytest.raises(ValueError, match="4 stages are none of"):
+        GemmTiles(32, 32, 1, 1, 1, 4).check(64, 64, 256)
+    with pytest.raises(ValueError, match="3 stages exceed K 64's copies"):
+        GemmTiles(32, 32, 1, 1, 1, 3).check(64, 64, 64)
+
+
+def test_stages_hold_a_slice_of_both_operands_each():
+    one, two = GemmTiles(64, 64, 2, 2, 2, 1), GemmTiles(64, 64, 2, 2, 2, 2)
+    assert two.shared_bytes - one.shared_bytes == (64 + 64) * (2 * 32 + 16)
+    assert {tiles.stages for tiles in tile_candidates(*padded_extents(3136, 64, 576))} == {1, 2, 3}
 
 
 LAYERS = [  # shape, epilogue, whether the input holds activation bytes
@@ -92,14 +105,9 @@ LAYERS = [  # shape, epilogue, whether the input holds activation bytes
 @pytest.mark.parametrize("case", range(len(LAYERS)))
 def test_gemm_layers_build_on_the_tensor_cores(case, tmp_path):
     shape, epilogue, quantized_input = LAYERS[case]
-    act = SIGNED if case == 0 else UNSIGNED  # padding: the byte 128 of a signed input, else 0
-    kernels = GEMM_CUDA_CORE.kernels(
-        shape, act, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
-    )
+    kernels = _layer_kernels(case)
     scheduled = schedule_for_gpu(tvm.IRModule({"main": kernels.layer}), CUDA)
-    with CUDA:
-        built = tvm.compile(scheduled, target=CUDA, tir_pipeline=cuda_tir_pipeline())
-    source = built.mod.imports[0].inspect_source()
+    source = _cuda_source(scheduled)
     assert source.count("ldmatrix") >= 2 and "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8" in source
     kernels_defined = set(re.findall(r"__global__ void .*? (\w+)\(", source))
     assert len(kernels_defined) == 1  # the epilogue runs beside the products
@@ -109,6 +117,44 @@ def test_gemm_layers_build_on_the_tensor_cores(case, tmp_path):
         assert re.search(r"= \*\(uint[24]\*\)\(x_ptr", source)
     stack, spill_stores, spill_loads = _local_memory(source, tmp_path)
     assert stack == spill_stores == spill_loads == 0  # the fragments stay in registers
+    assert "cp.async" not in source  # one stage: nothing to copy ahead
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize(("case", "stages"), [(0, 2), (1, 2), (2, 3), (3, 2), (4, 2)])
+def test_pipelined_stages_copy_both_operands_ahead_with_cp_async(case, stages, tmp_path):
+    kernels = _layer_kernels(case)
+    sch = Schedule(kernels.layer)
+    extents = padded_extents(*gemm_extents(LAYERS[case][0]))
+    tiles = replace(default_tiles(*extents), k_steps=1, stages=stages)
+    schedule_tensor_core_gemm(sch, tiles)
+    source = _cuda_source(sch.mod)
+    assert re.search(r"ptx_cp_async_legacy_c[ga]_\d+_1_1\(wgemm_shared", source)  # weights
+    activations = re.findall(r"ptx_cp_async_legacy_(pred_)?c[ga]_(\d+)_1_1\(a_shared", source)
+    if case == 0:  # padded with the byte 128, which cp.async cannot fill: copied as before
+        assert not activations and "= condval" in source
+    elif case == 1:  # float32 input, quantized in the copy
+        assert not activations
+    else:  # activation bytes, zero-filled where the window leaves the image
+        assert activations
+    assert f"cp.async.wait_group {stages - 2};" in source
+    assert source.count("__syncthreads") <= 6
+    stack, spill_stores, spill_loads = _local_memory(source, tmp_path)
+    assert stack == spill_stores == spill_loads == 0
+
+
+def _layer_kernels(case: int):
+    shape, epilogue, quantized_input = LAYERS[case]
+    act = SIGNED if case == 0 else UNSIGNED  # padding: the byte 128 of a signed input, else 0
+    return GEMM_CUDA_CORE.kernels(
+        shape, act, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
+    )
+
+
+def _cuda_source(mod: tvm.IRModule) -> str:
+    with CUDA:
+        built = tvm.compile(mod, target=CUDA, tir_pipeline=cuda_tir_pipeline())
+    return built.mod.imports[0].inspect_source()
 
 
 def _local_memory(source: str, folder) -> tuple[int, ...]:

@@ -10,7 +10,8 @@ import tvm
 from tvm.script import tirx as T
 
 from fgq_tvm.cuda_binary import compiled_cuda_source
-from fgq_tvm.schedules.widen_byte_broadcasts import WidenByteBroadcasts, cuda_tir_pipeline
+from fgq_tvm.schedules.cuda_pipeline import cuda_tir_pipeline
+from fgq_tvm.schedules.widen_byte_broadcasts import WidenByteBroadcasts
 from fgq_tvm.target import parse_target
 
 

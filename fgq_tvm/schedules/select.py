@@ -43,9 +43,9 @@ from .conv2d_cuda import BITPLANE_CUDA_CORE, GEMM_CUDA_CORE, is_cuda
 from .conv2d_dot import AVX2_CORE, VNNI_CORE
 from .conv2d_popcount import POPCOUNT_CORE
 from .core import Conv2dShape, Core, LayerKernels, TensorSpec, WeightEncoding
+from .cuda_pipeline import cuda_tir_pipeline
 from .gpu_rules import schedule_for_gpu
 from .layout import NCHW, PLAIN, ActivationLayout, Layouts, from_layout, to_layout
-from .widen_byte_broadcasts import cuda_tir_pipeline
 
 CORES: tuple[Core, ...] = (
     GEMM_CUDA_CORE,

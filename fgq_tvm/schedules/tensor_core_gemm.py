@@ -12,7 +12,10 @@ block_n`` tile of ``acc`` and ``warps_m x warps_n`` warps in it:
 1. every ``32 * k_steps`` reduction steps, the block's threads copy the tile's slice of
    ``wgemm`` and of ``a`` into shared memory; the im2col is computed in that copy (``a`` is
    inlined into it), so the activations are read from the input tensor directly, up to 16
-   bytes per thread and access (a whole vector of neighbouring channels of one pixel);
+   bytes per thread and access (a whole vector of neighbouring channels of one pixel). With
+   ``stages`` > 1 the copies are software-pipelined: they run ``stages - 1`` slices ahead of
+   the products, into as many shared buffers, as ``cp.async`` (the
+   :mod:`~fgq_tvm.schedules.cuda_pipeline`), so the loads overlap the tensor cores' work;
 2. each warp loads its 16x32 fragments from shared memory into registers (``ldmatrix``) and
    multiplies them on the tensor cores (``mma.sync m16n8k32`` u8 x s8 -> s32), accumulating in
    registers;
@@ -60,6 +63,7 @@ WIDEST_COPY = 16  # bytes a thread copies into shared memory per step (one 128-b
 WIDEST_FLOAT_COPY = 4
 WARPS_EACH_WAY = (1, 2, 4)  # the warps of a block along M and along N that a search tries
 MAX_ACCUMULATORS = 64  # int32 accumulators per thread: a 64 x 32 warp tile
+STAGES = (1, 2, 3)  # slices of the operands in shared memory at once
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class GemmTiles:
         Its warps, each computing a ``block_m / warps_m x block_n / warps_n`` tile.
     k_steps
         The reduction steps of 32 per copy into shared memory.
+    stages
+        The slices of the operands in shared memory at once: 1 copies each slice when the
+        products need it, ``s`` > 1 copies ``s - 1`` slices ahead (asynchronously).
     """
 
     block_m: int = 64
@@ -81,6 +88,7 @@ class GemmTiles:
     warps_m: int = 2
     warps_n: int = 2
     k_steps: int = 2
+    stages: int = 1
 
     @property
     def threads(self) -> int:
@@ -88,9 +96,11 @@ class GemmTiles:
 
     @property
     def shared_bytes(self) -> int:
-        """The block's shared memory: the ``a`` and ``wgemm`` slices and the ``acc`` tile."""
+        """The block's shared memory: the ``a`` and ``wgemm`` slices of each stage and the
+        ``acc`` tile."""
         row = FRAGMENT_K * self.k_steps + ROW_PADDING
-        return (self.block_m + self.block_n) * row + self.block_m * self.block_n * 4
+        slices = (self.block_m + self.block_n) * row * self.stages
+        return slices + self.block_m * self.block_n * 4
 
     def check(self, m: int, n: int, k: int) -> None:
         """Raise ``ValueError`` unless these tiles divide a GEMM of padded extents ``m, n,
@@ -103,6 +113,10 @@ class GemmTiles:
             problems.append(f"{self.k_steps} steps of 32 do not divide K {k}")
         if any(size % FRAGMENT_M or size == 0 for size in warp_tile):
             problems.append(f"warp tiles {warp_tile} are no multiples of 16")
+        if self.stages not in STAGES:
+            problems.append(f"{self.stages} stages are none of {STAGES}")
+        elif k // (FRAGMENT_K * self.k_steps) < self.stages:
+            problems.append(f"{self.stages} stages exceed K {k}'s copies")
         if self.shared_bytes > SHARED_MEMORY:
             problems.append(f"{self.shared_bytes} bytes of shared memory exceed {SHARED_MEMORY}")
         if problems:
@@ -132,13 +146,13 @@ def default_tiles(m: int, n: int, k: int, blocks_wanted: int = 132) -> GemmTiles
 def tile_candidates(m: int, n: int, k: int) -> list[GemmTiles]:
     """Every :class:`GemmTiles` that divides and fits a GEMM of padded extents ``m, n, k``:
     blocks of 32 to 256 by 32 to 128, 1, 2 or 4 warps each way whose warp tiles hold at most
-    64 accumulators per thread, 1, 2 or 4 reduction steps per copy (the space a tile search
-    measures)."""
+    64 accumulators per thread, 1, 2 or 4 reduction steps per copy, 1 to 3 stages (the space a
+    tile search measures)."""
     found = []
-    for block_m, block_n, warps_m, warps_n, k_steps in product(
-        (32, 64, 128, 256), (32, 64, 128), *[WARPS_EACH_WAY] * 2, (1, 2, 4)
+    for block_m, block_n, warps_m, warps_n, k_steps, stages in product(
+        (32, 64, 128, 256), (32, 64, 128), *[WARPS_EACH_WAY] * 2, (1, 2, 4), STAGES
     ):
-        tiles = GemmTiles(block_m, block_n, warps_m, warps_n, k_steps)
+        tiles = GemmTiles(block_m, block_n, warps_m, warps_n, k_steps, stages)
         accumulators = block_m * block_n // tiles.threads
         try:
             tiles.check(m, n, k)
@@ -157,6 +171,7 @@ def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
     fragment, block_loop, warp_loop, k_outer, k_inner = _tile(sch, acc, tiles)
     _copy_to_shared(sch, fragment, 0, k_outer, tiles, _widest_im2col_copy(sch))
     _copy_to_shared(sch, fragment, 1, k_outer, tiles, WIDEST_COPY)
+    _pipeline(sch, k_outer, tiles.stages)
     sch.compute_inline(sch.get_sblock("a"))
     a_warp = sch.cache_read(fragment, 0, "warp")
     b_warp = sch.cache_read(fragment, 1, "warp")
@@ -220,6 +235,16 @@ def _copy_to_shared(sch: Schedule, fragment, operand: int, k_outer, tiles: GemmT
     sch.vectorize(lanes)
     sch.storage_align(copy, 0, axis=-2, factor=32, offset=ROW_PADDING)
     return copy
+
+
+def _pipeline(sch: Schedule, k_outer, stages: int) -> None:
+    """With ``stages`` > 1, the two copies into shared memory (the first statements of
+    ``k_outer``) run ``stages - 1`` iterations ahead of the products, asynchronously."""
+    if stages == 1:
+        return
+    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, stages - 1])
+    sch.annotate(k_outer, "software_pipeline_order", [0, 1, 2])
+    sch.annotate(k_outer, "software_pipeline_async_stages", [0])
 
 
 def _split_fragments(sch: Schedule, block, height: int, width: int):

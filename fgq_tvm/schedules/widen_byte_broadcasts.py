@@ -11,13 +11,11 @@ The pass rewrites, after TVM's lowering (vectorized loops are vectors by then)::
         -> reinterpret(uint8x16, Broadcast(u32(v) * 0x01010101, 4))
 
 and likewise for ``int8`` and 8 lanes: the same bytes, as a vector of 32-bit words CUDA has.
-Other expressions are left as they are. :func:`cuda_tir_pipeline` is TVM's default TIR pipeline
-followed by this pass, registered under a name ``tvm.compile`` takes as its ``tir_pipeline``.
+Other expressions are left as they are. The pass runs in fgq-tvm's CUDA TIR pipeline
+(:mod:`~fgq_tvm.schedules.cuda_pipeline`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import tvm
 import tvm_ffi
@@ -26,7 +24,6 @@ from tvm.ir.prim.expr import Broadcast
 
 WORD_BYTES = 4
 REPEATED_BYTE = 0x01010101  # a byte times this: the byte in each of a word's four bytes
-PIPELINE = "fgq_cuda"
 
 
 def _widened(broadcast: Broadcast):
@@ -46,17 +43,3 @@ def _widened(broadcast: Broadcast):
 def WidenByteBroadcasts(mod: tvm.IRModule, _context) -> tvm.IRModule:  # noqa: N802 (a pass)
     """The pass (see the module docstring)."""
     return tvm_ffi.structural_map(mod, ((Broadcast, _widened),))
-
-
-@functools.cache
-def cuda_tir_pipeline() -> str:
-    """Register, once, and return the name of TVM's default TIR pipeline followed by
-    :func:`WidenByteBroadcasts`, for ``tvm.compile(..., tir_pipeline=...)`` on CUDA."""
-
-    def pipeline():
-        lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-        widened = tvm.transform.Sequential([lower, WidenByteBroadcasts])
-        return widened, finalize_host, finalize_device
-
-    tvm.tirx.register_tir_pipeline(PIPELINE, pipeline)
-    return PIPELINE
