@@ -26,7 +26,7 @@ from pathlib import Path
 
 MANIFEST = "gemm_tiles.json"
 BATCHES = (1, 64)
-VARIANTS = 8
+VARIANTS = 10
 WARMUP, REPEATS = 3, 20
 # ResNet-50's heaviest kinds of convolution: (name, in channels, size, out channels, kernel,
 # stride), and its classifier as a 1x1 conv on a 1x1 input
@@ -41,8 +41,8 @@ LAYERS = (
     ("fc", 2048, 1, 1000, 1, 1),
 )
 PROBES = (  # (block_m, block_n, warps_m, warps_n, k_steps, stages), tried where they fit
-    (128, 64, 2, 2, 4, 1), (64, 128, 2, 2, 2, 2), (64, 64, 2, 2, 2, 2), (64, 64, 2, 2, 4, 3),
-    (256, 64, 4, 2, 2, 1), (32, 64, 1, 2, 4, 2), (32, 32, 1, 1, 4, 2),
+    (128, 128, 2, 4, 2, 2), (256, 64, 4, 2, 2, 2), (128, 64, 2, 2, 2, 3), (64, 128, 2, 2, 2, 2),
+    (64, 64, 2, 2, 4, 3), (32, 64, 1, 2, 4, 2), (32, 32, 1, 1, 4, 2),
 )  # fmt: skip
 
 
@@ -113,10 +113,10 @@ def _build_layer(out: Path, target, label: str, batch, channels, size, out_chann
 
 def _variants(default, candidates: list) -> list:
     """The default tiles, then the candidates that differ from them only in their stages,
-    then the :data:`PROBES` among ``candidates``, then others spread over the list:
+    then the :data:`PROBES` among ``candidates`` (in that order), then others spread over the list:
     :data:`VARIANTS` at most."""
     pipelined = [t for t in candidates if replace(t, stages=default.stages) == default]
-    probes = [tiles for tiles in candidates if astuple(tiles) in PROBES]
+    probes = [tiles for knobs in PROBES for tiles in candidates if astuple(tiles) == knobs]
     others = candidates[:: max(1, len(candidates) // VARIANTS)]
     chosen = [default]
     for tiles in (*pipelined, *probes, *others):

@@ -21,6 +21,10 @@ def test_a_zero_padded_copy_in_an_async_stage_becomes_a_predicated_cp_async():
         with T.attr(0, "async_commit_queue_scope", 0):
             a[0:16] = T.if_then_else(c, x[T.Ramp(16, 1, 16)], T.Broadcast(T.uint8(0), 16))
             b[8:16] = T.if_then_else(c, w[T.Ramp(40, 1, 8)], T.Broadcast(T.int8(0), 8))
+            # a buffer merged with others into one allocation, at offset 32
+            a[T.Ramp(0, 1, 4) + T.Broadcast(32, 4)] = T.if_then_else(
+                c, x[T.Ramp(8, 1, 4)], T.Broadcast(T.uint8(0), 4)
+            )
 
     @T.prim_func(s_tir=True, private=True)
     def expected(x: T.Buffer((64,), "uint8"), w: T.Buffer((64,), "int8"), c: T.bool):
@@ -29,6 +33,7 @@ def test_a_zero_padded_copy_in_an_async_stage_becomes_a_predicated_cp_async():
         with T.attr(0, "async_commit_queue_scope", 0):
             T.evaluate(T.call_intrin("uint8", ASYNC_COPY, a.data, 0, x.data, 16, 16, c))
             T.evaluate(T.call_intrin("int8", ASYNC_COPY, b.data, 8, w.data, 40, 8, c))
+            T.evaluate(T.call_intrin("uint8", ASYNC_COPY, a.data, 0 + 32, x.data, 8, 4, c))
 
     tvm.ir.assert_structural_equal(_rewritten(before), expected)
 

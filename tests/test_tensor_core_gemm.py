@@ -79,16 +79,18 @@ def test_tiles_that_do_not_fit_say_why():
     with pytest.raises(ValueError, match="warp tiles .* no multiples of 16"):
         GemmTiles(32, 32, 4, 1, 1).check(64, 64, 64)
     with pytest.raises(ValueError, match="bytes of shared memory"):
-        GemmTiles(128, 128, 2, 2, 4).check(128, 128, 128)
+        GemmTiles(256, 128, 4, 4, 1).check(256, 128, 128)
     with pytest.raises(ValueError, match="4 stages are none of"):
         GemmTiles(32, 32, 1, 1, 1, 4).check(64, 64, 256)
     with pytest.raises(ValueError, match="3 stages exceed K 64's copies"):
         GemmTiles(32, 32, 1, 1, 1, 3).check(64, 64, 64)
 
 
-def test_stages_hold_a_slice_of_both_operands_each():
-    one, two = GemmTiles(64, 64, 2, 2, 2, 1), GemmTiles(64, 64, 2, 2, 2, 2)
-    assert two.shared_bytes - one.shared_bytes == (64 + 64) * (2 * 32 + 16)
+def test_stages_hold_a_slice_of_both_operands_each_and_the_accumulators_reuse_them():
+    row = 2 * 32 + 16  # two steps of 32 bytes, and the padding against bank conflicts
+    for stages in (1, 2, 3):
+        tiles = GemmTiles(128, 64, 2, 2, 2, stages)
+        assert tiles.shared_bytes == max((128 + 64) * row * stages, 128 * 64 * 4)
     assert {tiles.stages for tiles in tile_candidates(*padded_extents(3136, 64, 576))} == {1, 2, 3}
 
 
@@ -118,34 +120,59 @@ def test_gemm_layers_build_on_the_tensor_cores(case, tmp_path):
     stack, spill_stores, spill_loads = _local_memory(source, tmp_path)
     assert stack == spill_stores == spill_loads == 0  # the fragments stay in registers
     assert "cp.async" not in source  # one stage: nothing to copy ahead
+    tiles = default_tiles(*padded_extents(*gemm_extents(shape)))
+    _assert_merged_shared_memory(scheduled, source, tiles)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize(("case", "stages"), [(0, 2), (1, 2), (2, 3), (3, 2), (4, 2)])
-def test_pipelined_stages_copy_both_operands_ahead_with_cp_async(case, stages, tmp_path):
-    kernels = _layer_kernels(case)
+@pytest.mark.parametrize(
+    ("case", "act", "stages"),
+    [(0, SIGNED, 2), (0, UNSIGNED, 3), (1, UNSIGNED, 2), (2, UNSIGNED, 3), (3, UNSIGNED, 2)],
+)
+def test_pipelined_stages_copy_both_operands_ahead_with_cp_async(case, act, stages, tmp_path):
+    kernels = _layer_kernels(case, act)
     sch = Schedule(kernels.layer)
     extents = padded_extents(*gemm_extents(LAYERS[case][0]))
     tiles = replace(default_tiles(*extents), k_steps=1, stages=stages)
     schedule_tensor_core_gemm(sch, tiles)
     source = _cuda_source(sch.mod)
-    assert re.search(r"ptx_cp_async_legacy_c[ga]_\d+_1_1\(wgemm_shared", source)  # weights
-    activations = re.findall(r"ptx_cp_async_legacy_(pred_)?c[ga]_(\d+)_1_1\(a_shared", source)
-    if case == 0:  # padded with the byte 128, which cp.async cannot fill: copied as before
-        assert not activations and "= condval" in source
-    elif case == 1:  # float32 input, quantized in the copy
-        assert not activations
-    else:  # activation bytes, zero-filled where the window leaves the image
-        assert activations
+    found = re.findall(r"ptx_cp_async_legacy_(\w+?)_1_1\(buf_dyn_shmem_ptr, [^,]+, (\w+)", source)
+    copies = {operand: kind for kind, operand in found}  # the copies from x and from wgemm
+    assert copies["wgemm_ptr"] in ("cg_16", "ca_8", "ca_4")  # the weights, unconditionally
+    if case == 1:  # float32 input, quantized in the copy
+        assert "x_ptr" not in copies
+    elif case == 0 and act.signed:  # padded with the byte 128, which cp.async cannot fill
+        assert "x_ptr" not in copies and "= condval" in source
+    elif case == 0:  # activation bytes, zero-filled where the window leaves the image
+        assert copies["x_ptr"].startswith("pred_")
+    else:  # 1x1 windows: nothing to pad
+        assert not copies["x_ptr"].startswith("pred_")
     assert f"cp.async.wait_group {stages - 2};" in source
-    assert source.count("__syncthreads") <= 6
+    _assert_merged_shared_memory(sch.mod, source, tiles)
     stack, spill_stores, spill_loads = _local_memory(source, tmp_path)
     assert stack == spill_stores == spill_loads == 0
 
 
-def _layer_kernels(case: int):
+def _assert_merged_shared_memory(mod: tvm.IRModule, source: str, tiles: GemmTiles) -> None:
+    """One dynamic shared allocation of ``tiles.shared_bytes``; a barrier between the last
+    products (reading operand slices) and the accumulator tile's store over them; no barrier
+    repeated."""
+    assert re.findall(r"__shared__ .*\[(\d*)\]", source) == [""]  # its size: at the launch
+    lower = tvm.tirx.get_tir_pipeline(cuda_tir_pipeline())[0]
+    with CUDA:
+        lowered = lower(tvm.tirx.transform.BindTarget(CUDA)(mod)).script()
+    launch = r"T\.int64\((\d+)\), launch_params=\[[^]]*tirx\.use_dyn_shared_memory"
+    assert re.findall(launch, lowered) == [str(tiles.shared_bytes)]
+    after_products = source[source.rindex("mma.sync") :]
+    assert "__syncthreads" in after_products[: after_products.index("for (int local_id")]
+    assert not re.search(r"__syncthreads\(\);\s*__syncthreads\(\);", source)
+
+
+def _layer_kernels(case: int, act: ActQuant | None = None):
+    """The kernels of ``LAYERS[case]``; by default the first reads signed activations (its
+    padding is the byte 128), the others unsigned ones (the byte 0)."""
     shape, epilogue, quantized_input = LAYERS[case]
-    act = SIGNED if case == 0 else UNSIGNED  # padding: the byte 128 of a signed input, else 0
+    act = act or (SIGNED if case == 0 else UNSIGNED)
     return GEMM_CUDA_CORE.kernels(
         shape, act, "ternary_int8_scales", epilogue, CHANNELS_LAST, quantized_input
     )

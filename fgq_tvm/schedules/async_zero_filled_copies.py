@@ -14,6 +14,9 @@ The pass rewrites, inside an ``async_commit_queue_scope``, after TVM's lowering:
     shared[Ramp(d, 1, n)] = if_then_else(p, src[Ramp(s, 1, n)], Broadcast(0, n))
         -> cp_async_raw(shared.data, d, src.data, s, n * bytes, p)
 
+(also where the store's index is ``Ramp(d, 1, n) + Broadcast(o, n)``: a buffer merged into
+one allocation with others, at ``d + o``),
+
 where ``shared`` is in shared memory, ``src`` in global memory, ``p`` is one condition for the
 whole vector and the copy moves 4, 8 or 16 bytes: a predicated ``cp.async`` that writes zeros
 where ``p`` is false. The stage's commit and wait already cover the statement, as they cover
@@ -25,7 +28,7 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import tirx
-from tvm.ir.prim.expr import Broadcast, Ramp
+from tvm.ir.prim.expr import Add, Broadcast, Ramp
 
 ASYNC_STAGE = "async_commit_queue_scope"
 ASYNC_COPY = "tirx.s_tir.cp_async_raw"
@@ -35,12 +38,22 @@ SHARED_SCOPES = ("shared", "shared.dyn")
 
 
 def _contiguous_base(indices) -> tvm.tirx.PrimExpr | None:
-    """The first index of a one-dimensional access to consecutive elements, else ``None``."""
-    if len(indices) != 1 or not isinstance(indices[0], Ramp):
+    """The first index of a one-dimensional access to consecutive elements, else ``None``:
+    ``Ramp(b, 1, n)``, or ``Ramp(b, 1, n) + Broadcast(o, n)`` (an access to a buffer that TVM
+    merged into one allocation with others, at offset ``o``)."""
+    if len(indices) != 1:
         return None
-    ramp = indices[0]
-    stride = ramp.stride
-    return ramp.base if isinstance(stride, tirx.IntImm) and int(stride.value) == 1 else None
+    index = indices[0]
+    if isinstance(index, Add) and isinstance(index.b, Broadcast):
+        base = _contiguous_base([index.a])
+        return None if base is None else base + index.b.value
+    if not isinstance(index, Ramp) or not _is_one(index.stride):
+        return None
+    return index.base
+
+
+def _is_one(value) -> bool:
+    return isinstance(value, tirx.IntImm) and int(value.value) == 1
 
 
 def _is_zero_vector(value) -> bool:

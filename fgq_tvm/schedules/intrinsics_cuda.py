@@ -10,11 +10,15 @@ activations need no conversion on their way to shared memory, and are copied 16 
   :func:`operand_fragment_layout`);
 * :data:`MMA_U8S8S32_TRANS_B`: ``C[16, 16] += A[16, 32] (u8) * B[16, 32]^T (s8)`` in int32, two
   ``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32``;
+* :data:`LDMATRIX_I8_B_TRANS`: a 16x32 ``int8`` fragment of B, stored ``[N, K]`` (TVM's own
+  template);
 * :data:`STORE_TO_SHARED`: a 16x16 int32 accumulator fragment to shared memory (TVM's own
-  template, registered for the shared scope).
+  template).
 
-TVM's ``mma_ldmatrix_i8_b_trans`` (the weights, ``[N, K]``) and ``mma_fill_16x16_i32`` are used
-as they are. They are registered on first use (:func:`intrinsics`), TVM's through
+The shared memory is dynamic (:data:`SHARED_SCOPE`: one allocation per kernel, of the size the
+launch asks for, beyond the 48 KiB of static shared memory), for which TVM 0.27 registers no
+int8 intrinsics. TVM's ``mma_fill_16x16_i32`` is used as it is. They are registered on first use
+(:func:`intrinsics`), TVM's through
 :func:`~fgq_tvm.schedules.tvmscript_parsing.import_tensor_intrinsics`: parsing them takes
 seconds, and only a GPU build needs them.
 
@@ -35,7 +39,10 @@ WARP = 32
 FRAGMENT_M, FRAGMENT_N, FRAGMENT_K = 16, 16, 32
 ACCUMULATORS = FRAGMENT_M * FRAGMENT_N // WARP  # int32 of a 16x16 fragment per thread
 
+SHARED_SCOPE = "shared.dyn"  # where the GEMM's operand slices and accumulator tile live
+
 LDMATRIX_U8_A = "fgq_ldmatrix_16x32_u8_a"
+LDMATRIX_I8_B_TRANS = "fgq_ldmatrix_16x32_i8_b_trans"
 MMA_U8S8S32_TRANS_B = "fgq_mma_16x16x32_u8s8s32_trans_b"
 STORE_TO_SHARED = "fgq_mma_store_16x16_i32_shared"
 
@@ -58,7 +65,7 @@ def _own_intrinsics() -> dict:
     @T.prim_func(s_tir=True)
     def _ldmatrix_u8_a_desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
         shared = T.match_buffer(
-            shared_handle, (16, 32), "uint8", align=64, offset_factor=32, scope="shared"
+            shared_handle, (16, 32), "uint8", align=64, offset_factor=32, scope=SHARED_SCOPE
         )
         warp = T.match_buffer(
             warp_handle, (32, 16), "uint8", align=64, offset_factor=32, scope="warp"
@@ -84,7 +91,7 @@ def _own_intrinsics() -> dict:
             "uint8",
             align=64,
             offset_factor=32,
-            scope="shared",
+            scope=SHARED_SCOPE,
             strides=[stride, unit],
         )
         warp = T.match_buffer(
@@ -176,11 +183,13 @@ def intrinsics() -> SimpleNamespace:
         own = _own_intrinsics()
     for name, (description, implementation) in own.items():
         TensorIntrin.register(name, description, implementation, override=True)
-    store = cuda.get_mma_store_intrin("int32", ACCUMULATORS, "shared", False)
+    load_b = cuda.get_ldmatrix_intrin(FRAGMENT_K, "int8", "B", True, SHARED_SCOPE)
+    TensorIntrin.register(LDMATRIX_I8_B_TRANS, *load_b, override=True)
+    store = cuda.get_mma_store_intrin("int32", ACCUMULATORS, SHARED_SCOPE, False)
     TensorIntrin.register(STORE_TO_SHARED, *store, override=True)
     return SimpleNamespace(
         load_a=LDMATRIX_U8_A,
-        load_b=cuda.LDMATRIX_i8_B_TRANS_INTRIN,
+        load_b=LDMATRIX_I8_B_TRANS,
         mma=MMA_U8S8S32_TRANS_B,
         fill=cuda.MMA_fill_16x16_i32_INTRIN,
         store=STORE_TO_SHARED,

@@ -19,9 +19,11 @@ block_n`` tile of ``acc`` and ``warps_m x warps_n`` warps in it:
 2. each warp loads its 16x32 fragments from shared memory into registers (``ldmatrix``) and
    multiplies them on the tensor cores (``mma.sync m16n8k32`` u8 x s8 -> s32), accumulating in
    registers;
-3. the accumulators go through shared memory (the block's ``acc`` tile), from which the
-   block's threads compute the epilogue (``y``), one output element each, consecutive threads
-   on consecutive channels (NHWC: coalesced stores).
+3. the accumulators go through shared memory (the block's ``acc`` tile, in the bytes of the
+   operand slices: the shared memory is dynamic, one allocation in which TVM lets buffers
+   that are never live at once share bytes), from which the block's threads
+   compute the epilogue (``y``), one output element each, consecutive threads on consecutive
+   channels (NHWC: coalesced stores).
 
 The instructions are tensor intrinsics (:mod:`~fgq_tvm.schedules.intrinsics_cuda`): the
 project's ldmatrix of the unsigned A and its u8 x s8 MMA, TVM's ldmatrix of B (stored ``[N,
@@ -47,6 +49,7 @@ from .intrinsics_cuda import (
     FRAGMENT_K,
     FRAGMENT_M,
     FRAGMENT_N,
+    SHARED_SCOPE,
     WARP,
     accumulator_fragment_layout,
     intrinsics,
@@ -56,7 +59,9 @@ from .intrinsics_cuda import (
 # The attribute that marks a PrimFunc for this schedule (set by the GEMM core on its layers).
 TENSOR_CORE_GEMM = "fgq.tensor_core_gemm"
 PADDING = 32  # M, N and K are padded to whole multiples of this
-SHARED_MEMORY = 48 * 1024  # a thread block's static shared memory
+# a thread block's dynamic shared memory, at most: what every GPU of the CUDA targets has
+# (sm_75: 64 KiB; sm_80 and newer: 99 KiB or more)
+SHARED_MEMORY = 64 * 1024
 ROW_PADDING = 16  # bytes added to each shared row, so that ldmatrix's rows miss bank conflicts
 WIDEST_COPY = 16  # bytes a thread copies into shared memory per step (one 128-bit access)
 # The im2col from a float32 input quantizes in float32 lanes, of which CUDA has vectors of 4
@@ -96,11 +101,11 @@ class GemmTiles:
 
     @property
     def shared_bytes(self) -> int:
-        """The block's shared memory: the ``a`` and ``wgemm`` slices of each stage and the
-        ``acc`` tile."""
+        """The block's shared memory: the ``a`` and ``wgemm`` slices of each stage, which the
+        ``acc`` tile reuses once the products are done (the CUDA pipeline merges them)."""
         row = FRAGMENT_K * self.k_steps + ROW_PADDING
         slices = (self.block_m + self.block_n) * row * self.stages
-        return slices + self.block_m * self.block_n * 4
+        return max(slices, self.block_m * self.block_n * 4)
 
     def check(self, m: int, n: int, k: int) -> None:
         """Raise ``ValueError`` unless these tiles divide a GEMM of padded extents ``m, n,
@@ -179,7 +184,7 @@ def schedule_tensor_core_gemm(sch: Schedule, tiles: GemmTiles) -> None:
     sch.compute_at(b_warp, k_inner)
     acc_warp = sch.cache_write(fragment, 0, "warp")
     sch.reverse_compute_at(acc_warp, warp_loop)
-    sch.set_scope(acc_warp, 0, "shared")
+    sch.set_scope(acc_warp, 0, SHARED_SCOPE)
     _split_fragments(sch, acc_warp, FRAGMENT_M, FRAGMENT_N)
     sch.decompose_reduction(fragment, k_outer)
     _epilogue(sch, block_loop, tiles)
@@ -223,7 +228,7 @@ def _widest_im2col_copy(sch: Schedule) -> int:
 def _copy_to_shared(sch: Schedule, fragment, operand: int, k_outer, tiles: GemmTiles, widest: int):
     """The block's slice of GEMM operand ``operand`` (0: ``a``, 1: ``wgemm``) copied into
     shared memory by all its threads, up to ``widest`` bytes per thread and step."""
-    copy = sch.cache_read(fragment, operand, "shared")
+    copy = sch.cache_read(fragment, operand, SHARED_SCOPE)
     sch.compute_at(copy, k_outer)
     rows, columns = sch.get_loops(copy)[-2:]
     extent = int(sch.get(rows).extent) * int(sch.get(columns).extent)
