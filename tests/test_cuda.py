@@ -90,6 +90,14 @@ def test_gpu_cores_take_every_layer_on_a_cuda_target():
 
 
 @needs_nvcc
+def test_turing_gets_a_module_without_the_tensor_core_gemm(tmp_path):
+    # sm_75 has no int8 mma.sync.m16n8k32 (nor cp.async): every layer on bitplane-cuda
+    result = compile_residual_net(parse_target("cuda -arch=sm_75"), tmp_path / "m.so")
+    assert {layer["core"] for layer in result.sidecar["layers"]} == {"bitplane-cuda"}
+    assert cuda_binary.MARKER.format(arch="sm_75").encode() in result.output.read_bytes()
+
+
+@needs_nvcc
 def test_module_carries_compiled_gpu_code(cuda_module):
     data = cuda_module.output.read_bytes()
     assert b"__global__" not in data  # no CUDA source: loading needs no compiler

@@ -27,10 +27,13 @@ Two cores, for a ``cuda`` target (:func:`is_cuda`):
   int8, the im2col computed in the copy to shared memory, the epilogue beside the
   accumulators), applied as the first of the GPU rules (:mod:`~fgq_tvm.schedules.gpu_rules`);
 
-* ``bitplane-cuda``, every other layer (ternary weights with float group scales): the
-  bitplane core's compute (:func:`~fgq_tvm.schedules.conv2d.conv2d_compute`, the per-group
-  integer sums scaled in float64 as the reference orders them, NCHW) on GPU threads, scheduled
-  by DLight's rules like the packs (one thread per output element).
+  It needs ``sm_80`` or newer (:data:`GEMM_ARCH`);
+
+* ``bitplane-cuda``, every other layer (ternary weights with float group scales, and every
+  layer on ``sm_75``): the bitplane core's compute
+  (:func:`~fgq_tvm.schedules.conv2d.conv2d_compute`, the per-group integer sums scaled in
+  float64 as the reference orders them, NCHW) on GPU threads, scheduled by DLight's rules like
+  the packs (one thread per output element).
 
 Neither core is tunable yet (:attr:`~fgq_tvm.schedules.core.Core.tunable` is false; the GEMM's
 knobs are :class:`~fgq_tvm.schedules.tensor_core_gemm.GemmTiles`).
@@ -61,11 +64,19 @@ from .layout import NHWC, Layouts, activation_dims
 from .tensor_core_gemm import TENSOR_CORE_GEMM, padded_extents
 
 STORAGE = "base3"  # the weights are decoded once, at load time: the densest form
+# the first architecture with the int8 mma.sync.m16n8k32 and cp.async the GEMM core runs on
+# (sm_75, Turing, has the int8 tensor cores only as m8n8k16: its layers go to bitplane-cuda)
+GEMM_ARCH = 80
 
 
 def is_cuda(target) -> bool:
     """Whether ``target`` (a :class:`tvm.target.Target` or ``None``) is an NVIDIA GPU."""
     return target is not None and str(target.kind.name) == "cuda"
+
+
+def arch_number(target) -> int:
+    """The compute capability of a cuda ``target`` as a number: 90 for ``sm_90``."""
+    return int(str(target.attrs["arch"]).removeprefix("sm_"))
 
 
 def gemm_extents(shape: Conv2dShape) -> tuple[int, int, int]:
@@ -224,7 +235,7 @@ class GemmCudaCore(Core):
     rule_scheduled = True
 
     def available(self, target) -> bool:
-        return is_cuda(target)
+        return is_cuda(target) and arch_number(target) >= GEMM_ARCH
 
     def supports(self, shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> bool:
         return encoding in INTEGER_ENCODINGS
