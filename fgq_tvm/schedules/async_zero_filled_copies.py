@@ -37,7 +37,7 @@ ASYNC_COPY_BYTES = (4, 8, 16)
 SHARED_SCOPES = ("shared", "shared.dyn")
 
 
-def _contiguous_base(indices) -> tvm.tirx.PrimExpr | None:
+def _contiguous_base(indices) -> tvm.ir.Expr | None:
     """The first index of a one-dimensional access to consecutive elements, else ``None``:
     ``Ramp(b, 1, n)``, or ``Ramp(b, 1, n) + Broadcast(o, n)`` (an access to a buffer that TVM
     merged into one allocation with others, at offset ``o``)."""
