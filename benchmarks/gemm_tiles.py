@@ -9,7 +9,8 @@ from :func:`~fgq_tvm.schedules.tensor_core_gemm.tile_candidates` (:data:`PROBES`
 :data:`VARIANTS` at most, all in one module per layer and batch, compiled by nvcc, and a
 manifest of their arguments.
 
-``gpu_check run`` calls :func:`run` there (the TVM runtime and PyTorch): random arguments on
+``gpu_check run`` calls :func:`run` there (the TVM runtime and PyTorch), in a process of its
+own that a failing variant ends (the next one goes on from the next layer): random arguments on
 the GPU, every variant of a layer run on the same ones (their outputs must be identical: they
 compute the same integers in another order), each timed (median of :data:`REPEATS` runs after
 :data:`WARMUP`), with its rate in int8 tera-operations per second (2 per multiply-add of the
@@ -134,35 +135,61 @@ def _symbol(tiles) -> str:
 # --- run (there: the TVM runtime and PyTorch) ------------------------------------------------
 
 
-def run(folder: Path) -> list[dict]:
-    """Check and time every variant of the manifest in ``folder`` on GPU 0: one row per
-    variant (a layer whose variants disagree has ``"agrees": False`` on the others)."""
+def run(folder: Path, start: int = 0, write=print) -> None:
+    """Check and time on GPU 0 the variants of the manifest's layers in ``folder`` from the
+    ``start``-th on, handing each layer's rows to ``write`` as they are done (a layer whose
+    variants disagree has ``"agrees": False`` on the others).
+
+    Raises
+    ------
+    VariantFault
+        A variant failed (its row, and the layer's before it, written): the GPU context may be
+        unusable, so the caller goes on in a new process from the next layer.
+    """
     import torch
 
     from fgq_tvm import gpu_runtime, runtime
 
     ffi = runtime.tvm_ffi_runtime()
     manifest = json.loads((folder / MANIFEST).read_text())
-    rows = []
-    for entry in manifest:
+    for entry in manifest[start:]:
         path = folder / entry["module"]
         gpu_runtime.open_gpu(path, entry["arch"], runtime.runtime_library(), ffi)
         module = ffi.load_module(str(path))
         generator = torch.Generator(device="cuda").manual_seed(0)
         tensors = [_random(shape, dtype, generator) for shape, dtype in entry["arguments"]]
-        outputs = {}
+        rows, outputs = [], {}
         for symbol in entry["variants"]:
-            function = module[symbol]
-            call = _caller(function, tensors, ffi)
-            milliseconds = _median_ms(call)
+            row = {"layer": entry["layer"], "tiles": symbol}
+            try:
+                milliseconds = _median_ms(_caller(module[symbol], tensors, ffi))
+            except Exception as error:  # a launch or the kernel failed: the GPU may be unusable
+                write([*_compared(rows, outputs), {**row, "error": _first_line(error)}])
+                raise VariantFault(f"{entry['layer']} {symbol}: {_first_line(error)}") from error
             outputs[symbol] = tensors[-1].clone()
-            rows.append({"layer": entry["layer"], "tiles": symbol, "ms": milliseconds,
-                         "tops": 2 * entry["macs"] / milliseconds / 1e9})  # fmt: skip
-        reference = outputs[entry["variants"][0]]
-        for row in rows[-len(entry["variants"]) :]:
-            row["agrees"] = bool(torch.equal(outputs[row["tiles"]], reference))
-            row["vs_default"] = row["ms"] / rows[-len(entry["variants"])]["ms"]
-    return rows
+            rows.append({**row, "ms": milliseconds, "tops": 2 * entry["macs"] / milliseconds / 1e9})
+        write(_compared(rows, outputs))
+
+
+def _compared(rows: list[dict], outputs: dict) -> list[dict]:
+    """``rows`` (timed variants of one layer, the default first) with whether each one's
+    output equals the default's and its time against the default's."""
+    import torch
+
+    first = rows[0] if rows else None
+    return [
+        {**row, "agrees": bool(torch.equal(outputs[row["tiles"]], outputs[first["tiles"]])),
+         "vs_default": row["ms"] / first["ms"]}
+        for row in rows
+    ]  # fmt: skip
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class VariantFault(RuntimeError):
+    """A variant's launch or kernel failed on the GPU."""
 
 
 def _random(shape, dtype: str, generator):
@@ -207,10 +234,13 @@ def _median_ms(call) -> float:
 def table(rows: list[dict]) -> list[str]:
     """The rows as Markdown lines."""
     lines = [
-        "| layer | tiles (block, warps, steps) | ms | int8 TOPS | vs default | same output |",
+        "| layer | tiles (block, warps, steps, stages) | ms | int8 TOPS | vs default | same |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['layer']} | {row['tiles']} | failed: {row['error']} | | | |")
+            continue
         lines.append(
             f"| {row['layer']} | {row['tiles']} | {row['ms']:.4f} | {row['tops']:.1f} | "
             f"{row['vs_default']:.2f}x | {'yes' if row['agrees'] else 'NO'} |"

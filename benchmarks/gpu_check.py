@@ -398,21 +398,58 @@ def _check_and_time(folder: Path, results: Path, repeats: int, warmup: int) -> i
 
 
 def _tile_search(folder: Path, results: Path) -> None:
-    """The tile search (:mod:`gemm_tiles`), in a process of its own, after everything else:
-    a variant that faults the GPU loses only its own table."""
-    command = [sys.executable, str(folder / "gpu_check.py"), "tiles", str(folder), str(results)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    print(done.stdout if done.returncode == 0 else f"gemm tiles: failed: {done.stderr.strip()}")
-
-
-def tile_search(folder: Path, results: Path) -> None:
-    """Run the tile search on GPU 0, print its table and write it to ``results``."""
-    rows = gemm_tiles.run(folder / TILES)
+    """The tile search (:mod:`gemm_tiles`), after everything else, in processes of its own: a
+    variant that fails ends its process (its layer's rows so far kept), and the next one goes
+    on from the next layer. Its table is printed and written to ``results``."""
+    results.mkdir(parents=True, exist_ok=True)
+    rows_file = results / "gemm-tiles.jsonl"
+    rows_file.unlink(missing_ok=True)
+    layers = [
+        entry["layer"] for entry in json.loads((folder / TILES / gemm_tiles.MANIFEST).read_text())
+    ]
+    while (done := len(_tile_rows_by_layer(rows_file))) < len(layers):
+        command = [sys.executable, str(folder / "gpu_check.py"), "tiles", str(folder),
+                   str(rows_file), "--start", str(done)]  # fmt: skip
+        try:
+            finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            print(f"gemm tiles: stopped after 10 minutes, at {layers[done]}")
+            break
+        if finished.returncode != 0:
+            ended = f"its process ended with exit code {finished.returncode}"
+            print(f"gemm tiles: {(finished.stderr.strip().splitlines() or [ended])[-1]}")
+        if len(_tile_rows_by_layer(rows_file)) == done:  # no progress: give the layer up
+            ended = "its process ended before any variant ran"
+            _append_rows(rows_file, [{"layer": layers[done], "tiles": "-", "error": ended}])
+    rows = [row for layer in _tile_rows_by_layer(rows_file).values() for row in layer]
     text = "\n".join(["# GEMM tiles", "", *gemm_tiles.table(rows)]) + "\n"
     print(text)
-    results.mkdir(parents=True, exist_ok=True)
     (results / "gemm-tiles.md").write_text(text)
     (results / "gemm-tiles.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _tile_rows_by_layer(rows_file: Path) -> dict[str, list[dict]]:
+    """The tile search's rows written so far, by layer (one JSON line per layer)."""
+    if not rows_file.is_file():
+        return {}
+    layers = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    return {rows[0]["layer"]: rows for rows in layers}
+
+
+def _append_rows(rows_file: Path, rows: list[dict]) -> None:
+    with rows_file.open("a") as lines:
+        lines.write(json.dumps(rows) + "\n")
+
+
+def tile_search(folder: Path, rows_file: Path, start: int) -> int:
+    """Run the tile search on GPU 0 from the ``start``-th layer on, appending each layer's rows
+    to ``rows_file``; 1 when a variant failed (the message on stderr)."""
+    try:
+        gemm_tiles.run(folder / TILES, start, lambda rows: _append_rows(rows_file, rows))
+    except gemm_tiles.VariantFault as fault:
+        print(f"a variant failed: {fault}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _time(model: str, batch: int, module, repeats: int, warmup: int) -> dict:
@@ -589,12 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     layer.add_argument("name")
     tiles = steps.add_parser("tiles", help="the GEMM tile search (run calls it)")
     tiles.add_argument("folder", type=Path)
-    tiles.add_argument("results", type=Path)
+    tiles.add_argument("rows", type=Path, help="the JSON lines file the rows are appended to")
+    tiles.add_argument("--start", type=int, default=0, help="the first layer to run")
     args = parser.parse_args(argv)
     if args.step == "tiles":
         sys.path.insert(0, str(args.folder.resolve()))
-        tile_search(args.folder.resolve(), args.results)
-        return 0
+        return tile_search(args.folder.resolve(), args.rows, args.start)
     if args.step == "prepare":
         prepare(args.out, args.target, tuple(args.models), args.python)
         return 0
