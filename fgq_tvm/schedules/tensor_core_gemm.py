@@ -21,15 +21,15 @@ block_n`` tile of ``acc`` and ``warps_m x warps_n`` warps in it:
    registers;
 3. the accumulators go through shared memory (the block's ``acc`` tile, in the bytes of the
    operand slices: the shared memory is dynamic, one allocation in which TVM lets buffers
-   that are never live at once share bytes), from which the block's threads
-   compute the epilogue (``y``), one output element each, consecutive threads on consecutive
-   channels (NHWC: coalesced stores).
+   that are never live at once share bytes), from which the block's threads compute the
+   epilogue (``y``), one output element each, consecutive threads on consecutive channels
+   (NHWC: coalesced stores).
 
 The instructions are tensor intrinsics (:mod:`~fgq_tvm.schedules.intrinsics_cuda`): the
-project's ldmatrix of the unsigned A and its u8 x s8 MMA, TVM's ldmatrix of B (stored ``[N,
-K]``, so "transposed") and accumulator fill, and a store of the accumulator fragments to shared
-memory built from TVM's template. Knobs: :class:`GemmTiles`; :func:`default_tiles` picks them
-without tuning.
+project's ldmatrix of the unsigned A and its u8 x s8 MMA, TVM's accumulator fill, and the
+ldmatrix of B (stored ``[N, K]``, so "transposed") and store of the accumulator fragments built
+from TVM's templates for dynamic shared memory. Knobs: :class:`GemmTiles`;
+:func:`default_tiles` picks them without tuning.
 
 NumPy reference: ``acc = a.astype(int32) @ wgemm.astype(int32).T``; the whole layer is checked
 against ``reference_forward`` (the same PrimFunc, unscheduled, on the CPU; scheduled, on a GPU
@@ -101,8 +101,9 @@ class GemmTiles:
 
     @property
     def shared_bytes(self) -> int:
-        """The block's shared memory: the ``a`` and ``wgemm`` slices of each stage, which the
-        ``acc`` tile reuses once the products are done (the CUDA pipeline merges them)."""
+        """The block's shared memory: the ``a`` and ``wgemm`` slices of each stage, whose bytes
+        the ``acc`` tile reuses once the products are done (TVM merges a kernel's dynamic
+        shared buffers into one allocation)."""
         row = FRAGMENT_K * self.k_steps + ROW_PADDING
         slices = (self.block_m + self.block_n) * row * self.stages
         return max(slices, self.block_m * self.block_n * 4)
