@@ -36,7 +36,7 @@ batch) as matches; ``prepare`` says when the two exceed the limit.
   PyTorch's rows read "n/a" without torchvision.
 
 It prints the table and writes it to ``benchmarks/results/<gpu key>/gpu-check.md`` (and
-``.json``); the exit status is 1 when a correctness check fails. Then, in a process of its
+``.json``); the exit status is 1 when a correctness check fails. Then, in processes of its
 own, the GEMM tile search (:mod:`gemm_tiles`: ResNet-50's heaviest convolutions at batch 1 and
 64, each with its default tiles, them pipelined, and others, 10 variants at most, checked
 against each other and timed; a variant that fails costs only the rest of its layer), written
