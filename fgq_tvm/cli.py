@@ -774,6 +774,12 @@ def _model_inputs(args: argparse.Namespace):
 def _tune(args: argparse.Namespace) -> int:
     """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
     progress = _progress_printer()
+    if _target(args.target).kind.name == "cuda":
+        raise UsageError(
+            "tune has no search for cuda targets yet: their kernels use default_tiles "
+            "(benchmarks/gemm_tiles.py measures the alternatives on a GPU); compile with "
+            "--target cuda, or tune a CPU target"
+        )
     if args.fp32:
         if args.rpc_tracker:
             raise UsageError("tune --fp32 times on this machine only; drop --rpc-tracker")

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import fgq_tvm as fgq_tvm_command
 from helpers import randomize_batchnorm
 from torch import nn
 
@@ -161,6 +162,13 @@ def test_loading_without_a_gpu_is_one_clear_line(cuda_module, tmp_path):
     result = subprocess.run(run, capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "libcuda.so.1" in result.stderr
+
+
+def test_tune_refuses_a_cuda_target_before_any_work():
+    for fp32 in ([], ["--fp32"]):
+        result = fgq_tvm_command("tune", "cifar_resnet20", "--target", "cuda", *fp32)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "tune has no search for cuda targets yet" in result.stderr
 
 
 def test_a_cpu_module_refuses_the_gpu(tmp_path):
