@@ -11,7 +11,8 @@ peak of a core.
   enables for each x86 CPU and ``-mattr`` feature (:mod:`fgq_tvm.x86_tables`, written from
   LLVM by :func:`write_x86_tables`); :func:`missing_extensions` lists those a host lacks, so
   that :func:`fgq_tvm.load` refuses a module built for another CPU before it dies of an
-  illegal instruction, on a machine with the TVM runtime alone.
+  illegal instruction, on a machine with the TVM runtime alone; :func:`request_amx_tile_data`
+  asks Linux for AMX's tile state, which a module built for AMX needs before it runs.
 * The peak: :func:`vnni_macs_per_cycle` and :func:`vnni_peak_gmacs`.
 
 TVM is imported only inside the functions that ask LLVM about a target: a deployed runtime may
@@ -21,6 +22,8 @@ lack the compiler, and reading the host's flags needs none of it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
 import io
 import json
@@ -168,6 +171,34 @@ def host_has(*flags: str) -> bool:
     """
     known = host_flags()
     return known is not None and set(flags) <= known
+
+
+# Linux x86-64: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) asks for AMX's tile data
+ARCH_PRCTL_SYSCALL = 158
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+
+
+def request_amx_tile_data() -> None:
+    """Ask Linux for AMX's tile data state, for every thread of this process.
+
+    Linux (5.16 and newer) gives a process the 8 KiB of tile registers only when asked, once;
+    an AMX instruction before that dies of SIGILL. Asking again is harmless.
+
+    Raises
+    ------
+    OSError
+        Linux refused (``EOPNOTSUPP`` on a CPU without AMX, ``EINVAL`` from a kernel older
+        than 5.16, which cannot give it), or this is not Linux on x86-64 (``ENOSYS``).
+    """
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        where = f"{sys.platform} on {platform.machine()}"
+        raise OSError(errno.ENOSYS, f"AMX needs Linux on x86-64, not {where}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = libc.syscall(ARCH_PRCTL_SYSCALL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    if status != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"arch_prctl(ARCH_REQ_XCOMP_PERM): {os.strerror(code)}")
 
 
 # --------------------------------------------------------------------------------------------

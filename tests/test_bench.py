@@ -5,6 +5,7 @@ CIFAR ResNet-20 with only the cheap peers (marked slow: it compiles the model, a
 
 import json
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -164,13 +165,19 @@ def test_parse_batches():
             bench.parse_batches(text)
 
 
-def test_layer_rows_give_mac_rates_against_the_peak():
+def test_layer_rows_give_mac_rates_against_the_peaks():
     rows = tables.layer_rows(synthetic_result(ghz=2.0))  # peak 64 x 2 x 2 = 256 GMAC/s
-    assert rows[0][5:] == ["2.0", "0.100", "20.0", "7.8"]
+    assert rows[0][5:] == ["2.0", "0.100", "20.0", "7.8", ""]  # AMX not measured
     assert rows[-1][0] == "**all layers**"
     assert rows[-1][5:7] == ["2.1", "0.102"]
     no_clock = tables.layer_rows(synthetic_result(ghz=None))
-    assert no_clock[0][-1] == ""
+    assert no_clock[0][-2:] == ["", ""]
+    amx = replace(synthetic_result(ghz=None), amx_peak_gmacs=1000.0, amx_peak_source="measured")
+    assert tables.layer_rows(amx)[0][-2:] == ["", "2.0"]
+    data = bench.to_json(amx)
+    assert data["layers"][0]["fraction_of_amx_peak"] == pytest.approx(0.02)
+    assert "AMX int8 peak: 1000 GMAC/s, measured." in bench.format_markdown(amx)
+    assert "AMX int8 peak: not measured." in bench.format_markdown(synthetic_result())
 
 
 def test_json_and_markdown_carry_the_same_numbers():

@@ -22,7 +22,7 @@ from fgq_tvm import cli, run_command
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
 from fgq_tvm.errors import UsageError
 from fgq_tvm.runtime import module_digest, sidecar_path
-from fgq_tvm.schedules.intrinsics_x86 import has_vnni
+from fgq_tvm.schedules.conv2d_dot import AVX2_CORE, VNNI_CORE
 from fgq_tvm.summary import format_summary
 from fgq_tvm.target import host_target, parse_target
 
@@ -338,16 +338,18 @@ def test_compile_writes_module_and_summary(compiled):
         "schedule",
     ]  # fmt: skip
     assert lines[0].split() == header
-    vnni = has_vnni(parse_target(host_target()))
-    core, blocked = ("int8-dot-vnni", "NCHW16c") if vnni else ("bitplane", "NCHW")
-    stem_layouts = "NCHW->NCHW16c" if vnni else "NCHW"  # RGB input: no whole block of 16
+    host = parse_target(host_target())  # a dot core where the CPU has VNNI or AVX2
+    core = next((dot.name for dot in (VNNI_CORE, AVX2_CORE) if dot.available(host)), "bitplane")
+    dot = core != "bitplane"
+    blocked = "NCHW16c" if dot else "NCHW"
+    stem_layouts = "NCHW->NCHW16c" if dot else "NCHW"  # RGB input: no whole block of 16
     stem = ["conv1", "conv2d", "int8", "s8", "int8", core, stem_layouts, "float", "relu"]
     assert lines[1].split() == [*stem, "default"]
     conv1 = ["layer1.0.conv1", "conv2d", "ternary-group", "N=4", "u8", "ternary_int8_scales"]
     conv2 = ["layer1.0.conv2", *conv1[1:]]
     rows = [line.split() for line in lines]
     # the dot core passes conv1's output to conv2 as bytes; the block's output stays float
-    conv1_io, conv2_io = (["float", "relu_quantize"], ["bytes", "add_relu"]) if vnni else (
+    conv1_io, conv2_io = (["float", "relu_quantize"], ["bytes", "add_relu"]) if dot else (
         ["float", "relu"], ["float", "add_relu"]
     )  # fmt: skip
     assert [*conv1, core, blocked, *conv1_io, "default"] in rows

@@ -28,17 +28,19 @@ only, so none may be asked for. The threads are those the server runs, the clock
 is ``--ghz`` alone.
 
 Each quantized layer's kernel is also timed on its own, as the compiled module has it (core,
-fused epilogue, layouts, float or byte activations; default schedule), and its MAC rate
-compared with the CPU's int8 VNNI peak (:func:`~fgq_tvm.cpu_features.vnni_macs_per_cycle` per
-cycle per core). A missing optional package (ONNX Runtime) turns its rows into "not
-installed"; a peer that fails to build reads "failed" with the reason. Everything heavy is
-imported inside the functions that need it.
+fused epilogue, layouts, float or byte activations; default schedule), and its MAC rate compared
+with the CPU's int8 VNNI peak (:func:`~fgq_tvm.cpu_features.vnni_macs_per_cycle` per cycle per
+core) and, on a CPU with AMX, with the AMX int8 peak that fgq-tvm's microbenchmark measures in
+the same run (:mod:`~fgq_tvm.bench.amx_peak`). A missing optional package (ONNX Runtime) turns
+its rows into "not installed"; a peer that fails to build reads "failed" with the reason.
+Everything heavy is imported inside the functions that need it.
 
 The package, by concern: :mod:`~fgq_tvm.bench.results` (the rows, the run, its JSON),
 :mod:`~fgq_tvm.bench.peers` (preparing and timing the runtimes), :mod:`~fgq_tvm.bench.layers`
-(the per-layer kernels), :mod:`~fgq_tvm.bench.tables` (Markdown and files), and here the whole
-run (:func:`run_bench`, :class:`BenchOptions`) and its set-up. The names the command line and
-the benchmark scripts use are re-exported here.
+(the per-layer kernels), :mod:`~fgq_tvm.bench.amx_peak` (the AMX microbenchmark),
+:mod:`~fgq_tvm.bench.tables` (Markdown and files), and here the whole run (:func:`run_bench`,
+:class:`BenchOptions`) and its set-up. The names the command line and the benchmark scripts use
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ..errors import UsageError
 from ..remote import LOCAL_DEVICE, Device, RemoteDevice
 from ..target import TUNING_LOGS, target_key
 from ..threads import thread_settings
+from .amx_peak import measure_amx_peak
 from .layers import Progress, time_layers
 from .peers import (
     PREPARE,
@@ -357,6 +360,12 @@ def run_bench(
             for batch in options.batches
         }
         layers = time_layers(compiled, target, options.repeats, report, session)
+        report("measure the AMX int8 peak")
+        amx_peak = (
+            (None, "not measured on a remote device")
+            if remote
+            else measure_amx_peak(target, options.threads, options.repeats)
+        )
         so_bytes = compiled.output.stat().st_size
         environment = describe_environment(load_start)
         threads = session.threads() if remote else options.threads
@@ -382,6 +391,8 @@ def run_bench(
         environment=environment,
         macs_per_cycle=vnni_macs_per_cycle(target),
         batches=batches,
+        amx_peak_gmacs=amx_peak[0],
+        amx_peak_source=amx_peak[1],
     )
 
 

@@ -144,6 +144,10 @@ class BenchResult:
     batches
         ``batch -> rows`` of the same runtimes timed at larger batches (throughput), each
         batch in its own interleaved rounds.
+    amx_peak_gmacs, amx_peak_source
+        The AMX int8 peak of :attr:`threads` cores in GMAC/s, measured by fgq-tvm's
+        microbenchmark (:func:`~fgq_tvm.bench.amx_peak.measure_amx_peak`), and how; None, and
+        why not, where it was not measured.
     """
 
     model: str
@@ -164,6 +168,8 @@ class BenchResult:
     environment: dict
     macs_per_cycle: int = VNNI_MACS_PER_CYCLE
     batches: dict[int, list[PeerResult]] = field(default_factory=dict)
+    amx_peak_gmacs: float | None = None
+    amx_peak_source: str = "not measured"
 
     def peer(self, key: str) -> PeerResult | None:
         """The row of the runtime ``key``, or None where it was not measured."""
@@ -211,6 +217,7 @@ def to_json(result: BenchResult) -> dict:
     for row, layer in zip(data["layers"], result.layers, strict=True):
         row["gmacs_per_s"] = layer.gmacs_per_s()
         row["fraction_of_peak"] = ratio(layer.gmacs_per_s(), peak)
+        row["fraction_of_amx_peak"] = ratio(layer.gmacs_per_s(), result.amx_peak_gmacs)
     data["peak_gmacs_per_s"] = peak
     data["size_ratio"] = ratio(result.so_bytes, result.fp32_param_bytes)
     return data

@@ -59,6 +59,7 @@ LAYER_COLUMNS = (
     "median ms",
     "GMAC/s",
     "% of peak",
+    "% of AMX peak",
 )
 
 
@@ -140,25 +141,29 @@ def layer_rows(result: BenchResult) -> list[list[str]]:
     Returns
     -------
     list of list of str
-        One row per quantized layer (its share of the peak empty where the clock is unknown),
-        then ``**all layers**``.
+        One row per quantized layer (its shares of the peaks empty where the clock is unknown
+        or AMX was not measured), then ``**all layers**``.
     """
-    peak = result.peak_gmacs
+    peaks = (result.peak_gmacs, result.amx_peak_gmacs)
     rows = []
     for layer in result.layers:
         rate = layer.gmacs_per_s()
         rows.append([
             layer.name, layer.op, layer.weights, layer.core, "x".join(map(str, layer.input_shape)),
             _number(layer.macs / 1e6, 1), _number(layer.median_ms, 3), _number(rate, 1),
-            _number(100 * ratio(rate, peak), 1) if peak else "",
+            *_shares(rate, peaks),
         ])  # fmt: skip
     macs = sum(layer.macs for layer in result.layers)
     seconds = sum(layer.median_ms for layer in result.layers)
     rate = macs / (seconds * 1e6) if seconds else None
-    share = _number(100 * rate / peak, 1) if peak and rate else ""
     rows.append(["**all layers**", "", "", "", "", _number(macs / 1e6, 1), _number(seconds, 3),
-                 _number(rate, 1), share])  # fmt: skip
+                 _number(rate, 1), *_shares(rate, peaks)])  # fmt: skip
     return rows
+
+
+def _shares(rate: float | None, peaks: tuple[float | None, ...]) -> list[str]:
+    """``rate`` in percent of each of ``peaks`` (empty where either is unknown)."""
+    return [_number(100 * ratio(rate, peak), 1) if peak and rate else "" for peak in peaks]
 
 
 def format_markdown(result: BenchResult) -> str:
@@ -214,11 +219,19 @@ def format_markdown(result: BenchResult) -> str:
         *_throughput_section(result),
         "## Quantized layers, each kernel timed standalone",
         "",
-        f"int8 VNNI peak: {peak_text}. Whole model through fgq-tvm: {_number(fgq_rate, 1)} GMAC/s.",
+        f"int8 VNNI peak: {peak_text}. AMX int8 peak: {_amx_peak_text(result)}. Whole model "
+        f"through fgq-tvm: {_number(fgq_rate, 1)} GMAC/s.",
         "",
         markdown_table(LAYER_COLUMNS, layer_rows(result)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _amx_peak_text(result: BenchResult) -> str:
+    """The measured AMX peak and how it was measured, or why it was not."""
+    if result.amx_peak_gmacs is None:
+        return result.amx_peak_source
+    return f"{result.amx_peak_gmacs:.0f} GMAC/s, {result.amx_peak_source}"
 
 
 def _machine(env: dict) -> str:
