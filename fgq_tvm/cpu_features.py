@@ -195,7 +195,8 @@ def request_amx_tile_data() -> None:
         where = f"{sys.platform} on {platform.machine()}"
         raise OSError(errno.ENOSYS, f"AMX needs Linux on x86-64, not {where}")
     libc = ctypes.CDLL(None, use_errno=True)
-    status = libc.syscall(ARCH_PRCTL_SYSCALL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    arguments = (ARCH_PRCTL_SYSCALL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    status = libc.syscall(*(ctypes.c_long(value) for value in arguments))  # variadic: longs
     if status != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"arch_prctl(ARCH_REQ_XCOMP_PERM): {os.strerror(code)}")

@@ -1,8 +1,11 @@
-"""AMX int8 in TIR (fgq_tvm/schedules/intrinsics_amx.py) and the measured AMX peak of bench.
+"""AMX int8: the intrinsics in TIR (fgq_tvm/schedules/intrinsics_amx.py), the AMX core
+(fgq_tvm/schedules/conv2d_amx.py) and the measured AMX peak of bench.
 
-Here, on any x86 CPU: the tile configuration, the NumPy reference of ``tdpbusd``, the code
-LLVM makes of the intrinsics, and the reasons the peak is not measured. The products
-themselves run only where the CPU has AMX (the other tests skip with a reason there).
+On any x86 CPU: the tile configuration, the NumPy reference of ``tdpbusd``, the code LLVM makes
+of the intrinsics and of the core's kernels, the reasons the peak is not measured, and the
+core's kernels bit for bit against ``reference_forward`` with the tiles emulated (the same loops
+and operand addresses in plain code). Where the CPU has AMX, the same kernels on the tiles and
+the peak's products (elsewhere those tests skip with a reason).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import tvm
+from test_kernels import _next_quantizer, as_image, random_input, random_layer, with_epilogue
 
 from fgq_tvm.bench.amx_peak import (
     ITERATIONS,
@@ -23,8 +28,20 @@ from fgq_tvm.bench.amx_peak import (
     measure_amx_peak,
 )
 from fgq_tvm.cpu_features import host_has, request_amx_tile_data
+from fgq_tvm.quant.layers import ActQuant, reference_forward
 from fgq_tvm.schedules import intrinsics_amx
-from fgq_tvm.schedules.intrinsics_amx import dot_reference, tile_configuration
+from fgq_tvm.schedules.conv2d_amx import AMX_CORE, AmxCore
+from fgq_tvm.schedules.conv2d_dot import VNNI_CORE
+from fgq_tvm.schedules.core import Conv2dShape, Epilogue
+from fgq_tvm.schedules.intrinsics_amx import (
+    AMX_TILES,
+    EMULATED_TILES,
+    dot_reference,
+    tile_configuration,
+)
+from fgq_tvm.schedules.kernel_spec import kernel_arguments, layer_shape
+from fgq_tvm.schedules.layout import BLOCKED, NCHW, NCHW16C, PLAIN, Layouts
+from fgq_tvm.schedules.select import build_layer
 from fgq_tvm.target import host_target, parse_target
 
 AMX_TARGET = parse_target("llvm -mcpu=sapphirerapids")
@@ -108,3 +125,78 @@ def test_the_peak_kernel_multiplies_exactly_and_reports_a_rate():
     peak, how = measure_amx_peak(target, 2, 3, iterations=ITERATIONS // 100)
     assert how.startswith("measured (tdpbusd into 4 tiles on 2 threads"), how
     assert peak > 0
+
+
+# --- the AMX core ---------------------------------------------------------------------------
+
+INTEGER_ENCODINGS = ("ternary_int8_scales", "ternary_asymmetric_int8_scales", "int8")
+LAYOUTS = (PLAIN, BLOCKED, Layouts(NCHW, NCHW16C))
+
+
+def test_the_amx_core_takes_integer_layers_of_whole_64_channel_blocks_on_amx_targets():
+    act = ActQuant(0.1, 8, False)
+    conv = Conv2dShape(1, 128, 14, 14, 64, (3, 3), padding=(1, 1), group_size=4)
+    for encoding in INTEGER_ENCODINGS:
+        assert AMX_CORE.supports(conv, act, encoding)
+    assert not AMX_CORE.supports(conv, act, "ternary_group_scales")
+    stem = Conv2dShape(1, 3, 224, 224, 64, (7, 7), (2, 2), (3, 3))
+    dense = Conv2dShape(1, 2048, 1, 1, 1000)
+    assert not AMX_CORE.supports(stem, act, "int8") and not AMX_CORE.supports(dense, act, "int8")
+    assert AMX_CORE.available(AMX_TARGET)
+    assert not AMX_CORE.available(parse_target("llvm -mcpu=icelake-server"))
+    assert AMX_CORE.layouts == VNNI_CORE.layouts and AMX_CORE.activation_bytes
+
+
+def test_the_amx_core_builds_to_tile_instructions():
+    shape = Conv2dShape(1, 64, 56, 56, 64, (3, 3), padding=(1, 1), group_size=4)
+    epilogue = Epilogue(relu=True, quantize=ActQuant(0.2, 8, False))
+    kernels = AMX_CORE.kernels(shape, ActQuant(0.1, 8, False), "ternary_int8_scales", epilogue,
+                               BLOCKED, quantized_input=True)  # fmt: skip
+    built = tvm.compile(tvm.IRModule({"main": kernels.layer}), AMX_TARGET)
+    found = INSTRUCTION.findall(built.mod.inspect_source("s"))
+    counts = collections.Counter(name for name, _ in found)
+    assert counts["ldtilecfg"] == counts["tilezero"] == counts["tilestored"] >= 1
+    assert counts["tdpbusd"] >= 1 and counts["tileloadd"] == 2 * counts["tdpbusd"]
+    # the accumulator stays in tmm0: loaded never, zeroed, multiplied into and stored
+    assert {operands.strip() for name, operands in found if name == "tdpbusd"} == {
+        "%tmm2, %tmm1, %tmm0"
+    }
+    assert all(operands.strip().startswith("%tmm0") for name, operands in found
+               if name == "tilestored")  # fmt: skip
+
+
+def amx_core_mismatches(core: AmxCore, encoding: str, cases: int, target) -> list:
+    """Random layers of ``encoding`` on ``core`` against ``reference_forward``: layouts,
+    epilogues, byte input and output, signed activations, strides, padding, dilation, outputs
+    narrower and wider than a tile."""
+    rng = np.random.default_rng(400 + INTEGER_ENCODINGS.index(encoding))
+    mismatches = []
+    for case in range(cases):
+        layouts = LAYOUTS[case % len(LAYOUTS)]
+        layer = random_layer(rng, encoding, layouts=layouts, channel_multiple=64)
+        x = random_input(rng, layer)
+        shape = layer_shape(layer, as_image(x).shape)
+        expected = reference_forward(layer, torch.from_numpy(x)).numpy()
+        quantized_input, quantize = case % 4 == 1, _next_quantizer(rng) if case % 3 == 1 else None
+        epilogue, residual, expected = with_epilogue(rng, expected, quantize)
+        kernels = core.kernels(shape, layer.act, encoding, epilogue, layouts, quantized_input)
+        stored = kernel_arguments(layer, VNNI_CORE.name)  # the dot core's pack, arguments
+        given = layer.act.stored(x) if quantized_input else x
+        actual = build_layer(kernels, stored, target)(as_image(given), *residual)
+        if not np.array_equal(actual, expected):
+            mismatches.append((case, shape, layouts.name, quantized_input, quantize))
+    return mismatches
+
+
+@pytest.mark.parametrize("encoding", INTEGER_ENCODINGS)
+def test_the_amx_core_computes_the_reference_with_emulated_tiles(encoding):
+    core = AmxCore(EMULATED_TILES)
+    assert not amx_core_mismatches(core, encoding, 10, parse_target(host_target()))
+
+
+@needs_amx
+@pytest.mark.parametrize("encoding", INTEGER_ENCODINGS)
+def test_the_amx_core_computes_the_reference_on_the_tiles(encoding):
+    request_amx_tile_data()
+    core = AmxCore(AMX_TILES)
+    assert not amx_core_mismatches(core, encoding, 10, parse_target(host_target()))

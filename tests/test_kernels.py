@@ -56,14 +56,19 @@ LAYOUTS = (PLAIN, BLOCKED, Layouts(NCHW, NCHW16C))
 
 
 def random_layer(
-    rng: np.random.Generator, encoding: str, dense: bool = False, layouts: Layouts = PLAIN
+    rng: np.random.Generator,
+    encoding: str,
+    dense: bool = False,
+    layouts: Layouts = PLAIN,
+    channel_multiple: int = 1,
 ) -> QuantizedLayer:
     """A random quantized layer with a random geometry (whole blocks of 16 channels where
-    ``layouts`` has NCHW16c)."""
+    ``layouts`` has NCHW16c; input channels a multiple of ``channel_multiple``)."""
     channels = int(rng.integers(1, 80))
     out_channels = int(rng.choice([int(rng.integers(1, 40)), 16, 32]))
     if layouts.input == NCHW16C:
         channels = CHANNEL_BLOCK * int(rng.integers(1, 5))
+    channels = -(-channels // channel_multiple) * channel_multiple
     if layouts.output == NCHW16C:
         out_channels = CHANNEL_BLOCK * int(rng.integers(1, 5))
     kernel = 1 if dense else int(rng.choice([1, 3]))

@@ -247,6 +247,23 @@ def dot_conv2d_compute(
 
         return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue, layouts.output)]
     acc = _dot_accumulate(xq, wpack, shape)
+    return [x, *integer_output(acc, wpack, bias, shape, act, epilogue, layouts)]
+
+
+def integer_output(
+    acc: te.Tensor,
+    wpack: te.Tensor,
+    bias: te.Tensor,
+    shape: Conv2dShape,
+    act: ActQuant,
+    epilogue: Epilogue,
+    layouts: Layouts,
+) -> list[te.Tensor]:
+    """The integer forms' arguments after ``x`` and their output, from the exact sums
+    ``acc[b, K/L, oh, ow, L]`` of the packed weights: ``[wpack(, offset_sums), out_scale,
+    bias(, residual), y]``, ``y = f32(f64(acc - offset_sums) * f64(out_scale)) + bias`` after
+    the epilogue (``acc`` may hold more columns than the output: they are never read)."""
+    lanes = acc.shape[-1]
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
 
@@ -258,7 +275,7 @@ def dot_conv2d_compute(
 
     packed = [wpack, offset_sums] if act.signed else [wpack]
     y = output_stage(shape, integer_value, epilogue, layouts.output)
-    return [x, *packed, out_scale, bias, *y]
+    return [*packed, out_scale, bias, *y]
 
 
 class QuantizedInput:
@@ -286,19 +303,10 @@ class QuantizedInput:
         width = padded_extent(shape.width, pad_w, shape.out_width, shape, axis=1)
         self.depth = instruction.depth
         self.lanes = self.depth if layout == NCHW else CHANNEL_BLOCK
-        dtype = instruction.activation_dtype
+        byte = input_byte(x, shape, act, layout, instruction.activation_dtype)
 
         def quantize(b, cb, h, w, ci):
-            c = cb * self.lanes + ci
-            inside = tirx.all(
-                c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
-                w >= pad_w, w < shape.width + pad_w,
-            )  # fmt: skip
-            channel = tirx.min(c, shape.in_channels - 1)
-            value = element(x, layout, b, channel, h - pad_h, w - pad_w)
-            stored = value if x.dtype == "uint8" else stored_activation(value, act)
-            padding = tirx.const(act.offset, dtype)
-            return tirx.if_then_else(inside, stored.astype(dtype), padding)
+            return byte(b, cb * self.lanes + ci, h, w)
 
         words = _blocks(shape, instruction)[1]
         lane_blocks = -(-words * self.depth // self.lanes)
@@ -311,6 +319,26 @@ class QuantizedInput:
             return self.tensor[b, cb, h, w, ci]
         words = self.lanes // self.depth
         return self.tensor[b, cb // words, h, w, cb % words * self.depth + ci]
+
+
+def input_byte(x: te.Tensor, shape: Conv2dShape, act: ActQuant, layout, dtype: str):
+    """``byte(b, c, h, w)``: the activation byte (:meth:`~fgq_tvm.quant.layers.ActQuant.stored`,
+    as ``dtype``) of channel ``c`` at row ``h`` and column ``w`` of the zero-padded input
+    (``act.offset``, the stored zero, outside the input and beyond its channels); a uint8 ``x``
+    holds the bytes already."""
+    pad_h, pad_w = shape.padding
+
+    def byte(b, c, h, w):
+        inside = tirx.all(
+            c < shape.in_channels, h >= pad_h, h < shape.height + pad_h,
+            w >= pad_w, w < shape.width + pad_w,
+        )  # fmt: skip
+        channel = tirx.min(c, shape.in_channels - 1)
+        value = element(x, layout, b, channel, h - pad_h, w - pad_w)
+        stored = value if x.dtype == "uint8" else stored_activation(value, act)
+        return tirx.if_then_else(inside, stored.astype(dtype), tirx.const(act.offset, dtype))
+
+    return byte
 
 
 def _dot_accumulate(xq, wpack: te.Tensor, shape: Conv2dShape) -> te.Tensor:

@@ -23,8 +23,11 @@ that did not ask dies of SIGILL. The configuration is per thread: every parallel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import tirx
+from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 TILE_ROWS = 16
@@ -119,3 +122,181 @@ def dot_reference(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
     rows, words = weights.shape
     columns = weights.reshape(rows, words // 4, 4).transpose(0, 2, 1).reshape(4 * rows, -1)
     return activations.astype(np.int32) @ columns.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor intrinsics: one 16 x 16 accumulator tile kept in tmm0 from its zeroing to its store
+# --------------------------------------------------------------------------------------------
+
+ACCUMULATOR, ACTIVATIONS, WEIGHTS = 0, 1, 2  # the tiles the intrinsics below use
+_ROWS, _BYTES, _WORDS = TILE_ROWS, TILE_ROW_BYTES, TILE_ROW_BYTES // 4
+_TILE = _ROWS * _BYTES
+
+
+@dataclass(frozen=True)
+class TileIntrinsics:
+    """The names of the three tensor intrinsics that compute one accumulator tile.
+
+    Over a ``[16, 16]`` int32 buffer ``C`` in local scope, the tile's stand-in:
+
+    * ``zero``: ``C = 0``;
+    * ``dot``: ``C[m, n] += sum A[m, 4 k4 + k1] * B[k4, n, k1]`` (``A``: ``[16, 64]`` uint8,
+      ``B``: ``[16, 16, 4]`` int8, both 16 rows of 64 contiguous bytes);
+    * ``store``: ``D = C`` (``D``: ``[16, 16]`` int32, rows of 64 bytes).
+
+    On :data:`AMX_TILES` the accumulator is ``tmm0``, never ``C``: ``zero`` loads the tile
+    configuration and zeroes ``tmm0``, ``dot`` loads its operands into ``tmm1`` and ``tmm2``
+    and runs ``tdpbusd``, ``store`` stores ``tmm0`` to ``D``. :data:`EMULATED_TILES` does the
+    same in plain code, with ``C`` as the accumulator, and reads and writes the operands the
+    way the tile instructions do: from each buffer's first element, rows 64 bytes apart.
+    """
+
+    zero: str
+    dot: str
+    store: str
+
+
+AMX_TILES = TileIntrinsics(
+    "fgq_amx_zero_16x16_i32", "fgq_amx_dot_16x16x64_u8i8i32", "fgq_amx_store_16x16_i32"
+)
+EMULATED_TILES = TileIntrinsics(
+    "fgq_amx_zero_16x16_i32_emulated",
+    "fgq_amx_dot_16x16x64_u8i8i32_emulated",
+    "fgq_amx_store_16x16_i32_emulated",
+)
+
+
+def _configuration_words() -> list[int]:
+    """:func:`tile_configuration` as eight little-endian 64-bit words."""
+    return [int(word) for word in tile_configuration().view("<u8")]
+
+
+_CONFIGURATION = _configuration_words()
+
+
+@T.prim_func(s_tir=True)
+def _zero_description(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+    with T.sblock("root"):
+        T.reads()
+        T.writes(C[0:_ROWS, 0:_WORDS])
+        for m, n in T.grid(_ROWS, _WORDS):
+            with T.sblock("zero"):
+                vm, vn = T.axis.remap("SS", [m, n])
+                C[vm, vn] = T.int32(0)
+
+
+@T.prim_func(s_tir=True)
+def _zero_amx(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+    with T.sblock("root"):
+        T.reads()
+        T.writes(C[0:_ROWS, 0:_WORDS])
+        configuration = T.decl_buffer((8,), "uint64", scope="local")
+        configuration[0] = T.uint64(_CONFIGURATION[0])
+        configuration[1] = T.uint64(_CONFIGURATION[1])
+        configuration[2] = T.uint64(_CONFIGURATION[2])
+        configuration[3] = T.uint64(_CONFIGURATION[3])
+        configuration[4] = T.uint64(_CONFIGURATION[4])
+        configuration[5] = T.uint64(_CONFIGURATION[5])
+        configuration[6] = T.uint64(_CONFIGURATION[6])
+        configuration[7] = T.uint64(_CONFIGURATION[7])
+        T.evaluate(configure_tiles(configuration.access_ptr("r")))
+        T.evaluate(zero_tile(ACCUMULATOR))
+
+
+@T.prim_func(s_tir=True)
+def _dot_description(
+    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+        T.writes(C[0:_ROWS, 0:_WORDS])
+        for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
+            with T.sblock("update"):
+                vm, vn, vk4, vk1 = T.axis.remap("SSRR", [m, n, k4, k1])
+                C[vm, vn] = C[vm, vn] + T.cast(A[vm, vk4 * 4 + vk1], "int32") * T.cast(
+                    B[vk4, vn, vk1], "int32"
+                )
+
+
+@T.prim_func(s_tir=True)
+def _dot_amx(
+    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+        T.writes(C[0:_ROWS, 0:_WORDS])
+        T.evaluate(load_tile(ACTIVATIONS, A.access_ptr("r"), _BYTES))
+        T.evaluate(load_tile(WEIGHTS, B.access_ptr("r"), _BYTES))
+        T.evaluate(dot_tiles(ACCUMULATOR, ACTIVATIONS, WEIGHTS))
+
+
+@T.prim_func(s_tir=True)
+def _dot_emulated(
+    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+        T.writes(C[0:_ROWS, 0:_WORDS])
+        a = T.decl_buffer((_TILE,), "uint8", data=A.data, elem_offset=A.elem_offset)
+        b = T.decl_buffer((_TILE,), "int8", data=B.data, elem_offset=B.elem_offset)
+        for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
+            C[m, n] = C[m, n] + T.cast(a[m * _BYTES + k4 * 4 + k1], "int32") * T.cast(
+                b[k4 * _BYTES + n * 4 + k1], "int32"
+            )
+
+
+@T.prim_func(s_tir=True)
+def _store_description(
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS])
+        T.writes(D[0:_ROWS, 0:_WORDS])
+        for m, n in T.grid(_ROWS, _WORDS):
+            with T.sblock("store"):
+                vm, vn = T.axis.remap("SS", [m, n])
+                D[vm, vn] = C[vm, vn]
+
+
+@T.prim_func(s_tir=True)
+def _store_amx(
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS])
+        T.writes(D[0:_ROWS, 0:_WORDS])
+        T.evaluate(store_tile(ACCUMULATOR, D.access_ptr("w"), _BYTES))
+
+
+@T.prim_func(s_tir=True)
+def _store_emulated(
+    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+):
+    with T.sblock("root"):
+        T.reads(C[0:_ROWS, 0:_WORDS])
+        T.writes(D[0:_ROWS, 0:_WORDS])
+        d = T.decl_buffer((_ROWS * _WORDS,), "int32", data=D.data, elem_offset=D.elem_offset)
+        for m, n in T.grid(_ROWS, _WORDS):
+            d[m * (_BYTES // 4) + n] = C[m, n]
+
+
+for _names, _implementations in (
+    (AMX_TILES, (_zero_amx, _dot_amx, _store_amx)),
+    (EMULATED_TILES, (_zero_description, _dot_emulated, _store_emulated)),
+):
+    for _name, _description, _implementation in zip(
+        (_names.zero, _names.dot, _names.store),
+        (_zero_description, _dot_description, _store_description),
+        _implementations,
+        strict=True,
+    ):
+        TensorIntrin.register(_name, _description, _implementation, override=True)
