@@ -173,6 +173,10 @@ def host_has(*flags: str) -> bool:
     return known is not None and set(flags) <= known
 
 
+AMX_TILE_CORES = frozenset({"int8-amx"})
+"""The cores whose kernels run AMX tile instructions (their names, as sidecars record them): a
+module with a layer on one asks Linux for the tile state when it is loaded."""
+
 # Linux x86-64: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) asks for AMX's tile data
 ARCH_PRCTL_SYSCALL = 158
 ARCH_REQ_XCOMP_PERM = 0x1023

@@ -704,6 +704,30 @@ def _check_cpu(path: Path, info: dict) -> None:
             f"{', '.join(missing)}, which this CPU lacks; recompile it here (fgq-tvm compile "
             "targets the host CPU by default)"
         )
+    if _runs_amx(info):
+        _request_tile_state(path)
+
+
+def _runs_amx(info: dict) -> bool:
+    """Whether a sidecar names a layer on a core of AMX tiles."""
+    layers = info.get("layers")
+    return isinstance(layers, list) and any(
+        isinstance(layer, dict) and layer.get("core") in cpu_features.AMX_TILE_CORES
+        for layer in layers
+    )
+
+
+def _request_tile_state(path: Path) -> None:
+    """Ask Linux for AMX's tile state before the module's first AMX kernel runs: without it
+    that kernel would die of SIGILL."""
+    try:
+        cpu_features.request_amx_tile_data()
+    except OSError as error:
+        raise FGQError(
+            f"{path} runs AMX kernels and Linux refused this process AMX's tile state "
+            f"({error.strerror}; Linux 5.16 or newer gives it); run it on such a kernel, or "
+            "recompile it without AMX (--target with -mattr=-amx-tile)"
+        ) from None
 
 
 def runtime_library() -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import re
 
 import numpy as np
@@ -27,9 +28,9 @@ from fgq_tvm.bench.amx_peak import (
     amx_unavailable,
     measure_amx_peak,
 )
-from fgq_tvm.cpu_features import host_has, request_amx_tile_data
+from fgq_tvm.cpu_features import AMX_TILE_CORES, host_has, request_amx_tile_data
 from fgq_tvm.quant.layers import ActQuant, reference_forward
-from fgq_tvm.schedules import intrinsics_amx
+from fgq_tvm.schedules import intrinsics_amx, select
 from fgq_tvm.schedules.conv2d_amx import AMX_CORE, AmxCore
 from fgq_tvm.schedules.conv2d_dot import VNNI_CORE
 from fgq_tvm.schedules.core import Conv2dShape, Epilogue
@@ -41,7 +42,6 @@ from fgq_tvm.schedules.intrinsics_amx import (
 )
 from fgq_tvm.schedules.kernel_spec import kernel_arguments, layer_shape
 from fgq_tvm.schedules.layout import BLOCKED, NCHW, NCHW16C, PLAIN, Layouts
-from fgq_tvm.schedules.select import build_layer
 from fgq_tvm.target import host_target, parse_target
 
 AMX_TARGET = parse_target("llvm -mcpu=sapphirerapids")
@@ -145,6 +145,7 @@ def test_the_amx_core_takes_integer_layers_of_whole_64_channel_blocks_on_amx_tar
     assert AMX_CORE.available(AMX_TARGET)
     assert not AMX_CORE.available(parse_target("llvm -mcpu=icelake-server"))
     assert AMX_CORE.layouts == VNNI_CORE.layouts and AMX_CORE.activation_bytes
+    assert AMX_CORE.name in AMX_TILE_CORES  # its modules ask for the tile state at load
 
 
 def test_the_amx_core_builds_to_tile_instructions():
@@ -182,7 +183,7 @@ def amx_core_mismatches(core: AmxCore, encoding: str, cases: int, target) -> lis
         kernels = core.kernels(shape, layer.act, encoding, epilogue, layouts, quantized_input)
         stored = kernel_arguments(layer, VNNI_CORE.name)  # the dot core's pack, arguments
         given = layer.act.stored(x) if quantized_input else x
-        actual = build_layer(kernels, stored, target)(as_image(given), *residual)
+        actual = select.build_layer(kernels, stored, target)(as_image(given), *residual)
         if not np.array_equal(actual, expected):
             mismatches.append((case, shape, layouts.name, quantized_input, quantize))
     return mismatches
@@ -200,3 +201,45 @@ def test_the_amx_core_computes_the_reference_on_the_tiles(encoding):
     request_amx_tile_data()
     core = AmxCore(AMX_TILES)
     assert not amx_core_mismatches(core, encoding, 10, parse_target(host_target()))
+
+
+class _EmulatedAmxCore(AmxCore):
+    """The AMX core with emulated tiles, on every CPU target (for whole networks here)."""
+
+    name = "int8-amx-emulated"  # no AMX instruction: its modules need no tile state
+
+    def __init__(self):
+        super().__init__(EMULATED_TILES)
+
+    def available(self, target) -> bool:
+        return target is not None and target.kind.name == "llvm"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "core",
+    [
+        pytest.param(_EmulatedAmxCore(), id="emulated"),
+        pytest.param(AMX_CORE, id="amx", marks=needs_amx),
+    ],
+)
+def test_a_network_with_amx_layers_matches_the_reference(core, tmp_path, monkeypatch):
+    """The pretrained CIFAR ResNet-20, int8 group scales: its 64-channel layers on the AMX core
+    first in the list of cores, the others on the host's, activations passed between them (on
+    the tiles, the module asks Linux for the tile state when it is loaded)."""
+    from test_end_to_end import compare, compile_and_load
+
+    from fgq_tvm.data import data_dir, load_npz_split
+    from fgq_tvm.runtime import sidecar_path
+
+    monkeypatch.setattr(select, "CORES", (core, *select.CORES))
+    weights = data_dir() / "cifar_resnet" / "resnet20-12fca82f.th"
+    npz = data_dir() / "cifar10" / "cifar10_test_jpeg.npz"
+    compiled, reference, spec = compile_and_load(
+        "cifar_resnet20", tmp_path, weights=str(weights), calib=str(npz), batch=50, scales="int8"
+    )
+    layers = json.loads(sidecar_path(tmp_path / "m.so").read_text())["layers"]
+    on_amx = [layer["name"] for layer in layers if layer["core"] == core.name]
+    assert on_amx == [f"layer3.{block}.conv{conv}" for block in range(3) for conv in (1, 2)][1:]
+    images, _ = load_npz_split(npz, "eval", spec, limit=100)
+    assert compare(compiled, reference, images, 50) == (1.0, 1.0)

@@ -6,6 +6,7 @@ compiled network are in test_cli.py.
 """
 
 import _ctypes
+import errno
 import hashlib
 import json
 import os
@@ -266,6 +267,23 @@ def test_module_for_a_cpu_with_more_extensions_is_refused(tiny, copy_of, monkeyp
     monkeypatch.setattr(cpu_features, "host_flags", lambda: {"sse4_1", "sse4_2", "avx", "avx2"})
     with pytest.raises(FGQError, match="compiled for another CPU .* avx512vnni.* recompile it"):
         fgq_tvm.load(path)
+
+
+def test_a_module_with_amx_layers_asks_linux_for_the_tile_state(tiny, copy_of, monkeypatch):
+    path = copy_of(tiny.read_bytes())
+    layers = [{"name": "conv", "core": "int8-amx"}]
+    runtime.sidecar_path(path).write_text(json.dumps({**tiny_sidecar(path), "layers": layers}))
+    asked = []
+    monkeypatch.setattr(cpu_features, "request_amx_tile_data", lambda: asked.append(True))
+    assert fgq_tvm.load(path)(batch(2)).shape == (2, 3) and asked == [True]
+
+    def refused():
+        raise OSError(errno.EINVAL, "arch_prctl(ARCH_REQ_XCOMP_PERM): Invalid argument")
+
+    monkeypatch.setattr(cpu_features, "request_amx_tile_data", refused)
+    with pytest.raises(FGQError, match="runs AMX kernels and Linux refused") as error:
+        fgq_tvm.load(path)
+    assert len(str(error.value).splitlines()) == 1 and "-mattr=-amx-tile" in str(error.value)
 
 
 def test_module_for_this_cpu_loads(tiny, copy_of):

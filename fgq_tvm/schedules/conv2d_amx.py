@@ -29,9 +29,14 @@ accumulator in ``tmm0`` from its zeroing to its store: the three steps are tenso
 over a local buffer, ``acc``'s tile, that the AMX code never touches.
 
 Supported: integer encodings with whole blocks of 64 input channels, not dense layers (one
-output column would fill one row of 16). Until this core has run on a CPU with AMX it is not
-in :data:`~fgq_tvm.schedules.select.CORES`: its compute is checked against the reference
-everywhere (``tests/test_amx.py``), its code only built, on CPUs without AMX.
+output column would fill one row of 16). A module with a layer on this core asks Linux for the
+tile state when it is loaded (:data:`~fgq_tvm.cpu_features.AMX_TILE_CORES`).
+
+Until this core has run on a CPU with AMX it is not in
+:data:`~fgq_tvm.schedules.select.CORES`: on CPUs without AMX its kernels are checked against the
+reference with :data:`~fgq_tvm.schedules.intrinsics_amx.EMULATED_TILES` (layers and a whole
+network, ``tests/test_amx.py``) and built to ``tdpbusd`` code; the same tests run them on the
+tiles where the CPU has AMX.
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ def amx_conv2d_prim_func(
 class AmxCore(Core):
     """``int8-amx``: integer layers on AMX tiles (see the module docstring)."""
 
-    name = "int8-amx"
+    name = "int8-amx"  # in cpu_features.AMX_TILE_CORES: its modules ask for the tile state
     ternary_storage = STORAGE
     layouts = (NCHW, NCHW16C)
     activation_bytes = True

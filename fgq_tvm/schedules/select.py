@@ -76,17 +76,17 @@ def select_core(
     act: ActQuant,
     encoding: WeightEncoding,
     target,
-    cores: Sequence[Core] = CORES,
+    cores: Sequence[Core] | None = None,
 ) -> str:
-    """The name of the first of ``cores`` that ``target`` (``None``: the portable default) has
-    and that computes this layer.
+    """The name of the first of ``cores`` (default: :data:`CORES`, as it is at the call) that
+    ``target`` (``None``: the portable default) has and that computes this layer.
 
     Raises
     ------
     ValueError
         None of ``cores`` does (:data:`CORES` ends with one that computes every layer).
     """
-    for core in cores:
+    for core in CORES if cores is None else cores:
         if core.available(target) and core.supports(shape, act, encoding):
             return core.name
     raise ValueError(f"no core computes {encoding} weights of {shape} with {act.name}")
