@@ -65,30 +65,34 @@ def amx_peak_kernel(threads: int, iterations: int = ITERATIONS) -> tvm.tirx.Prim
     """
     from tvm.script import tirx as T
 
+    from ..schedules.tvmscript_parsing import cheap_stacks
+
     row = TILE_ROW_BYTES  # of every tile: 64 bytes, or 16 int32 accumulators
 
-    @T.prim_func(s_tir=True)
-    def amx_peak(
-        configuration: T.Buffer((64,), "uint8"),
-        a: T.Buffer((2, TILE_ROWS, row), "uint8"),
-        b: T.Buffer((2, TILE_ROWS, row), "int8"),
-        c: T.Buffer((threads, ACCUMULATORS, TILE_ROWS, TILE_ROWS), "int32"),
-    ):
-        T.func_attr({"global_symbol": "amx_peak", "tirx.noalias": True})
-        for task in T.parallel(threads):
-            T.evaluate(configure_tiles(configuration.access_ptr("r")))
-            for i in T.unroll(2):
-                T.evaluate(load_tile(4 + i, a.access_ptr("r", offset=i * TILE_BYTES), row))
-                T.evaluate(load_tile(6 + i, b.access_ptr("r", offset=i * TILE_BYTES), row))
-            for j in T.unroll(ACCUMULATORS):
-                T.evaluate(zero_tile(j))
-            for _ in range(iterations):
+    with cheap_stacks():  # TVMScript's parser, without inspect.stack's cost
+
+        @T.prim_func(s_tir=True)
+        def amx_peak(
+            configuration: T.Buffer((64,), "uint8"),
+            a: T.Buffer((2, TILE_ROWS, row), "uint8"),
+            b: T.Buffer((2, TILE_ROWS, row), "int8"),
+            c: T.Buffer((threads, ACCUMULATORS, TILE_ROWS, TILE_ROWS), "int32"),
+        ):
+            T.func_attr({"global_symbol": "amx_peak", "tirx.noalias": True})
+            for task in T.parallel(threads):
+                T.evaluate(configure_tiles(configuration.access_ptr("r")))
+                for i in T.unroll(2):
+                    T.evaluate(load_tile(4 + i, a.access_ptr("r", offset=i * TILE_BYTES), row))
+                    T.evaluate(load_tile(6 + i, b.access_ptr("r", offset=i * TILE_BYTES), row))
                 for j in T.unroll(ACCUMULATORS):
-                    T.evaluate(dot_tiles(j, 4 + j // 2, 6 + j % 2))
-            for j in T.unroll(ACCUMULATORS):
-                offset = (task * ACCUMULATORS + j) * TILE_ROWS * TILE_ROWS
-                T.evaluate(store_tile(j, c.access_ptr("w", offset=offset), row))
-            T.evaluate(release_tiles())
+                    T.evaluate(zero_tile(j))
+                for _ in range(iterations):
+                    for j in T.unroll(ACCUMULATORS):
+                        T.evaluate(dot_tiles(j, 4 + j // 2, 6 + j % 2))
+                for j in T.unroll(ACCUMULATORS):
+                    offset = (task * ACCUMULATORS + j) * TILE_ROWS * TILE_ROWS
+                    T.evaluate(store_tile(j, c.access_ptr("w", offset=offset), row))
+                T.evaluate(release_tiles())
 
     return amx_peak
 

@@ -13,7 +13,10 @@ TVM 0.27 ships no AMX intrinsic and no AMX runtime helper; the LLVM inside the w
 intrinsics (``llvm.x86.ldtilecfg``, ``tilezero``, ``tileloadd64``, ``tdpbusd``,
 ``tilestored64``, ``tilerelease``), whose tile numbers must be constants (LLVM's ``immarg``):
 a loop over tiles is unrolled (``T.unroll``) so that each call names its tile. The functions
-below build those calls for TVMScript (``T.evaluate(dot_tiles(0, 4, 6))``).
+below build those calls for TVMScript (``T.evaluate(dot_tiles(0, 4, 6))``), and three tensor
+intrinsics compute one accumulator tile with them for the AMX core
+(:class:`TileIntrinsics`: :data:`AMX_TILES`, and :data:`EMULATED_TILES`, the same steps in
+plain code for CPUs without AMX).
 
 Linux gives a process the tile registers only when asked
 (:func:`~fgq_tvm.cpu_features.request_amx_tile_data`); the first AMX instruction of a process
@@ -29,6 +32,8 @@ import numpy as np
 from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+from .tvmscript_parsing import cheap_stacks
 
 TILE_ROWS = 16
 TILE_ROW_BYTES = 64
@@ -174,129 +179,123 @@ def _configuration_words() -> list[int]:
 _CONFIGURATION = _configuration_words()
 
 
-@T.prim_func(s_tir=True)
-def _zero_description(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
-    with T.sblock("root"):
-        T.reads()
-        T.writes(C[0:_ROWS, 0:_WORDS])
-        for m, n in T.grid(_ROWS, _WORDS):
-            with T.sblock("zero"):
-                vm, vn = T.axis.remap("SS", [m, n])
-                C[vm, vn] = T.int32(0)
+with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
 
+    @T.prim_func(s_tir=True)
+    def _zero_description(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:_ROWS, 0:_WORDS])
+            for m, n in T.grid(_ROWS, _WORDS):
+                with T.sblock("zero"):
+                    vm, vn = T.axis.remap("SS", [m, n])
+                    C[vm, vn] = T.int32(0)
 
-@T.prim_func(s_tir=True)
-def _zero_amx(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
-    with T.sblock("root"):
-        T.reads()
-        T.writes(C[0:_ROWS, 0:_WORDS])
-        configuration = T.decl_buffer((8,), "uint64", scope="local")
-        configuration[0] = T.uint64(_CONFIGURATION[0])
-        configuration[1] = T.uint64(_CONFIGURATION[1])
-        configuration[2] = T.uint64(_CONFIGURATION[2])
-        configuration[3] = T.uint64(_CONFIGURATION[3])
-        configuration[4] = T.uint64(_CONFIGURATION[4])
-        configuration[5] = T.uint64(_CONFIGURATION[5])
-        configuration[6] = T.uint64(_CONFIGURATION[6])
-        configuration[7] = T.uint64(_CONFIGURATION[7])
-        T.evaluate(configure_tiles(configuration.access_ptr("r")))
-        T.evaluate(zero_tile(ACCUMULATOR))
+    @T.prim_func(s_tir=True)
+    def _zero_amx(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:_ROWS, 0:_WORDS])
+            configuration = T.decl_buffer((8,), "uint64", scope="local")
+            configuration[0] = T.uint64(_CONFIGURATION[0])
+            configuration[1] = T.uint64(_CONFIGURATION[1])
+            configuration[2] = T.uint64(_CONFIGURATION[2])
+            configuration[3] = T.uint64(_CONFIGURATION[3])
+            configuration[4] = T.uint64(_CONFIGURATION[4])
+            configuration[5] = T.uint64(_CONFIGURATION[5])
+            configuration[6] = T.uint64(_CONFIGURATION[6])
+            configuration[7] = T.uint64(_CONFIGURATION[7])
+            T.evaluate(configure_tiles(configuration.access_ptr("r")))
+            T.evaluate(zero_tile(ACCUMULATOR))
 
+    @T.prim_func(s_tir=True)
+    def _dot_description(
+        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    ):
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+            T.writes(C[0:_ROWS, 0:_WORDS])
+            for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
+                with T.sblock("update"):
+                    vm, vn, vk4, vk1 = T.axis.remap("SSRR", [m, n, k4, k1])
+                    C[vm, vn] = C[vm, vn] + T.cast(A[vm, vk4 * 4 + vk1], "int32") * T.cast(
+                        B[vk4, vn, vk1], "int32"
+                    )
 
-@T.prim_func(s_tir=True)
-def _dot_description(
-    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-        T.writes(C[0:_ROWS, 0:_WORDS])
-        for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
-            with T.sblock("update"):
-                vm, vn, vk4, vk1 = T.axis.remap("SSRR", [m, n, k4, k1])
-                C[vm, vn] = C[vm, vn] + T.cast(A[vm, vk4 * 4 + vk1], "int32") * T.cast(
-                    B[vk4, vn, vk1], "int32"
+    @T.prim_func(s_tir=True)
+    def _dot_amx(
+        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    ):
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+            T.writes(C[0:_ROWS, 0:_WORDS])
+            T.evaluate(load_tile(ACTIVATIONS, A.access_ptr("r"), _BYTES))
+            T.evaluate(load_tile(WEIGHTS, B.access_ptr("r"), _BYTES))
+            T.evaluate(dot_tiles(ACCUMULATOR, ACTIVATIONS, WEIGHTS))
+
+    @T.prim_func(s_tir=True)
+    def _dot_emulated(
+        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
+        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    ):
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
+            T.writes(C[0:_ROWS, 0:_WORDS])
+            a = T.decl_buffer((_TILE,), "uint8", data=A.data, elem_offset=A.elem_offset)
+            b = T.decl_buffer((_TILE,), "int8", data=B.data, elem_offset=B.elem_offset)
+            for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
+                C[m, n] = C[m, n] + T.cast(a[m * _BYTES + k4 * 4 + k1], "int32") * T.cast(
+                    b[k4 * _BYTES + n * 4 + k1], "int32"
                 )
 
-
-@T.prim_func(s_tir=True)
-def _dot_amx(
-    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-        T.writes(C[0:_ROWS, 0:_WORDS])
-        T.evaluate(load_tile(ACTIVATIONS, A.access_ptr("r"), _BYTES))
-        T.evaluate(load_tile(WEIGHTS, B.access_ptr("r"), _BYTES))
-        T.evaluate(dot_tiles(ACCUMULATOR, ACTIVATIONS, WEIGHTS))
-
-
-@T.prim_func(s_tir=True)
-def _dot_emulated(
-    A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-    B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-        T.writes(C[0:_ROWS, 0:_WORDS])
-        a = T.decl_buffer((_TILE,), "uint8", data=A.data, elem_offset=A.elem_offset)
-        b = T.decl_buffer((_TILE,), "int8", data=B.data, elem_offset=B.elem_offset)
-        for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
-            C[m, n] = C[m, n] + T.cast(a[m * _BYTES + k4 * 4 + k1], "int32") * T.cast(
-                b[k4 * _BYTES + n * 4 + k1], "int32"
-            )
-
-
-@T.prim_func(s_tir=True)
-def _store_description(
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS])
-        T.writes(D[0:_ROWS, 0:_WORDS])
-        for m, n in T.grid(_ROWS, _WORDS):
-            with T.sblock("store"):
-                vm, vn = T.axis.remap("SS", [m, n])
-                D[vm, vn] = C[vm, vn]
-
-
-@T.prim_func(s_tir=True)
-def _store_amx(
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS])
-        T.writes(D[0:_ROWS, 0:_WORDS])
-        T.evaluate(store_tile(ACCUMULATOR, D.access_ptr("w"), _BYTES))
-
-
-@T.prim_func(s_tir=True)
-def _store_emulated(
-    C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-):
-    with T.sblock("root"):
-        T.reads(C[0:_ROWS, 0:_WORDS])
-        T.writes(D[0:_ROWS, 0:_WORDS])
-        d = T.decl_buffer((_ROWS * _WORDS,), "int32", data=D.data, elem_offset=D.elem_offset)
-        for m, n in T.grid(_ROWS, _WORDS):
-            d[m * (_BYTES // 4) + n] = C[m, n]
-
-
-for _names, _implementations in (
-    (AMX_TILES, (_zero_amx, _dot_amx, _store_amx)),
-    (EMULATED_TILES, (_zero_description, _dot_emulated, _store_emulated)),
-):
-    for _name, _description, _implementation in zip(
-        (_names.zero, _names.dot, _names.store),
-        (_zero_description, _dot_description, _store_description),
-        _implementations,
-        strict=True,
+    @T.prim_func(s_tir=True)
+    def _store_description(
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
     ):
-        TensorIntrin.register(_name, _description, _implementation, override=True)
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS])
+            T.writes(D[0:_ROWS, 0:_WORDS])
+            for m, n in T.grid(_ROWS, _WORDS):
+                with T.sblock("store"):
+                    vm, vn = T.axis.remap("SS", [m, n])
+                    D[vm, vn] = C[vm, vn]
+
+    @T.prim_func(s_tir=True)
+    def _store_amx(
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    ):
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS])
+            T.writes(D[0:_ROWS, 0:_WORDS])
+            T.evaluate(store_tile(ACCUMULATOR, D.access_ptr("w"), _BYTES))
+
+    @T.prim_func(s_tir=True)
+    def _store_emulated(
+        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
+    ):
+        with T.sblock("root"):
+            T.reads(C[0:_ROWS, 0:_WORDS])
+            T.writes(D[0:_ROWS, 0:_WORDS])
+            d = T.decl_buffer((_ROWS * _WORDS,), "int32", data=D.data, elem_offset=D.elem_offset)
+            for m, n in T.grid(_ROWS, _WORDS):
+                d[m * (_BYTES // 4) + n] = C[m, n]
+
+    for _names, _implementations in (
+        (AMX_TILES, (_zero_amx, _dot_amx, _store_amx)),
+        (EMULATED_TILES, (_zero_description, _dot_emulated, _store_emulated)),
+    ):
+        for _name, _description, _implementation in zip(
+            (_names.zero, _names.dot, _names.store),
+            (_zero_description, _dot_description, _store_description),
+            _implementations,
+            strict=True,
+        ):
+            TensorIntrin.register(_name, _description, _implementation, override=True)
