@@ -60,7 +60,6 @@ from ..errors import UsageError
 from ..remote import LOCAL_DEVICE, Device, RemoteDevice
 from ..target import TUNING_LOGS, target_key
 from ..threads import thread_settings
-from .amx_peak import measure_amx_peak
 from .layers import Progress, time_layers
 from .peers import (
     PREPARE,
@@ -329,6 +328,8 @@ def run_bench(
     BenchResult
     """
     import tempfile
+
+    from .amx_peak import measure_amx_peak  # TVMScript: imported where it is needed
 
     options = options or BenchOptions()
     report = progress or (lambda stage: None)

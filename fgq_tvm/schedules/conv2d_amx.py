@@ -46,14 +46,14 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import loop_extent, padded_extent
+from .conv2d import padded_extent
 from .conv2d_dot import (
-    PACKED_ARGUMENTS,
     STORAGE,
-    dot_pack_prim_func,
     input_byte,
     integer_output,
+    packed_layer_kernels,
     prepared_types,
+    vectorize_blocked_output,
 )
 from .core import (
     INTEGER_ENCODINGS,
@@ -66,7 +66,7 @@ from .core import (
 )
 from .intrinsics_amx import AMX_TILES, TILE_ROW_BYTES, TILE_ROWS, TileIntrinsics
 from .intrinsics_x86 import VNNI_DOT
-from .layout import NCHW, NCHW16C, PLAIN, Layouts, activation_dims, activation_placeholder
+from .layout import NCHW, NCHW16C, PLAIN, Layouts, activation_placeholder
 
 COLUMNS = TILE_ROWS  # output columns per tile: the activation tile's rows
 LANES = TILE_ROW_BYTES // 4  # output channels per tile: int32 accumulators per row
@@ -163,11 +163,7 @@ def schedule_amx_conv2d(sch: Schedule, tiles: TileIntrinsics = AMX_TILES) -> Non
     sch.tensorize(sch.get_loops(zero)[-2], tiles.zero)
     sch.tensorize(ow_inner, tiles.dot)
     sch.tensorize(sch.get_loops(tile)[-2], tiles.store)
-    y = sch.get_sblock("y")
-    if len(sch.get(y).iter_vars) == 5:  # NCHW16c: one vector of 16 channels per column
-        lanes = sch.get_loops(y)[-1]
-        if loop_extent(sch, lanes) == LANES:
-            sch.vectorize(lanes)
+    vectorize_blocked_output(sch)
 
 
 def amx_conv2d_prim_func(
@@ -215,17 +211,11 @@ class AmxCore(Core):
         layouts: Layouts,
         quantized_input: bool,
     ) -> LayerKernels:
-        nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-        return LayerKernels(
-            self.name,
-            amx_conv2d_prim_func(
-                shape, act, encoding, epilogue, layouts, quantized_input, self.tiles
-            ),
-            (activation_dims(layouts.output, *nchw), epilogue.output_dtype),
-            dot_pack_prim_func(shape, act, encoding, VNNI_DOT),
-            prepared_types(shape, act, VNNI_DOT),
-            PACKED_ARGUMENTS[encoding],
-            layouts,
+        layer = amx_conv2d_prim_func(
+            shape, act, encoding, epilogue, layouts, quantized_input, self.tiles
+        )
+        return packed_layer_kernels(
+            self.name, layer, shape, act, encoding, epilogue, layouts, VNNI_DOT
         )
 
 

@@ -423,7 +423,7 @@ def schedule_dot_conv2d(sch: Schedule, knobs: DotSchedule | None = None) -> None
         init = sch.decompose_reduction(acc, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(ow_inner)
-    _vectorize_blocked_output(sch)
+    vectorize_blocked_output(sch)
 
 
 def workload_instruction(func: tvm.tirx.PrimFunc) -> DotInstruction:
@@ -443,7 +443,7 @@ def _schedule_input(sch: Schedule) -> None:
         sch.parallel(sch.fuse(b, blocks))
 
 
-def _vectorize_blocked_output(sch: Schedule) -> None:
+def vectorize_blocked_output(sch: Schedule) -> None:
     """An NCHW16c output tile is stored one vector of 16 channels per column."""
     y = sch.get_sblock("y")
     if len(sch.get(y).iter_vars) == 5:
@@ -526,6 +526,30 @@ def dot_conv2d_prim_func(
     return sch.mod["main"]
 
 
+def packed_layer_kernels(
+    core: str,
+    layer: tvm.tirx.PrimFunc,
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    epilogue: Epilogue,
+    layouts: Layouts,
+    instruction: DotInstruction,
+) -> LayerKernels:
+    """The kernels of a layer whose PrimFunc ``layer`` (on the core named ``core``) reads the
+    weights in the dot core's packed layout for ``instruction``: with that core's load-time
+    pack (:func:`dot_pack_prim_func`)."""
+    return LayerKernels(
+        core,
+        layer,
+        (activation_dims(layouts.output, *shape.output_dims), epilogue.output_dtype),
+        dot_pack_prim_func(shape, act, encoding, instruction),
+        prepared_types(shape, act, instruction),
+        PACKED_ARGUMENTS[encoding],
+        layouts,
+    )
+
+
 def dot_conv2d_workload(
     shape: Conv2dShape,
     act: ActQuant,
@@ -583,17 +607,11 @@ class DotCore(Core):
         layouts: Layouts,
         quantized_input: bool,
     ) -> LayerKernels:
-        nchw = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
-        return LayerKernels(
-            self.name,
-            dot_conv2d_prim_func(
-                shape, act, encoding, None, epilogue, layouts, quantized_input, self.instruction
-            ),
-            (activation_dims(layouts.output, *nchw), epilogue.output_dtype),
-            dot_pack_prim_func(shape, act, encoding, self.instruction),
-            prepared_types(shape, act, self.instruction),
-            PACKED_ARGUMENTS[encoding],
-            layouts,
+        layer = dot_conv2d_prim_func(
+            shape, act, encoding, None, epilogue, layouts, quantized_input, self.instruction
+        )
+        return packed_layer_kernels(
+            self.name, layer, shape, act, encoding, epilogue, layouts, self.instruction
         )
 
     def workload(
