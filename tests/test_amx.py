@@ -11,6 +11,7 @@ the peak's products (elsewhere those tests skip with a reason).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import json
 import re
@@ -31,7 +32,7 @@ from fgq_tvm.bench.amx_peak import (
 from fgq_tvm.cpu_features import AMX_TILE_CORES, host_has, request_amx_tile_data
 from fgq_tvm.quant.layers import ActQuant, reference_forward
 from fgq_tvm.schedules import intrinsics_amx, select
-from fgq_tvm.schedules.conv2d_amx import AMX_CORE, AmxCore
+from fgq_tvm.schedules.conv2d_amx import AMX_CORE, AmxCore, AmxSchedule, amx_conv2d_prim_func
 from fgq_tvm.schedules.conv2d_dot import VNNI_CORE
 from fgq_tvm.schedules.core import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_amx import (
@@ -148,28 +149,87 @@ def test_the_amx_core_takes_integer_layers_of_whole_64_channel_blocks_on_amx_tar
     assert AMX_CORE.name in AMX_TILE_CORES  # its modules ask for the tile state at load
 
 
+def tile_instructions(func: tvm.tirx.PrimFunc) -> list[tuple[str, str]]:
+    """The tile instructions of ``func`` built for Sapphire Rapids: (name, operands)."""
+    built = tvm.compile(tvm.IRModule({"main": func}), AMX_TARGET)
+    return [(name, operands.strip()) for name, operands in INSTRUCTION.findall(
+        built.mod.inspect_source("s"))]  # fmt: skip
+
+
 def test_the_amx_core_builds_to_tile_instructions():
+    """A 3x3 layer 56 wide in blocks of 2 x 2 tiles: per block, 9 kernel positions of two
+    activation and two weight tiles loaded and four products, the accumulators staying in
+    tmm0-tmm3 from their zeroing to their store."""
     shape = Conv2dShape(1, 64, 56, 56, 64, (3, 3), padding=(1, 1), group_size=4)
+    assert AmxSchedule.default_for(shape) == AmxSchedule(2, 2)
     epilogue = Epilogue(relu=True, quantize=ActQuant(0.2, 8, False))
     kernels = AMX_CORE.kernels(shape, ActQuant(0.1, 8, False), "ternary_int8_scales", epilogue,
                                BLOCKED, quantized_input=True)  # fmt: skip
-    built = tvm.compile(tvm.IRModule({"main": kernels.layer}), AMX_TARGET)
-    found = INSTRUCTION.findall(built.mod.inspect_source("s"))
+    found = tile_instructions(kernels.layer)
     counts = collections.Counter(name for name, _ in found)
-    assert counts["ldtilecfg"] == counts["tilezero"] == counts["tilestored"] >= 1
-    assert counts["tdpbusd"] >= 1 and counts["tileloadd"] == 2 * counts["tdpbusd"]
-    # the accumulator stays in tmm0: loaded never, zeroed, multiplied into and stored
-    assert {operands.strip() for name, operands in found if name == "tdpbusd"} == {
-        "%tmm2, %tmm1, %tmm0"
+    assert (
+        counts["ldtilecfg"] >= 1
+        and counts["tilezero"] == counts["tilestored"] == 4 * counts["ldtilecfg"]
+    )
+    assert counts["tdpbusd"] == counts["tileloadd"] == 9 * 4 * counts["ldtilecfg"]
+    products = {operands for name, operands in found if name == "tdpbusd"}
+    assert products == {"%tmm6, %tmm4, %tmm0", "%tmm7, %tmm4, %tmm1", "%tmm6, %tmm5, %tmm2",
+                        "%tmm7, %tmm5, %tmm3"}  # fmt: skip
+    stored = {operands.split(",")[0] for name, operands in found if name == "tilestored"}
+    assert stored == {"%tmm0", "%tmm1", "%tmm2", "%tmm3"}
+
+
+@pytest.mark.parametrize("knobs", [AmxSchedule(1, 1), AmxSchedule(2, 1), AmxSchedule(1, 2)])
+def test_smaller_blocks_use_fewer_tiles(knobs):
+    shape = Conv2dShape(1, 64, 28, 28, 64, (1, 1), group_size=4)
+    func = amx_conv2d_prim_func(shape, ActQuant(0.1, 8, False), "int8", knobs)
+    found = tile_instructions(func)
+    accumulators = {
+        operands.split(",")[-1].strip() for name, operands in found if name == "tdpbusd"
     }
-    assert all(operands.strip().startswith("%tmm0") for name, operands in found
-               if name == "tilestored")  # fmt: skip
+    assert accumulators == {f"%tmm{t}" for t in range(knobs.accumulators)}
+    loaded = {operands.split(",")[-1].strip() for name, operands in found if name == "tileloadd"}
+    activations = {f"%tmm{4 + i}" for i in range(knobs.row_tiles)}
+    assert loaded == activations | {f"%tmm{6 + j}" for j in range(knobs.channel_tiles)}
+
+
+def test_blocks_divide_the_tiles_of_a_layer():
+    def choices(width, channels):
+        shape = Conv2dShape(1, 64, width, width, channels, (3, 3), padding=(1, 1))
+        return {(k.row_tiles, k.channel_tiles) for k in AmxSchedule.choices_for(shape)}
+
+    assert choices(56, 64) == {(1, 1), (1, 2), (2, 1), (2, 2)}  # 4 column tiles, 4 blocks
+    assert choices(14, 64) == {(1, 1), (1, 2)}  # one column tile
+    assert choices(56, 48) == {(1, 1), (2, 1)}  # three channel blocks
+    with pytest.raises(ValueError, match="1 to 2 of each"):
+        EMULATED_TILES.block(3, 1)
+
+
+def every_block(shape: Conv2dShape) -> tuple[AmxSchedule, ...]:
+    """The layer's blocks, the largest first (its default)."""
+    return tuple(sorted(AmxSchedule.choices_for(shape), key=lambda k: -k.accumulators))
+
+
+def test_the_design_space_is_one_schedule_per_block_and_each_replays():
+    """MetaSchedule searches the blocks as separate spaces; a record's trace, replayed on the
+    workload (as compiling with tuning records does), gives that block's kernel."""
+    shape = Conv2dShape(1, 64, 28, 28, 64, (3, 3), padding=(1, 1), group_size=4)
+    act, core = ActQuant(0.1, 8, False), AmxCore(EMULATED_TILES)
+    assert core.tunable
+    workload = core.workload(shape, act, "int8", Epilogue(), PLAIN, False)
+    spaces = core.schedule(tvm.s_tir.Schedule(workload))
+    assert len(spaces) == len(AmxSchedule.choices_for(shape)) == 4
+    for space, knobs in zip(spaces, AmxSchedule.choices_for(shape), strict=True):
+        replayed = tvm.s_tir.Schedule(workload)
+        space.trace.apply_to_schedule(replayed, remove_postproc=False)
+        expected = amx_conv2d_prim_func(shape, act, "int8", knobs, tiles=EMULATED_TILES)
+        tvm.ir.assert_structural_equal(replayed.mod["main"], expected)
 
 
 def amx_core_mismatches(core: AmxCore, encoding: str, cases: int, target) -> list:
     """Random layers of ``encoding`` on ``core`` against ``reference_forward``: layouts,
     epilogues, byte input and output, signed activations, strides, padding, dilation, outputs
-    narrower and wider than a tile."""
+    narrower and wider than a tile, every block of tiles the layer allows in turn."""
     rng = np.random.default_rng(400 + INTEGER_ENCODINGS.index(encoding))
     mismatches = []
     for case in range(cases):
@@ -181,11 +241,16 @@ def amx_core_mismatches(core: AmxCore, encoding: str, cases: int, target) -> lis
         quantized_input, quantize = case % 4 == 1, _next_quantizer(rng) if case % 3 == 1 else None
         epilogue, residual, expected = with_epilogue(rng, expected, quantize)
         kernels = core.kernels(shape, layer.act, encoding, epilogue, layouts, quantized_input)
+        knobs = every_block(shape)[case % len(every_block(shape))]
+        layer_func = amx_conv2d_prim_func(
+            shape, layer.act, encoding, knobs, epilogue, layouts, quantized_input, core.tiles
+        )
+        kernels = dataclasses.replace(kernels, layer=layer_func)
         stored = kernel_arguments(layer, VNNI_CORE.name)  # the dot core's pack, arguments
         given = layer.act.stored(x) if quantized_input else x
         actual = select.build_layer(kernels, stored, target)(as_image(given), *residual)
         if not np.array_equal(actual, expected):
-            mismatches.append((case, shape, layouts.name, quantized_input, quantize))
+            mismatches.append((case, shape, knobs, layouts.name, quantized_input, quantize))
     return mismatches
 
 

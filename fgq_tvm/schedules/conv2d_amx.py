@@ -21,12 +21,17 @@ Layouts, chosen so that every tile is 16 rows of 64 contiguous bytes:
 * the **sums** ``acc [B, K/16, OH, OW', 16]`` hold whole tiles (``OW'``: the output width
   rounded up to 16; the extra columns are computed and never read).
 
-Schedule: the (batch, channel block, output row) loop in parallel; per tile of 16 columns the
-accumulator tile is zeroed (after the tile configuration is loaded: it is per thread), one
-``tdpbusd`` runs per kernel position and 64 input channels with its two operand tiles loaded
-from ``xq`` and ``wpack``, and the tile is stored once, for the epilogue to read. It keeps the
-accumulator in ``tmm0`` from its zeroing to its store: the three steps are tensor intrinsics
-over a local buffer, ``acc``'s tile, that the AMX code never touches.
+Schedule (:class:`AmxSchedule`): the (batch, channel block, output row) loop in parallel;
+inside, a block of accumulator tiles (one or two tiles of 16 output columns by one or two of
+16 output channels) is zeroed (after the tile configuration is loaded: it is per thread),
+then per kernel position and 64 input channels its activation and weight tiles are loaded
+from ``xq`` and ``wpack`` and one ``tdpbusd`` runs per accumulator, and the block is stored
+once, for the epilogue to read. The accumulators stay in ``tmm0``-``tmm3`` from their zeroing
+to their store: the three steps are tensor intrinsics over a local buffer, ``acc``'s block,
+that the AMX code never touches (:class:`~fgq_tvm.schedules.intrinsics_amx.BlockIntrinsics`).
+A block of 2 x 2 makes four products of four tile loads, a single tile one of two; by default
+a layer gets the largest block that divides its tiles, and tuning measures each
+(:func:`amx_design_space`).
 
 Supported: integer encodings with whole blocks of 64 input channels, not dense layers (one
 output column would fill one row of 16). A module with a layer on this core asks Linux for the
@@ -41,12 +46,14 @@ tiles where the CPU has AMX.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
 from ..quant.layers import ActQuant
-from .conv2d import padded_extent
+from .conv2d import loop_extent, padded_extent
 from .conv2d_dot import (
     STORAGE,
     input_byte,
@@ -64,12 +71,18 @@ from .core import (
     LayerKernels,
     WeightEncoding,
 )
-from .intrinsics_amx import AMX_TILES, TILE_ROW_BYTES, TILE_ROWS, TileIntrinsics
+from .intrinsics_amx import (
+    AMX_TILES,
+    BLOCK_LIMIT,
+    LANES,
+    TILE_ROW_BYTES,
+    TILE_ROWS,
+    TileIntrinsics,
+)
 from .intrinsics_x86 import VNNI_DOT
 from .layout import NCHW, NCHW16C, PLAIN, Layouts, activation_placeholder
 
 COLUMNS = TILE_ROWS  # output columns per tile: the activation tile's rows
-LANES = TILE_ROW_BYTES // 4  # output channels per tile: int32 accumulators per row
 CHANNELS = TILE_ROW_BYTES  # input channels per product: bytes per activation row
 WORD = VNNI_DOT.depth  # input channels per weight word (4)
 
@@ -144,42 +157,120 @@ def amx_conv2d_compute(
     return [x, *integer_output(acc, wpack, bias, shape, act, epilogue, layouts)]
 
 
-def schedule_amx_conv2d(sch: Schedule, tiles: TileIntrinsics = AMX_TILES) -> None:
-    """The schedule of the module docstring, in place, with the accumulator tile's three steps
-    tensorized with ``tiles`` (:data:`~fgq_tvm.schedules.intrinsics_amx.EMULATED_TILES`: the
-    same loops and addressing in plain code, which any CPU runs)."""
+@dataclass(frozen=True)
+class AmxSchedule:
+    """Tuning knobs of the block of accumulator tiles.
+
+    Attributes
+    ----------
+    row_tiles
+        Tiles of 16 output columns per block (1 or 2): each weight tile loaded feeds that many
+        products.
+    channel_tiles
+        Tiles of 16 output channels per block (1 or 2): each activation tile loaded feeds that
+        many products.
+
+    A block of 2 x 2 accumulators makes four ``tdpbusd`` of four tile loads, where one
+    accumulator makes one of two.
+    """
+
+    row_tiles: int = 1
+    channel_tiles: int = 1
+
+    @staticmethod
+    def choices(column_tiles: int, channel_blocks: int) -> tuple[AmxSchedule, ...]:
+        """The blocks that divide ``column_tiles`` tiles of 16 output columns by
+        ``channel_blocks`` blocks of 16 output channels."""
+        return tuple(
+            AmxSchedule(rows, channels)
+            for rows in range(1, BLOCK_LIMIT + 1)
+            for channels in range(1, BLOCK_LIMIT + 1)
+            if column_tiles % rows == 0 and channel_blocks % channels == 0
+        )
+
+    @staticmethod
+    def choices_for(shape: Conv2dShape) -> tuple[AmxSchedule, ...]:
+        """The blocks of the layer's tiles (:meth:`choices`)."""
+        return AmxSchedule.choices(tile_columns(shape) // COLUMNS, -(-shape.out_channels // LANES))
+
+    @staticmethod
+    def default_for(shape: Conv2dShape) -> AmxSchedule:
+        """The block with the most accumulators (the fewest tile loads per product)."""
+        return max(AmxSchedule.choices_for(shape), key=lambda knobs: knobs.accumulators)
+
+    @property
+    def accumulators(self) -> int:
+        return self.row_tiles * self.channel_tiles
+
+
+def schedule_amx_conv2d(
+    sch: Schedule, knobs: AmxSchedule = AmxSchedule(), tiles: TileIntrinsics = AMX_TILES
+) -> None:
+    """The schedule of the module docstring, in place, for a block of ``knobs`` tiles whose
+    three steps are tensorized with ``tiles``
+    (:data:`~fgq_tvm.schedules.intrinsics_amx.EMULATED_TILES`: the same loops and addressing
+    in plain code, which any CPU runs)."""
+    block = tiles.block(knobs.row_tiles, knobs.channel_tiles)
     xq_loops = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(sch.fuse(*xq_loops[:3]))
     sch.vectorize(xq_loops[-1])
     acc = sch.get_sblock("acc")
     sch.set_scope(acc, 0, "local")
     b, kb, oh, ow, ki, r, s, cb, word, ci = sch.get_loops(acc)
-    ow_outer, ow_inner = sch.split(ow, [None, COLUMNS])
-    sch.reorder(b, kb, oh, ow_outer, r, s, cb, ow_inner, ki, word, ci)
-    sch.parallel(sch.fuse(b, kb, oh))
+    kb_outer, kb_inner = sch.split(kb, [None, knobs.channel_tiles])
+    ow_outer, ow_inner = sch.split(ow, [None, knobs.row_tiles * COLUMNS])
+    sch.reorder(b, kb_outer, oh, ow_outer, r, s, cb, kb_inner, ow_inner, ki, word, ci)
+    sch.parallel(sch.fuse(b, kb_outer, oh))
     sch.reverse_compute_at(sch.get_sblock("y"), ow_outer, preserve_unit_loops=True)
     tile = sch.cache_write(acc, 0, "local")  # its store lands inside ow_outer, before y
     zero = sch.decompose_reduction(acc, r)
-    sch.tensorize(sch.get_loops(zero)[-2], tiles.zero)
-    sch.tensorize(ow_inner, tiles.dot)
-    sch.tensorize(sch.get_loops(tile)[-2], tiles.store)
+    sch.tensorize(sch.get_loops(zero)[-3], block.zero)
+    sch.tensorize(kb_inner, block.dot)
+    sch.tensorize(sch.get_loops(tile)[-4], block.store)
     vectorize_blocked_output(sch)
 
 
-def amx_conv2d_prim_func(
+def amx_design_space(sch: Schedule, tiles: TileIntrinsics = AMX_TILES) -> list[Schedule]:
+    """The schedules MetaSchedule searches for a workload (:func:`amx_conv2d_workload`): one
+    per block of tiles that divides its output. The block is not a sampled decision: each
+    block tensorizes with its own intrinsics, which a trace replays by name."""
+    _, channel_blocks, _, columns, _ = (loop_extent(sch, loop) for loop in sch.get_loops("acc")[:5])
+    spaces = []
+    for knobs in AmxSchedule.choices(columns // COLUMNS, channel_blocks):
+        space = sch.copy()
+        schedule_amx_conv2d(space, knobs, tiles)
+        spaces.append(space)
+    return spaces
+
+
+def amx_conv2d_workload(
     shape: Conv2dShape,
     act: ActQuant,
     encoding: WeightEncoding,
     epilogue: Epilogue = NO_EPILOGUE,
     layouts: Layouts = PLAIN,
     quantized_input: bool = False,
+) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of the layer: what tuning records are keyed by."""
+    compute = amx_conv2d_compute(shape, act, encoding, epilogue, layouts, quantized_input)
+    return te.create_prim_func(compute)
+
+
+def amx_conv2d_prim_func(
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    knobs: AmxSchedule | None = None,
+    epilogue: Epilogue = NO_EPILOGUE,
+    layouts: Layouts = PLAIN,
+    quantized_input: bool = False,
     tiles: TileIntrinsics = AMX_TILES,
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of one layer on the AMX core (weights packed by the dot core's
-    pack), its tiles computed by ``tiles`` (see :func:`schedule_amx_conv2d`)."""
-    compute = amx_conv2d_compute(shape, act, encoding, epilogue, layouts, quantized_input)
-    sch = Schedule(te.create_prim_func(compute))
-    schedule_amx_conv2d(sch, tiles)
+    pack), with the block ``knobs`` (default: :meth:`AmxSchedule.default_for`) computed by
+    ``tiles`` (see :func:`schedule_amx_conv2d`)."""
+    sch = Schedule(amx_conv2d_workload(shape, act, encoding, epilogue, layouts, quantized_input))
+    schedule_amx_conv2d(sch, knobs or AmxSchedule.default_for(shape), tiles)
     return sch.mod["main"]
 
 
@@ -190,6 +281,7 @@ class AmxCore(Core):
     ternary_storage = STORAGE
     layouts = (NCHW, NCHW16C)
     activation_bytes = True
+    tunable = True
 
     def __init__(self, tiles: TileIntrinsics = AMX_TILES):
         self.tiles = tiles
@@ -212,11 +304,25 @@ class AmxCore(Core):
         quantized_input: bool,
     ) -> LayerKernels:
         layer = amx_conv2d_prim_func(
-            shape, act, encoding, epilogue, layouts, quantized_input, self.tiles
+            shape, act, encoding, None, epilogue, layouts, quantized_input, self.tiles
         )
         return packed_layer_kernels(
             self.name, layer, shape, act, encoding, epilogue, layouts, VNNI_DOT
         )
+
+    def workload(
+        self,
+        shape: Conv2dShape,
+        act: ActQuant,
+        encoding: WeightEncoding,
+        epilogue: Epilogue,
+        layouts: Layouts,
+        quantized_input: bool,
+    ) -> tvm.tirx.PrimFunc:
+        return amx_conv2d_workload(shape, act, encoding, epilogue, layouts, quantized_input)
+
+    def schedule(self, sch: Schedule) -> list[Schedule]:
+        return amx_design_space(sch, self.tiles)
 
 
 AMX_CORE = AmxCore()

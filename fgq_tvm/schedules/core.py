@@ -297,9 +297,11 @@ class Core(ABC):
         """The unscheduled kernel PrimFunc: what tuning records are keyed by (tunable cores)."""
         raise NotImplementedError(f"the {self.name} core has no tuning space")
 
-    def schedule(self, sch: Schedule) -> None:
-        """Schedule a :meth:`workload` in place, sampling the tuning knobs: the design space
-        MetaSchedule searches (tunable cores)."""
+    def schedule(self, sch: Schedule) -> list[Schedule] | None:
+        """The design space MetaSchedule searches (tunable cores): ``sch``, a :meth:`workload`,
+        scheduled in place with the tuning knobs sampled, or the schedules of several spaces
+        (copies of ``sch``) where a knob is not a decision a trace can replay with another
+        value."""
         raise NotImplementedError(f"the {self.name} core has no tuning space")
 
     def __repr__(self) -> str:

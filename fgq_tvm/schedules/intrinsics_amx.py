@@ -14,9 +14,9 @@ intrinsics (``llvm.x86.ldtilecfg``, ``tilezero``, ``tileloadd64``, ``tdpbusd``,
 ``tilestored64``, ``tilerelease``), whose tile numbers must be constants (LLVM's ``immarg``):
 a loop over tiles is unrolled (``T.unroll``) so that each call names its tile. The functions
 below build those calls for TVMScript (``T.evaluate(dot_tiles(0, 4, 6))``), and three tensor
-intrinsics compute one accumulator tile with them for the AMX core
-(:class:`TileIntrinsics`: :data:`AMX_TILES`, and :data:`EMULATED_TILES`, the same steps in
-plain code for CPUs without AMX).
+intrinsics per block of up to 2 x 2 accumulator tiles compute the block with them for the AMX
+core (:class:`BlockIntrinsics`, from :data:`AMX_TILES`, and from :data:`EMULATED_TILES`, the
+same steps in plain code for CPUs without AMX).
 
 Linux gives a process the tile registers only when asked
 (:func:`~fgq_tvm.cpu_features.request_amx_tile_data`); the first AMX instruction of a process
@@ -130,30 +130,44 @@ def dot_reference(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Tensor intrinsics: one 16 x 16 accumulator tile kept in tmm0 from its zeroing to its store
+# Tensor intrinsics: a block of up to 2 x 2 accumulator tiles, kept in tiles from zero to store
 # --------------------------------------------------------------------------------------------
 
-ACCUMULATOR, ACTIVATIONS, WEIGHTS = 0, 1, 2  # the tiles the intrinsics below use
-_ROWS, _BYTES, _WORDS = TILE_ROWS, TILE_ROW_BYTES, TILE_ROW_BYTES // 4
-_TILE = _ROWS * _BYTES
+BLOCK_LIMIT = 2  # activation tiles (rows of 16 columns) and weight tiles (16 channels) per block
+FIRST_ACTIVATION_TILE, FIRST_WEIGHT_TILE = 4, 6  # tiles 0-3 accumulate, 4-5 and 6-7 the operands
+LANES = TILE_ROW_BYTES // 4  # int32 accumulators per tile row: output channels per weight tile
+
+
+def accumulator_tile(row_tile: int, channel_tile: int, channel_tiles: int) -> int:
+    """The tile that accumulates activation tile ``row_tile`` times weight tile
+    ``channel_tile`` in a block of ``channel_tiles`` weight tiles."""
+    return row_tile * channel_tiles + channel_tile
 
 
 @dataclass(frozen=True)
-class TileIntrinsics:
-    """The names of the three tensor intrinsics that compute one accumulator tile.
+class BlockIntrinsics:
+    """The names of the three tensor intrinsics that compute one block of accumulator tiles.
 
-    Over a ``[16, 16]`` int32 buffer ``C`` in local scope, the tile's stand-in:
+    For a block of ``R`` activation tiles by ``N`` weight tiles, over an int32 buffer
+    ``C [N, 1, 16 R, 16]`` in local scope, the block's stand-in:
 
     * ``zero``: ``C = 0``;
-    * ``dot``: ``C[m, n] += sum A[m, 4 k4 + k1] * B[k4, n, k1]`` (``A``: ``[16, 64]`` uint8,
-      ``B``: ``[16, 16, 4]`` int8, both 16 rows of 64 contiguous bytes);
-    * ``store``: ``D = C`` (``D``: ``[16, 16]`` int32, rows of 64 bytes).
+    * ``dot``: ``C[j, 0, m, n] += sum A[m, 4 k4 + k1] * B[j, 0, 0, k4, n, k1]`` (``A``:
+      ``[16 R, 64]`` uint8, ``B``: ``[N, 1, 1, 16, 16, 4]`` int8, rows of 64 contiguous bytes,
+      any stride between rows and between weight tiles);
+    * ``store``: ``D = C`` (``D``: ``[N, 1, 16 R, 16]`` int32, rows of 64 contiguous bytes).
 
-    On :data:`AMX_TILES` the accumulator is ``tmm0``, never ``C``: ``zero`` loads the tile
-    configuration and zeroes ``tmm0``, ``dot`` loads its operands into ``tmm1`` and ``tmm2``
-    and runs ``tdpbusd``, ``store`` stores ``tmm0`` to ``D``. :data:`EMULATED_TILES` does the
-    same in plain code, with ``C`` as the accumulator, and reads and writes the operands the
-    way the tile instructions do: from each buffer's first element, rows 64 bytes apart.
+    The unit axes are where the AMX core's buffers have the output row (``C``, ``D``) and the
+    kernel position (``B``) between the tile axis and the rows: a tensor intrinsic matches a
+    region of a buffer only where every axis before its own is a unit one.
+
+    On the tiles (:data:`AMX_TILES`), the accumulators are ``tmm0``-``tmm3``
+    (:func:`accumulator_tile`), never ``C``: ``zero`` loads the tile configuration and zeroes
+    them, ``dot`` loads the activation tiles into ``tmm4``-``tmm5`` and the weight tiles into
+    ``tmm6``-``tmm7``, then runs one ``tdpbusd`` per accumulator, and ``store`` stores them to
+    ``D``. :data:`EMULATED_TILES` does the same in plain code, with ``C`` as the accumulators,
+    and reads and writes the operands the way the tile instructions do: from each tile's first
+    byte, with the buffer's row stride.
     """
 
     zero: str
@@ -161,14 +175,35 @@ class TileIntrinsics:
     store: str
 
 
-AMX_TILES = TileIntrinsics(
-    "fgq_amx_zero_16x16_i32", "fgq_amx_dot_16x16x64_u8i8i32", "fgq_amx_store_16x16_i32"
-)
-EMULATED_TILES = TileIntrinsics(
-    "fgq_amx_zero_16x16_i32_emulated",
-    "fgq_amx_dot_16x16x64_u8i8i32_emulated",
-    "fgq_amx_store_16x16_i32_emulated",
-)
+@dataclass(frozen=True)
+class TileIntrinsics:
+    """The tensor intrinsics of every block of accumulator tiles, on the tiles or emulated.
+
+    Attributes
+    ----------
+    emulated
+        Whether they compute in plain code what the tile instructions do (any CPU runs them).
+    """
+
+    emulated: bool
+
+    def block(self, row_tiles: int, channel_tiles: int) -> BlockIntrinsics:
+        """Those of a block of ``row_tiles`` activation by ``channel_tiles`` weight tiles (each
+        1 or 2).
+
+        Raises
+        ------
+        ValueError
+            A block of more tiles than AMX holds beside its operands.
+        """
+        if not (1 <= row_tiles <= BLOCK_LIMIT and 1 <= channel_tiles <= BLOCK_LIMIT):
+            limit = f"1 to {BLOCK_LIMIT} of each"
+            raise ValueError(f"no block of {row_tiles} x {channel_tiles} tiles: {limit}")
+        return _BLOCKS[row_tiles, channel_tiles, self.emulated]
+
+
+AMX_TILES = TileIntrinsics(emulated=False)
+EMULATED_TILES = TileIntrinsics(emulated=True)
 
 
 def _configuration_words() -> list[int]:
@@ -179,23 +214,77 @@ def _configuration_words() -> list[int]:
 _CONFIGURATION = _configuration_words()
 
 
-with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
+def _descriptions(row_tiles: int, channel_tiles: int) -> tuple:
+    """The ``zero``, ``dot`` and ``store`` computations of a block (:class:`BlockIntrinsics`)."""
+    rows, tiles = TILE_ROWS * row_tiles, channel_tiles
 
     @T.prim_func(s_tir=True)
-    def _zero_description(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+    def zero(c: T.handle):
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads()
-            T.writes(C[0:_ROWS, 0:_WORDS])
-            for m, n in T.grid(_ROWS, _WORDS):
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
+            for j, m, n in T.grid(tiles, rows, LANES):
                 with T.sblock("zero"):
-                    vm, vn = T.axis.remap("SS", [m, n])
-                    C[vm, vn] = T.int32(0)
+                    if tiles == 1:  # no unit block axis: the kernels' blocks have none
+                        vj = T.meta_var(0)
+                        vm, vn = T.axis.remap("SS", [m, n])
+                    else:
+                        vj, vm, vn = T.axis.remap("SSS", [j, m, n])
+                    C[vj, 0, vm, vn] = T.int32(0)
 
     @T.prim_func(s_tir=True)
-    def _zero_amx(C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local")):
+    def dot(a: T.handle, b: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, TILE_ROW_BYTES), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (tiles, 1, 1, TILE_ROWS, LANES, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(
+                C[0:tiles, 0, 0:rows, 0:LANES],
+                A[0:rows, 0:TILE_ROW_BYTES],
+                B[0:tiles, 0, 0, 0:TILE_ROWS, 0:LANES, 0:4],
+            )
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
+            for j, m, n, k4, k1 in T.grid(tiles, rows, LANES, TILE_ROWS, 4):
+                with T.sblock("update"):
+                    if tiles == 1:
+                        vj = T.meta_var(0)
+                        vm, vn, vk4, vk1 = T.axis.remap("SSRR", [m, n, k4, k1])
+                    else:
+                        vj, vm, vn, vk4, vk1 = T.axis.remap("SSSRR", [j, m, n, k4, k1])
+                    C[vj, 0, vm, vn] = C[vj, 0, vm, vn] + T.cast(
+                        A[vm, vk4 * 4 + vk1], "int32"
+                    ) * T.cast(B[vj, 0, 0, vk4, vn, vk1], "int32")
+
+    @T.prim_func(s_tir=True)
+    def store(c: T.handle, d: T.handle):
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+        D = T.match_buffer(d, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+            for j, _row, m, n in T.grid(tiles, 1, rows, LANES):  # as the kernels' store loops
+                with T.sblock("store"):
+                    if tiles == 1:
+                        vj = T.meta_var(0)
+                        vm, vn = T.axis.remap("SS", [m, n])
+                    else:
+                        vj, vm, vn = T.axis.remap("SSS", [j, m, n])
+                    D[vj, 0, vm, vn] = C[vj, 0, vm, vn]
+
+    return zero, dot, store
+
+
+def _on_the_tiles(row_tiles: int, channel_tiles: int) -> tuple:
+    """``zero``, ``dot`` and ``store`` of a block with the tile instructions."""
+    rows, tiles, accumulators = TILE_ROWS * row_tiles, channel_tiles, row_tiles * channel_tiles
+
+    @T.prim_func(s_tir=True)
+    def zero(c: T.handle):
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads()
-            T.writes(C[0:_ROWS, 0:_WORDS])
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
             configuration = T.decl_buffer((8,), "uint64", scope="local")
             configuration[0] = T.uint64(_CONFIGURATION[0])
             configuration[1] = T.uint64(_CONFIGURATION[1])
@@ -206,96 +295,169 @@ with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
             configuration[6] = T.uint64(_CONFIGURATION[6])
             configuration[7] = T.uint64(_CONFIGURATION[7])
             T.evaluate(configure_tiles(configuration.access_ptr("r")))
-            T.evaluate(zero_tile(ACCUMULATOR))
+            for t in T.unroll(accumulators):
+                T.evaluate(zero_tile(t))
 
     @T.prim_func(s_tir=True)
-    def _dot_description(
-        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
+    def dot(a: T.handle, b: T.handle, c: T.handle):
+        a_row, a_byte = T.int32(), T.int32()
+        b_tile, b_kernel_row, b_kernel_column = T.int32(), T.int32(), T.int32()
+        b_row, b_word, b_byte = T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(
+            a, (rows, TILE_ROW_BYTES), "uint8", offset_factor=1, strides=[a_row, a_byte]
+        )
+        B = T.match_buffer(
+            b,
+            (tiles, 1, 1, TILE_ROWS, LANES, 4),
+            "int8",
+            offset_factor=1,
+            strides=[b_tile, b_kernel_row, b_kernel_column, b_row, b_word, b_byte],
+        )
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-            T.writes(C[0:_ROWS, 0:_WORDS])
-            for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
-                with T.sblock("update"):
-                    vm, vn, vk4, vk1 = T.axis.remap("SSRR", [m, n, k4, k1])
-                    C[vm, vn] = C[vm, vn] + T.cast(A[vm, vk4 * 4 + vk1], "int32") * T.cast(
-                        B[vk4, vn, vk1], "int32"
+            T.reads(
+                C[0:tiles, 0, 0:rows, 0:LANES],
+                A[0:rows, 0:TILE_ROW_BYTES],
+                B[0:tiles, 0, 0, 0:TILE_ROWS, 0:LANES, 0:4],
+            )
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
+            for i in T.unroll(row_tiles):
+                activations = A.access_ptr("r", offset=i * TILE_ROWS * a_row)
+                T.evaluate(load_tile(FIRST_ACTIVATION_TILE + i, activations, a_row))
+            for j in T.unroll(tiles):
+                weights = B.access_ptr("r", offset=j * b_tile)
+                T.evaluate(load_tile(FIRST_WEIGHT_TILE + j, weights, b_row))
+            for i in T.unroll(row_tiles):
+                for j in T.unroll(tiles):
+                    T.evaluate(
+                        dot_tiles(i * tiles + j, FIRST_ACTIVATION_TILE + i, FIRST_WEIGHT_TILE + j)
                     )
 
     @T.prim_func(s_tir=True)
-    def _dot_amx(
-        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
+    def store(c: T.handle, d: T.handle):
+        d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+        D = T.match_buffer(
+            d,
+            (tiles, 1, rows, LANES),
+            "int32",
+            offset_factor=1,
+            scope="local",
+            strides=[d_tile, d_output_row, d_row, d_lane],
+        )
         with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-            T.writes(C[0:_ROWS, 0:_WORDS])
-            T.evaluate(load_tile(ACTIVATIONS, A.access_ptr("r"), _BYTES))
-            T.evaluate(load_tile(WEIGHTS, B.access_ptr("r"), _BYTES))
-            T.evaluate(dot_tiles(ACCUMULATOR, ACTIVATIONS, WEIGHTS))
+            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+            for i in T.unroll(row_tiles):
+                for j in T.unroll(tiles):
+                    tile = D.access_ptr("w", offset=j * d_tile + i * TILE_ROWS * d_row)
+                    T.evaluate(store_tile(i * tiles + j, tile, d_row * 4))
+
+    return zero, dot, store
+
+
+def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
+    """``zero``, ``dot`` and ``store`` of a block in plain code, the operands read and written
+    at the addresses the tile instructions use."""
+    rows, tiles = TILE_ROWS * row_tiles, channel_tiles
 
     @T.prim_func(s_tir=True)
-    def _dot_emulated(
-        A: T.Buffer((_ROWS, _BYTES), "uint8", offset_factor=1),
-        B: T.Buffer((_ROWS, _WORDS, 4), "int8", offset_factor=1),
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
+    def dot(a: T.handle, b: T.handle, c: T.handle):
+        a_row, a_byte = T.int32(), T.int32()
+        b_tile, b_kernel_row, b_kernel_column = T.int32(), T.int32(), T.int32()
+        b_row, b_word, b_byte = T.int32(), T.int32(), T.int32()
+        c_tile, c_output_row, c_row, c_lane = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(
+            a, (rows, TILE_ROW_BYTES), "uint8", offset_factor=1, strides=[a_row, a_byte]
+        )
+        B = T.match_buffer(
+            b,
+            (tiles, 1, 1, TILE_ROWS, LANES, 4),
+            "int8",
+            offset_factor=1,
+            strides=[b_tile, b_kernel_row, b_kernel_column, b_row, b_word, b_byte],
+        )
+        C = T.match_buffer(
+            c,
+            (tiles, 1, rows, LANES),
+            "int32",
+            offset_factor=1,
+            scope="local",
+            strides=[c_tile, c_output_row, c_row, c_lane],
+        )
         with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS], A[0:_ROWS, 0:_BYTES], B[0:_ROWS, 0:_WORDS, 0:4])
-            T.writes(C[0:_ROWS, 0:_WORDS])
-            a = T.decl_buffer((_TILE,), "uint8", data=A.data, elem_offset=A.elem_offset)
-            b = T.decl_buffer((_TILE,), "int8", data=B.data, elem_offset=B.elem_offset)
-            for m, n, k4, k1 in T.grid(_ROWS, _WORDS, _ROWS, 4):
-                C[m, n] = C[m, n] + T.cast(a[m * _BYTES + k4 * 4 + k1], "int32") * T.cast(
-                    b[k4 * _BYTES + n * 4 + k1], "int32"
+            T.reads(
+                C[0:tiles, 0, 0:rows, 0:LANES],
+                A[0:rows, 0:TILE_ROW_BYTES],
+                B[0:tiles, 0, 0, 0:TILE_ROWS, 0:LANES, 0:4],
+            )
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
+            a_bytes = T.decl_buffer(
+                (rows * a_row,), "uint8", data=A.data, elem_offset=A.elem_offset
+            )
+            b_bytes = T.decl_buffer(
+                (tiles * b_tile + TILE_ROWS * b_row,),
+                "int8",
+                data=B.data,
+                elem_offset=B.elem_offset,
+            )
+            for j, m, n, k4, k1 in T.grid(tiles, rows, LANES, TILE_ROWS, 4):
+                activation = T.cast(a_bytes[m * a_row + k4 * 4 + k1], "int32")
+                weight = T.cast(b_bytes[j * b_tile + k4 * b_row + n * 4 + k1], "int32")
+                C[j, 0, m, n] = C[j, 0, m, n] + activation * weight
+
+    @T.prim_func(s_tir=True)
+    def store(c: T.handle, d: T.handle):
+        c_tile, c_output_row, c_row, c_lane = T.int32(), T.int32(), T.int32(), T.int32()
+        d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
+        C = T.match_buffer(
+            c,
+            (tiles, 1, rows, LANES),
+            "int32",
+            offset_factor=1,
+            scope="local",
+            strides=[c_tile, c_output_row, c_row, c_lane],
+        )
+        D = T.match_buffer(
+            d,
+            (tiles, 1, rows, LANES),
+            "int32",
+            offset_factor=1,
+            scope="local",
+            strides=[d_tile, d_output_row, d_row, d_lane],
+        )
+        with T.sblock("root"):
+            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+            d_words = T.decl_buffer(
+                (tiles * d_tile + rows * d_row,), "int32", data=D.data, elem_offset=D.elem_offset
+            )
+            for j, m, n in T.grid(tiles, rows, LANES):
+                d_words[j * d_tile + m * d_row + n] = C[j, 0, m, n]
+
+    return _descriptions(row_tiles, channel_tiles)[0], dot, store
+
+
+def _register_blocks() -> dict[tuple[int, int, bool], BlockIntrinsics]:
+    """Register the intrinsics of every block, on the tiles and emulated."""
+    blocks = {}
+    for row_tiles in range(1, BLOCK_LIMIT + 1):
+        for channel_tiles in range(1, BLOCK_LIMIT + 1):
+            descriptions = _descriptions(row_tiles, channel_tiles)
+            for emulated, implement in ((False, _on_the_tiles), (True, _emulated)):
+                size = f"{TILE_ROWS * row_tiles}x{LANES * channel_tiles}"
+                suffix = f"{size}_emulated" if emulated else size
+                names = BlockIntrinsics(
+                    f"fgq_amx_zero_{suffix}", f"fgq_amx_dot_{suffix}", f"fgq_amx_store_{suffix}"
                 )
+                implementations = implement(row_tiles, channel_tiles)
+                for name, description, implementation in zip(
+                    (names.zero, names.dot, names.store), descriptions, implementations, strict=True
+                ):
+                    TensorIntrin.register(name, description, implementation, override=True)
+                blocks[row_tiles, channel_tiles, emulated] = names
+    return blocks
 
-    @T.prim_func(s_tir=True)
-    def _store_description(
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
-        with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS])
-            T.writes(D[0:_ROWS, 0:_WORDS])
-            for m, n in T.grid(_ROWS, _WORDS):
-                with T.sblock("store"):
-                    vm, vn = T.axis.remap("SS", [m, n])
-                    D[vm, vn] = C[vm, vn]
 
-    @T.prim_func(s_tir=True)
-    def _store_amx(
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
-        with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS])
-            T.writes(D[0:_ROWS, 0:_WORDS])
-            T.evaluate(store_tile(ACCUMULATOR, D.access_ptr("w"), _BYTES))
-
-    @T.prim_func(s_tir=True)
-    def _store_emulated(
-        C: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-        D: T.Buffer((_ROWS, _WORDS), "int32", offset_factor=1, scope="local"),
-    ):
-        with T.sblock("root"):
-            T.reads(C[0:_ROWS, 0:_WORDS])
-            T.writes(D[0:_ROWS, 0:_WORDS])
-            d = T.decl_buffer((_ROWS * _WORDS,), "int32", data=D.data, elem_offset=D.elem_offset)
-            for m, n in T.grid(_ROWS, _WORDS):
-                d[m * (_BYTES // 4) + n] = C[m, n]
-
-    for _names, _implementations in (
-        (AMX_TILES, (_zero_amx, _dot_amx, _store_amx)),
-        (EMULATED_TILES, (_zero_description, _dot_emulated, _store_emulated)),
-    ):
-        for _name, _description, _implementation in zip(
-            (_names.zero, _names.dot, _names.store),
-            (_zero_description, _dot_description, _store_description),
-            _implementations,
-            strict=True,
-        ):
-            TensorIntrin.register(_name, _description, _implementation, override=True)
+with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
+    _BLOCKS = _register_blocks()
