@@ -32,7 +32,13 @@ from fgq_tvm.bench.amx_peak import (
 from fgq_tvm.cpu_features import AMX_TILE_CORES, host_has, request_amx_tile_data
 from fgq_tvm.quant.layers import ActQuant, reference_forward
 from fgq_tvm.schedules import intrinsics_amx, select
-from fgq_tvm.schedules.conv2d_amx import AMX_CORE, AmxCore, AmxSchedule, amx_conv2d_prim_func
+from fgq_tvm.schedules.conv2d_amx import (
+    AMX_CORE,
+    AmxCore,
+    AmxSchedule,
+    TileGeometry,
+    amx_conv2d_prim_func,
+)
 from fgq_tvm.schedules.conv2d_dot import VNNI_CORE
 from fgq_tvm.schedules.core import Conv2dShape, Epilogue
 from fgq_tvm.schedules.intrinsics_amx import (
@@ -179,6 +185,22 @@ def test_the_amx_core_builds_to_tile_instructions():
     assert stored == {"%tmm0", "%tmm1", "%tmm2", "%tmm3"}
 
 
+def test_tiles_spanning_rows_build_to_tile_instructions():
+    """A 7x7 layer: its sums in memory for the output stage (one group of all rows), stored by
+    the same four accumulator tiles."""
+    shape = Conv2dShape(1, 512, 7, 7, 512, (3, 3), padding=(1, 1), group_size=4)
+    assert TileGeometry.of(shape).groups == 1 and AmxSchedule.default_for(shape) == AmxSchedule(
+        2, 2
+    )
+    kernels = AMX_CORE.kernels(shape, ActQuant(0.1, 8, False), "int8", Epilogue(relu=True), BLOCKED)
+    found = tile_instructions(kernels.layer)
+    counts = collections.Counter(name for name, _ in found)
+    assert counts["tilezero"] == counts["tilestored"] == 4
+    assert counts["tdpbusd"] == counts["tileloadd"] > 0  # four loads per four products
+    stored = {operands.split(",")[0] for name, operands in found if name == "tilestored"}
+    assert stored == {"%tmm0", "%tmm1", "%tmm2", "%tmm3"}
+
+
 @pytest.mark.parametrize("knobs", [AmxSchedule(1, 1), AmxSchedule(2, 1), AmxSchedule(1, 2)])
 def test_smaller_blocks_use_fewer_tiles(knobs):
     shape = Conv2dShape(1, 64, 28, 28, 64, (1, 1), group_size=4)
@@ -193,13 +215,27 @@ def test_smaller_blocks_use_fewer_tiles(knobs):
     assert loaded == activations | {f"%tmm{6 + j}" for j in range(knobs.channel_tiles)}
 
 
+def test_outputs_narrower_than_a_tile_share_tiles_across_rows():
+    """A 7x7 output in tiles of 16 columns per row would compute 112 positions for 49; over
+    all rows, the padded input 9 wide, 64. Wide outputs keep a group per row."""
+    small = TileGeometry.of(Conv2dShape(1, 512, 7, 7, 512, (3, 3), padding=(1, 1)))
+    assert small == TileGeometry(pitch=9, group_rows=7, groups=1, positions=64, length=64 + 20)
+    pointwise = TileGeometry.of(Conv2dShape(1, 2048, 7, 7, 512))
+    assert (pointwise.pitch, pointwise.positions) == (7, 64)  # 49 positions, no padding
+    wide = TileGeometry.of(Conv2dShape(1, 64, 56, 56, 64, (3, 3), padding=(1, 1)))
+    assert (wide.pitch, wide.group_rows, wide.groups, wide.positions) == (58, 1, 56, 64)
+    down = TileGeometry.of(Conv2dShape(1, 256, 56, 56, 512, stride=(2, 2)))
+    assert (down.pitch, down.group_rows, down.positions) == (28, 1, 32)
+
+
 def test_blocks_divide_the_tiles_of_a_layer():
     def choices(width, channels):
         shape = Conv2dShape(1, 64, width, width, channels, (3, 3), padding=(1, 1))
         return {(k.row_tiles, k.channel_tiles) for k in AmxSchedule.choices_for(shape)}
 
     assert choices(56, 64) == {(1, 1), (1, 2), (2, 1), (2, 2)}  # 4 column tiles, 4 blocks
-    assert choices(14, 64) == {(1, 1), (1, 2)}  # one column tile
+    assert choices(16, 64) == {(1, 1), (1, 2)}  # one column tile per row
+    assert choices(14, 64) == {(1, 1), (1, 2), (2, 1), (2, 2)}  # 14 tiles over all rows
     assert choices(56, 48) == {(1, 1), (2, 1)}  # three channel blocks
     with pytest.raises(ValueError, match="1 to 2 of each"):
         EMULATED_TILES.block(3, 1)

@@ -2,8 +2,8 @@
 
 ``int8-amx`` computes the integer weight encodings (int8 layers, ternary with int8 group
 scales, symmetric or asymmetric) with ``tdpbusd`` on 16 x 16 int32 tiles
-(:mod:`~fgq_tvm.schedules.intrinsics_amx`): 16 output columns of one output row by 16
-output channels, summed over the kernel positions and 64 input channels per product. The
+(:mod:`~fgq_tvm.schedules.intrinsics_amx`): 16 output positions by 16 output channels,
+summed over the kernel positions and 64 input channels per product. The
 numbers are those of the VNNI dot core (:mod:`~fgq_tvm.schedules.conv2d_dot`): the same exact
 int32 sums of activation bytes times int8 weights, the same ``offset_sums`` for signed
 activations, the same output and epilogue (:func:`~fgq_tvm.schedules.conv2d_dot.integer_output`).
@@ -14,24 +14,33 @@ Layouts, chosen so that every tile is 16 rows of 64 contiguous bytes:
   position and 64 input channels, ``wpack[kb, r, s, 16 cb : 16 cb + 16]`` is AMX's B tile
   (row ``k // 4``, column ``n`` holding four consecutive ``k``), 1,024 contiguous bytes. The
   pack runs once at load time (:func:`~fgq_tvm.schedules.conv2d_dot.dot_pack_prim_func`);
-* the **input** is quantized (or, as bytes, padded) into ``xq [B, C/64, H, stride, W', 64]``:
-  column ``w`` of the padded input at ``[w % stride, w // stride]``, so that the 16 columns
-  one tile of outputs reads at one kernel position are consecutive whatever the stride, and
-  one activation tile is 1,024 contiguous bytes;
-* the **sums** ``acc [B, K/16, OH, OW', 16]`` hold whole tiles (``OW'``: the output width
-  rounded up to 16; the extra columns are computed and never read).
+* the **input** is quantized (or, as bytes, padded) into
+  ``xq [B, C/64, stride_h, stride_w, length, 64]``: row ``h`` and column ``w`` of the padded
+  input in phase ``(h % stride_h, w % stride_w)``, at position
+  ``(h // stride_h) * pitch + w // stride_w`` (``pitch``: the padded width over the stride).
+  Output ``(oh, ow)`` at kernel position ``(r, s)`` then reads position
+  ``oh * pitch + ow + (r d_h // stride_h) * pitch + s d_w // stride_w`` of one phase, so the
+  inputs of consecutive outputs are consecutive whatever the stride and dilation, and one
+  activation tile is 1,024 contiguous bytes (:class:`TileGeometry`);
+* the **sums** ``acc [B, K/16, groups, positions, 16]`` hold whole tiles of 16 output
+  positions per group of output rows. A group is one row (``positions``: the output width
+  rounded up to 16), or, where the output is narrower than a tile, all rows, a tile then
+  spanning rows at ``oh * pitch + ow``: a 7x7 output with a 3x3 kernel computes 64
+  positions for 49 (112 in tiles of one row). The positions never read (beyond the output
+  width) cost products, not correctness.
 
-Schedule (:class:`AmxSchedule`): the (batch, channel block, output row) loop in parallel;
-inside, a block of accumulator tiles (one or two tiles of 16 output columns by one or two of
-16 output channels) is zeroed (after the tile configuration is loaded: it is per thread),
+Schedule (:class:`AmxSchedule`): the (batch, channel block, group) loop in parallel; inside,
+a block of accumulator tiles (one or two tiles of 16 output positions by one or two of 16
+output channels) is zeroed (after the tile configuration is loaded: it is per thread),
 then per kernel position and 64 input channels its activation and weight tiles are loaded
 from ``xq`` and ``wpack`` and one ``tdpbusd`` runs per accumulator, and the block is stored
 once, for the epilogue to read. The accumulators stay in ``tmm0``-``tmm3`` from their zeroing
 to their store: the three steps are tensor intrinsics over a local buffer, ``acc``'s block,
 that the AMX code never touches (:class:`~fgq_tvm.schedules.intrinsics_amx.BlockIntrinsics`).
-A block of 2 x 2 makes four products of four tile loads, a single tile one of two; by default
-a layer gets the largest block that divides its tiles, and tuning measures each
-(:func:`amx_design_space`).
+The output stage reads a block's sums right after it where a group is one row; where a group
+spans rows, it runs after all products, from the sums in memory. A block of 2 x 2 makes four
+products of four tile loads, a single tile one of two; by default a layer gets the largest
+block that divides its tiles, and tuning measures each (:func:`amx_design_space`).
 
 Supported: integer encodings with whole blocks of 64 input channels, not dense layers (one
 output column would fill one row of 16). A module with a layer on this core asks Linux for the
@@ -85,6 +94,8 @@ from .layout import NCHW, NCHW16C, PLAIN, Layouts, activation_placeholder
 COLUMNS = TILE_ROWS  # output columns per tile: the activation tile's rows
 CHANNELS = TILE_ROW_BYTES  # input channels per product: bytes per activation row
 WORD = VNNI_DOT.depth  # input channels per weight word (4)
+INPUT_CHUNK = 64  # input positions quantized per parallel task
+GROUP_POSITIONS = 1024  # at most, where a group spans rows: its sums are on the task's stack
 
 
 def supports(shape: Conv2dShape, encoding: WeightEncoding) -> bool:
@@ -95,44 +106,92 @@ def supports(shape: Conv2dShape, encoding: WeightEncoding) -> bool:
     )
 
 
-def tile_columns(shape: Conv2dShape) -> int:
-    """Output columns computed: the output width rounded up to whole tiles."""
-    return -(-shape.out_width // COLUMNS) * COLUMNS
+def whole_tiles(positions: int) -> int:
+    """``positions`` rounded up to whole tiles of 16."""
+    return -(-positions // COLUMNS) * COLUMNS
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a layer's tiles lie in the AMX core's input and sums (the module docstring).
+
+    Attributes
+    ----------
+    pitch
+        Positions per row of one input phase in ``xq``: the padded input width over the stride.
+    group_rows
+        Output rows per group: one, or all of them where the output is narrower than a tile (a
+        tile then spans rows) and they fit :data:`GROUP_POSITIONS` positions.
+    groups
+        Groups of output rows.
+    positions
+        Output positions computed per group, in whole tiles: ``(group_rows - 1) * pitch``
+        plus the output width, rounded up (the others are computed and never read).
+    length
+        Positions per phase of ``xq``: as far as the last group's tiles read.
+    """
+
+    pitch: int
+    group_rows: int
+    groups: int
+    positions: int
+    length: int
+
+    @staticmethod
+    def of(shape: Conv2dShape) -> TileGeometry:
+        (stride_h, stride_w), (dil_h, dil_w) = shape.stride, shape.dilation
+        width = padded_extent(shape.width, shape.padding[1], shape.out_width, shape, axis=1)
+        pitch = -(-width // stride_w)
+        spanned = shape.out_height * pitch <= GROUP_POSITIONS
+        group_rows = shape.out_height if shape.out_width < COLUMNS and spanned else 1
+        groups = -(-shape.out_height // group_rows)
+        positions = whole_tiles((group_rows - 1) * pitch + shape.out_width)
+        reach = (shape.kernel[0] - 1) * dil_h // stride_h * pitch
+        reach += (shape.kernel[1] - 1) * dil_w // stride_w
+        length = (groups - 1) * group_rows * pitch + positions + reach
+        return TileGeometry(pitch, group_rows, groups, positions, length)
+
+    def sum_position(self, oh, ow) -> tuple:
+        """``(group, position)`` of output row ``oh``, column ``ow`` in the sums."""
+        return (oh, ow) if self.group_rows == 1 else (0, oh * self.pitch + ow)
 
 
 def amx_input(x: te.Tensor, shape: Conv2dShape, act: ActQuant, layout) -> te.Tensor:
-    """``xq [B, C/64, H, stride, W', 64]``: the padded input's bytes, column ``w`` at
-    ``[w % stride, w // stride]`` (see the module docstring)."""
-    stride = shape.stride[1]
-    height = padded_extent(shape.height, shape.padding[0], shape.out_height, shape, axis=0)
-    width = padded_extent(shape.width, shape.padding[1], tile_columns(shape), shape, axis=1)
+    """``xq [B, C/64, stride_h, stride_w, length, 64]``: the padded input's bytes, row ``h``
+    and column ``w`` in phase ``(h % stride_h, w % stride_w)`` at position
+    ``(h // stride_h) * pitch + w // stride_w`` (see :class:`TileGeometry`)."""
+    stride_h, stride_w = shape.stride
+    geometry = TileGeometry.of(shape)
     byte = input_byte(x, shape, act, layout, "uint8")
 
-    def quantize(b, cb, h, phase, column, ci):
-        return byte(b, cb * CHANNELS + ci, h, column * stride + phase)
+    def quantize(b, cb, phase_h, phase_w, q, ci):
+        h = q // geometry.pitch * stride_h + phase_h
+        return byte(b, cb * CHANNELS + ci, h, q % geometry.pitch * stride_w + phase_w)
 
-    dims = (shape.batch, shape.in_channels // CHANNELS, height, stride, -(-width // stride))
+    dims = (shape.batch, shape.in_channels // CHANNELS, stride_h, stride_w, geometry.length)
     return te.compute((*dims, CHANNELS), quantize, name="xq")
 
 
 def amx_accumulate(xq: te.Tensor, wpack: te.Tensor, shape: Conv2dShape) -> te.Tensor:
-    """``acc[b, kb, oh, ow, ki]``: the exact int32 sums over kernel positions and input
-    channels, in whole tiles of 16 output columns."""
+    """``acc[b, kb, group, position, ki]``: the exact int32 sums over kernel positions and
+    input channels, in whole tiles of 16 output positions per group of rows."""
     (stride_h, stride_w), (dil_h, dil_w) = shape.stride, shape.dilation
+    geometry = TileGeometry.of(shape)
     r = te.reduce_axis((0, shape.kernel[0]), name="r")
     s = te.reduce_axis((0, shape.kernel[1]), name="s")
     cb = te.reduce_axis((0, shape.in_channels // CHANNELS), name="cb")
     word = te.reduce_axis((0, CHANNELS // WORD), name="word")
     ci = te.reduce_axis((0, WORD), name="ci")
 
-    def tile_sum(b, kb, oh, ow, ki):
-        w = ow * stride_w + s * dil_w
-        pixel = xq[b, cb, oh * stride_h + r * dil_h, w % stride_w, w // stride_w, word * WORD + ci]
+    def tile_sum(b, kb, group, p, ki):
+        h, w = r * dil_h, s * dil_w  # the input row and column read, from the output's
+        first = group * geometry.group_rows * geometry.pitch + p
+        q = first + h // stride_h * geometry.pitch + w // stride_w
+        pixel = xq[b, cb, h % stride_h, w % stride_w, q, word * WORD + ci]
         weight = wpack[kb, r, s, cb * (CHANNELS // WORD) + word, ki, ci]
         return te.sum(pixel.astype("int32") * weight.astype("int32"), axis=[r, s, cb, word, ci])
 
-    out_blocks = wpack.shape[0]
-    dims = (shape.batch, out_blocks, shape.out_height, tile_columns(shape), LANES)
+    dims = (shape.batch, wpack.shape[0], geometry.groups, geometry.positions, LANES)
     return te.compute(dims, tile_sum, name="acc")
 
 
@@ -154,7 +213,12 @@ def amx_conv2d_compute(
     wpack = te.placeholder(wpack_dims, "int8", "wpack")
     bias = te.placeholder((shape.out_channels,), name="bias")
     acc = amx_accumulate(amx_input(x, shape, act, layouts.input), wpack, shape)
-    return [x, *integer_output(acc, wpack, bias, shape, act, epilogue, layouts)]
+    geometry = TileGeometry.of(shape)
+
+    def exact_sum(b, k, oh, ow):
+        return acc[(b, k // LANES, *geometry.sum_position(oh, ow), k % LANES)]
+
+    return [x, *integer_output(exact_sum, wpack, bias, shape, act, epilogue, layouts)]
 
 
 @dataclass(frozen=True)
@@ -191,7 +255,8 @@ class AmxSchedule:
     @staticmethod
     def choices_for(shape: Conv2dShape) -> tuple[AmxSchedule, ...]:
         """The blocks of the layer's tiles (:meth:`choices`)."""
-        return AmxSchedule.choices(tile_columns(shape) // COLUMNS, -(-shape.out_channels // LANES))
+        positions = TileGeometry.of(shape).positions
+        return AmxSchedule.choices(positions // COLUMNS, -(-shape.out_channels // LANES))
 
     @staticmethod
     def default_for(shape: Conv2dShape) -> AmxSchedule:
@@ -211,23 +276,40 @@ def schedule_amx_conv2d(
     (:data:`~fgq_tvm.schedules.intrinsics_amx.EMULATED_TILES`: the same loops and addressing
     in plain code, which any CPU runs)."""
     block = tiles.block(knobs.row_tiles, knobs.channel_tiles)
-    xq_loops = sch.get_loops(sch.get_sblock("xq"))
-    sch.parallel(sch.fuse(*xq_loops[:3]))
-    sch.vectorize(xq_loops[-1])
+    _schedule_input(sch)
     acc = sch.get_sblock("acc")
-    sch.set_scope(acc, 0, "local")
-    b, kb, oh, ow, ki, r, s, cb, word, ci = sch.get_loops(acc)
+    b, kb, group, p, ki, r, s, cb, word, ci = sch.get_loops(acc)
+    rows_per_group = loop_extent(sch, sch.get_loops("y")[2]) // loop_extent(sch, group)
+    if rows_per_group == 1:
+        sch.set_scope(acc, 0, "local")
     kb_outer, kb_inner = sch.split(kb, [None, knobs.channel_tiles])
-    ow_outer, ow_inner = sch.split(ow, [None, knobs.row_tiles * COLUMNS])
-    sch.reorder(b, kb_outer, oh, ow_outer, r, s, cb, kb_inner, ow_inner, ki, word, ci)
-    sch.parallel(sch.fuse(b, kb_outer, oh))
-    sch.reverse_compute_at(sch.get_sblock("y"), ow_outer, preserve_unit_loops=True)
-    tile = sch.cache_write(acc, 0, "local")  # its store lands inside ow_outer, before y
+    p_outer, p_inner = sch.split(p, [None, knobs.row_tiles * COLUMNS])
+    sch.reorder(b, kb_outer, group, p_outer, r, s, cb, kb_inner, p_inner, ki, word, ci)
+    task = sch.fuse(b, kb_outer, group)
+    sch.parallel(task)
+    tile = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(tile, p_outer, preserve_unit_loops=True)  # stored per block
+    if rows_per_group == 1:  # a block's outputs lie in one output row
+        sch.reverse_compute_at(sch.get_sblock("y"), p_outer, preserve_unit_loops=True)
+    else:
+        y_loops = sch.get_loops("y")
+        sch.parallel(sch.fuse(*y_loops[:2]))
     zero = sch.decompose_reduction(acc, r)
     sch.tensorize(sch.get_loops(zero)[-3], block.zero)
     sch.tensorize(kb_inner, block.dot)
-    sch.tensorize(sch.get_loops(tile)[-4], block.store)
+    sch.tensorize(
+        sch.get_loops(tile)[-4], block.store if rows_per_group == 1 else block.store_global
+    )
     vectorize_blocked_output(sch)
+
+
+def _schedule_input(sch: Schedule) -> None:
+    """The input's bytes in parallel, :data:`INPUT_CHUNK` positions a task, one vector of 64
+    channels each."""
+    b, cb, phase_h, phase_w, q, ci = sch.get_loops(sch.get_sblock("xq"))
+    q_outer, _ = sch.split(q, [None, INPUT_CHUNK])
+    sch.parallel(sch.fuse(b, cb, phase_h, phase_w, q_outer))
+    sch.vectorize(ci)
 
 
 def amx_design_space(sch: Schedule, tiles: TileIntrinsics = AMX_TILES) -> list[Schedule]:
@@ -319,6 +401,7 @@ class AmxCore(Core):
         layouts: Layouts,
         quantized_input: bool,
     ) -> tvm.tirx.PrimFunc:
+        self.tiles.register()  # before a record's trace tensorizes with them
         return amx_conv2d_workload(shape, act, encoding, epilogue, layouts, quantized_input)
 
     def schedule(self, sch: Schedule) -> list[Schedule]:

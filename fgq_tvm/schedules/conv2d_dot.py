@@ -247,11 +247,15 @@ def dot_conv2d_compute(
 
         return [x, wpack, alpha, bias, *output_stage(shape, rescale, epilogue, layouts.output)]
     acc = _dot_accumulate(xq, wpack, shape)
-    return [x, *integer_output(acc, wpack, bias, shape, act, epilogue, layouts)]
+
+    def exact_sum(b, k, oh, ow):
+        return acc[b, k // lanes, oh, ow, k % lanes]
+
+    return [x, *integer_output(exact_sum, wpack, bias, shape, act, epilogue, layouts)]
 
 
 def integer_output(
-    acc: te.Tensor,
+    exact_sum,
     wpack: te.Tensor,
     bias: te.Tensor,
     shape: Conv2dShape,
@@ -259,16 +263,15 @@ def integer_output(
     epilogue: Epilogue,
     layouts: Layouts,
 ) -> list[te.Tensor]:
-    """The integer forms' arguments after ``x`` and their output, from the exact sums
-    ``acc[b, K/L, oh, ow, L]`` of the packed weights: ``[wpack(, offset_sums), out_scale,
-    bias(, residual), y]``, ``y = f32(f64(acc - offset_sums) * f64(out_scale)) + bias`` after
-    the epilogue (``acc`` may hold more columns than the output: they are never read)."""
-    lanes = acc.shape[-1]
+    """The integer forms' arguments after ``x`` and their output, from
+    ``exact_sum(b, k, oh, ow)``, the exact int32 sum of the packed weights times the
+    activation bytes: ``[wpack(, offset_sums), out_scale, bias(, residual), y]``,
+    ``y = f32(f64(sum - offset_sums) * f64(out_scale)) + bias`` after the epilogue."""
     offset_sums = te.placeholder((shape.out_channels,), "int32", name="offset_sums")
     out_scale = te.placeholder((shape.out_channels,), name="out_scale")
 
     def integer_value(b, k, oh, ow):
-        exact = acc[b, k // lanes, oh, ow, k % lanes]
+        exact = exact_sum(b, k, oh, ow)
         if act.signed:
             exact = exact - offset_sums[k]
         return dequantize(exact, out_scale[k]) + bias[k]

@@ -26,7 +26,8 @@ that did not ask dies of SIGILL. The configuration is per thread: every parallel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 from tvm import tirx
@@ -155,7 +156,8 @@ class BlockIntrinsics:
     * ``dot``: ``C[j, 0, m, n] += sum A[m, 4 k4 + k1] * B[j, 0, 0, k4, n, k1]`` (``A``:
       ``[16 R, 64]`` uint8, ``B``: ``[N, 1, 1, 16, 16, 4]`` int8, rows of 64 contiguous bytes,
       any stride between rows and between weight tiles);
-    * ``store``: ``D = C`` (``D``: ``[N, 1, 16 R, 16]`` int32, rows of 64 contiguous bytes).
+    * ``store``: ``D = C`` (``D``: ``[N, 1, 16 R, 16]`` int32 in local scope, rows of 64
+      contiguous bytes); ``store_global`` the same into a buffer in memory.
 
     The unit axes are where the AMX core's buffers have the output row (``C``, ``D``) and the
     kernel position (``B``) between the tile axis and the rows: a tensor intrinsic matches a
@@ -173,6 +175,11 @@ class BlockIntrinsics:
     zero: str
     dot: str
     store: str
+    store_global: str
+
+
+STEPS = tuple(field.name for field in fields(BlockIntrinsics))
+STORE_SCOPES = ("local", "global")  # of D in store and store_global
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,12 @@ class TileIntrinsics:
         if not (1 <= row_tiles <= BLOCK_LIMIT and 1 <= channel_tiles <= BLOCK_LIMIT):
             limit = f"1 to {BLOCK_LIMIT} of each"
             raise ValueError(f"no block of {row_tiles} x {channel_tiles} tiles: {limit}")
-        return _BLOCKS[row_tiles, channel_tiles, self.emulated]
+        return _registered(self.emulated)[row_tiles, channel_tiles]
+
+    def register(self) -> None:
+        """Register the intrinsics of every block, once (:meth:`block` does it too): a trace
+        that tensorizes with them replays only once they are registered."""
+        _registered(self.emulated)
 
 
 AMX_TILES = TileIntrinsics(emulated=False)
@@ -215,7 +227,7 @@ _CONFIGURATION = _configuration_words()
 
 
 def _descriptions(row_tiles: int, channel_tiles: int) -> tuple:
-    """The ``zero``, ``dot`` and ``store`` computations of a block (:class:`BlockIntrinsics`)."""
+    """The computations of a block's intrinsics (:class:`BlockIntrinsics`), in its order."""
     rows, tiles = TILE_ROWS * row_tiles, channel_tiles
 
     @T.prim_func(s_tir=True)
@@ -256,27 +268,31 @@ def _descriptions(row_tiles: int, channel_tiles: int) -> tuple:
                         A[vm, vk4 * 4 + vk1], "int32"
                     ) * T.cast(B[vj, 0, 0, vk4, vn, vk1], "int32")
 
-    @T.prim_func(s_tir=True)
-    def store(c: T.handle, d: T.handle):
-        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-        D = T.match_buffer(d, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
-            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
-            for j, _row, m, n in T.grid(tiles, 1, rows, LANES):  # as the kernels' store loops
-                with T.sblock("store"):
-                    if tiles == 1:
-                        vj = T.meta_var(0)
-                        vm, vn = T.axis.remap("SS", [m, n])
-                    else:
-                        vj, vm, vn = T.axis.remap("SSS", [j, m, n])
-                    D[vj, 0, vm, vn] = C[vj, 0, vm, vn]
+    def store(scope: str):
+        @T.prim_func(s_tir=True)
+        def store(c: T.handle, d: T.handle):
+            C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+            D = T.match_buffer(d, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope=scope)
+            with T.sblock("root"):
+                T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+                T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+                for j, _row, m, n in T.grid(tiles, 1, rows, LANES):  # as the kernels' store loops
+                    with T.sblock("store"):
+                        if tiles == 1:
+                            vj = T.meta_var(0)
+                            vm, vn = T.axis.remap("SS", [m, n])
+                        else:
+                            vj, vm, vn = T.axis.remap("SSS", [j, m, n])
+                        D[vj, 0, vm, vn] = C[vj, 0, vm, vn]
 
-    return zero, dot, store
+        return store
+
+    return zero, dot, *(store(scope) for scope in STORE_SCOPES)
 
 
 def _on_the_tiles(row_tiles: int, channel_tiles: int) -> tuple:
-    """``zero``, ``dot`` and ``store`` of a block with the tile instructions."""
+    """``zero``, ``dot``, ``store`` and ``store_global`` of a block with the tile
+    instructions."""
     rows, tiles, accumulators = TILE_ROWS * row_tiles, channel_tiles, row_tiles * channel_tiles
 
     @T.prim_func(s_tir=True)
@@ -333,32 +349,36 @@ def _on_the_tiles(row_tiles: int, channel_tiles: int) -> tuple:
                         dot_tiles(i * tiles + j, FIRST_ACTIVATION_TILE + i, FIRST_WEIGHT_TILE + j)
                     )
 
-    @T.prim_func(s_tir=True)
-    def store(c: T.handle, d: T.handle):
-        d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
-        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-        D = T.match_buffer(
-            d,
-            (tiles, 1, rows, LANES),
-            "int32",
-            offset_factor=1,
-            scope="local",
-            strides=[d_tile, d_output_row, d_row, d_lane],
-        )
-        with T.sblock("root"):
-            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
-            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
-            for i in T.unroll(row_tiles):
-                for j in T.unroll(tiles):
-                    tile = D.access_ptr("w", offset=j * d_tile + i * TILE_ROWS * d_row)
-                    T.evaluate(store_tile(i * tiles + j, tile, d_row * 4))
+    def store(scope: str):
+        @T.prim_func(s_tir=True)
+        def store(c: T.handle, d: T.handle):
+            d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
+            C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+            D = T.match_buffer(
+                d,
+                (tiles, 1, rows, LANES),
+                "int32",
+                offset_factor=1,
+                scope=scope,
+                strides=[d_tile, d_output_row, d_row, d_lane],
+            )
+            with T.sblock("root"):
+                T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+                T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+                for i in T.unroll(row_tiles):
+                    for j in T.unroll(tiles):
+                        tile = D.access_ptr("w", offset=j * d_tile + i * TILE_ROWS * d_row)
+                        T.evaluate(store_tile(i * tiles + j, tile, d_row * 4))
 
-    return zero, dot, store
+        return store
+
+    return zero, dot, *(store(scope) for scope in STORE_SCOPES)
 
 
 def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
-    """``zero``, ``dot`` and ``store`` of a block in plain code, the operands read and written
-    at the addresses the tile instructions use."""
+    """``dot``, ``store`` and ``store_global`` of a block in plain code, the operands read and
+    written at the addresses the tile instructions use (``None`` for ``zero``: its description
+    is plain code)."""
     rows, tiles = TILE_ROWS * row_tiles, channel_tiles
 
     @T.prim_func(s_tir=True)
@@ -406,58 +426,60 @@ def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
                 weight = T.cast(b_bytes[j * b_tile + k4 * b_row + n * 4 + k1], "int32")
                 C[j, 0, m, n] = C[j, 0, m, n] + activation * weight
 
-    @T.prim_func(s_tir=True)
-    def store(c: T.handle, d: T.handle):
-        c_tile, c_output_row, c_row, c_lane = T.int32(), T.int32(), T.int32(), T.int32()
-        d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
-        C = T.match_buffer(
-            c,
-            (tiles, 1, rows, LANES),
-            "int32",
-            offset_factor=1,
-            scope="local",
-            strides=[c_tile, c_output_row, c_row, c_lane],
-        )
-        D = T.match_buffer(
-            d,
-            (tiles, 1, rows, LANES),
-            "int32",
-            offset_factor=1,
-            scope="local",
-            strides=[d_tile, d_output_row, d_row, d_lane],
-        )
-        with T.sblock("root"):
-            T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
-            T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
-            d_words = T.decl_buffer(
-                (tiles * d_tile + rows * d_row,), "int32", data=D.data, elem_offset=D.elem_offset
+    def store(scope: str):
+        @T.prim_func(s_tir=True)
+        def store(c: T.handle, d: T.handle):
+            c_tile, c_output_row, c_row, c_lane = T.int32(), T.int32(), T.int32(), T.int32()
+            d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
+            C = T.match_buffer(
+                c,
+                (tiles, 1, rows, LANES),
+                "int32",
+                offset_factor=1,
+                scope="local",
+                strides=[c_tile, c_output_row, c_row, c_lane],
             )
-            for j, m, n in T.grid(tiles, rows, LANES):
-                d_words[j * d_tile + m * d_row + n] = C[j, 0, m, n]
+            D = T.match_buffer(
+                d,
+                (tiles, 1, rows, LANES),
+                "int32",
+                offset_factor=1,
+                scope=scope,
+                strides=[d_tile, d_output_row, d_row, d_lane],
+            )
+            with T.sblock("root"):
+                T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
+                T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
+                d_words = T.decl_buffer(
+                    (tiles * d_tile + rows * d_row,),
+                    "int32",
+                    data=D.data,
+                    elem_offset=D.elem_offset,
+                )
+                for j, m, n in T.grid(tiles, rows, LANES):
+                    d_words[j * d_tile + m * d_row + n] = C[j, 0, m, n]
 
-    return _descriptions(row_tiles, channel_tiles)[0], dot, store
+        return store
+
+    return None, dot, *(store(scope) for scope in STORE_SCOPES)  # zero: as described
 
 
-def _register_blocks() -> dict[tuple[int, int, bool], BlockIntrinsics]:
-    """Register the intrinsics of every block, on the tiles and emulated."""
+@functools.cache
+def _registered(emulated: bool) -> dict[tuple[int, int], BlockIntrinsics]:
+    """Register the intrinsics of every block, on the tiles or emulated, once."""
     blocks = {}
-    for row_tiles in range(1, BLOCK_LIMIT + 1):
-        for channel_tiles in range(1, BLOCK_LIMIT + 1):
-            descriptions = _descriptions(row_tiles, channel_tiles)
-            for emulated, implement in ((False, _on_the_tiles), (True, _emulated)):
+    with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
+        for row_tiles in range(1, BLOCK_LIMIT + 1):
+            for channel_tiles in range(1, BLOCK_LIMIT + 1):
                 size = f"{TILE_ROWS * row_tiles}x{LANES * channel_tiles}"
                 suffix = f"{size}_emulated" if emulated else size
-                names = BlockIntrinsics(
-                    f"fgq_amx_zero_{suffix}", f"fgq_amx_dot_{suffix}", f"fgq_amx_store_{suffix}"
-                )
-                implementations = implement(row_tiles, channel_tiles)
+                names = BlockIntrinsics(*(f"fgq_amx_{step}_{suffix}" for step in STEPS))
+                descriptions = _descriptions(row_tiles, channel_tiles)
+                implement = _emulated if emulated else _on_the_tiles
                 for name, description, implementation in zip(
-                    (names.zero, names.dot, names.store), descriptions, implementations, strict=True
+                    astuple(names), descriptions, implement(row_tiles, channel_tiles), strict=True
                 ):
+                    implementation = implementation or description  # plain code already
                     TensorIntrin.register(name, description, implementation, override=True)
-                blocks[row_tiles, channel_tiles, emulated] = names
+                blocks[row_tiles, channel_tiles] = names
     return blocks
-
-
-with cheap_stacks():  # TVMScript parses these without inspect.stack's cost
-    _BLOCKS = _register_blocks()
