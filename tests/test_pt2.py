@@ -94,9 +94,11 @@ def test_can_be_exported_again(exported) -> None:
 
 
 def test_quantizes_every_layer_and_folds_batchnorm(exported) -> None:
+    """(The closed-form ternarizer: the rule does not change which layers are quantized, and
+    GPTQ would take 25 s of the suite on ResNet-18.)"""
     source, path, side = exported
     model, _ = build_model(str(path))
-    result = quantize_model(model, QuantConfig(), [image(side, seed=2)])
+    result = quantize_model(model, QuantConfig(method="exact"), [image(side, seed=2)])
     assert list(result.layers) and set(result.layers) == layer_names(source)
     assert result.float_layers == {}
     assert not layer_names(result.folded_model, (nn.BatchNorm2d,))
