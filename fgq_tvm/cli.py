@@ -803,6 +803,10 @@ def _tune(args: argparse.Namespace) -> int:
         )
     tuned = sum(result.best_ms is not None for result in results)
     print(f"{tuned} of {len(results)} kernels have a verified tuned schedule in {folder}")
+    timed = [result for result in results if result.cores is not None]
+    if timed:
+        moved = sum(result.cores.fastest != result.task.spec.core for result in timed)
+        print(f"{len(timed)} layers timed on several cores: {moved} faster on another core")
     return 0
 
 

@@ -215,7 +215,9 @@ def lower_to_relax(
     to the last; Relax's ConvertLayout places the transforms at the edges.
 
     ``target`` picks each layer's core (``None``: the portable bitplane core everywhere);
-    ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels.
+    ``tuned`` (a :class:`~fgq_tvm.tuning.TunedSchedules`) supplies tuned kernels, and the
+    fastest core measured for a layer where several can compute it
+    (:mod:`fgq_tvm.core_choices`).
     """
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -229,7 +231,8 @@ def lower_to_relax(
     if layout != NCHW:
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]})(mod)
         mod = relax.transform.EliminateCommonSubexpr()(mod)
-    mod = LegalizeQuantizedLayers(by_parameter, target)(mod)
+    choices = tuned.core_choices if tuned is not None else None
+    mod = LegalizeQuantizedLayers(by_parameter, target, choices)(mod)
     mod = FuseLayerEpilogues(quantized.layers)(mod)
     mod = BlockKernelOutputs(quantized.layers)(mod)
     mod = QuantizeKernelOutputs(quantized.layers)(mod)

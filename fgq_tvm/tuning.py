@@ -38,6 +38,13 @@ Comparison
     device that timed it, if any. ``compile`` takes a tuned record only where its latest
     verdict says it beats the default (or where it was never compared: databases from before
     the comparisons).
+Cores
+    Where several cores could compute a task's layer in place of its own (an AMX host's AMX
+    and VNNI cores), each one's kernel, as ``compile`` would build it and checked against the
+    reference, is timed in the same interleaved rounds after the searches, and the medians are
+    appended to ``core_choices.json`` beside the database; ``compile`` puts the layer on the
+    fastest (:mod:`fgq_tvm.core_choices`). A rerun measures again the layers of the tasks it
+    searches, and those not measured yet.
 Verification
     MetaSchedule never checks results. A measured candidate that would become its task's best
     is first run against the reference (the layer's weights, random inputs,
@@ -70,13 +77,14 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
+from .core_choices import CoreTimes, append_core_times, load_core_choices
 from .errors import FGQError
 from .jsonlines import JSONLines
 from .quant.layers import ActQuant, QuantizedLayer, reference_forward
 from .remote import LOCAL, LOCAL_DEVICE, Call, Device, Session
 from .reporting import progress_bar
-from .schedules.kernel_spec import KernelSpec, kernel_arguments
-from .schedules.select import build_layer, core_named
+from .schedules.kernel_spec import KernelSpec, kernel_arguments, layer_encoding
+from .schedules.select import build_layer, core_named, interchangeable_cores, layer_key
 from .schedules.tvmscript_parsing import import_tensor_intrinsics
 from .threads import thread_settings
 from .timing import time_rounds
@@ -301,7 +309,8 @@ class TaskResult:
 
     ``trials`` counts the candidates this run measured, ``earlier`` the task's records the
     database held before it; ``skipped``: a finished search (or the records) covered the trials
-    asked for, so the task was neither searched nor compared.
+    asked for, so the task was neither searched nor compared. ``cores``: the layer's kernel on
+    each core that could compute it, timed after the searches (:func:`measure_cores`).
     """
 
     task: KernelTask
@@ -311,6 +320,7 @@ class TaskResult:
     comparison: Comparison | None = None
     earlier: int = 0
     skipped: bool = False
+    cores: CoreTimes | None = None
 
 
 def tune(
@@ -373,7 +383,64 @@ def tune(
         result = _tune_task(task, target, trials, folder, database, searched, seed, threads, device)
         results.append(result)
         report(_progress_line(index, len(tasks), result))
-    return results
+    return _measure_cores_of(results, target, folder, report, threads, device)
+
+
+def _measure_cores_of(
+    results: list[TaskResult], target, folder: Path, report: Progress, threads: int,
+    device: Device,
+) -> list[TaskResult]:  # fmt: skip
+    """``results`` with the cores of each task's layer timed (:func:`measure_cores`), where
+    several could compute it and this run searched the task or no measurement of the layer
+    is on record; each measurement appended to the folder's core choices."""
+    layers = {result.task.spec.layer.name: result.task.spec.layer for result in results}
+    schedules = TunedSchedules(folder, target, layers)
+    measured = []
+    for result in results:
+        spec = result.task.spec
+        key = layer_key(spec.shape, spec.layer.act, layer_encoding(spec.layer))
+        if result.skipped and key in schedules.core_choices:
+            measured.append(result)
+            continue
+        with thread_settings(threads):
+            times = measure_cores(result.task, target, schedules, device)
+        if times is not None:
+            append_core_times(folder, times)
+            report(f"cores of {result.task.name}: {times.summary()}")
+        measured.append(replace(result, cores=times))
+    return measured
+
+
+def measure_cores(
+    task: KernelTask, target, schedules: TunedSchedules, device: Device = LOCAL_DEVICE
+) -> CoreTimes | None:
+    """Time the task's layer on each core that could compute it in place of the task's
+    (:func:`~fgq_tvm.schedules.select.interchangeable_cores`), in the same interleaved rounds
+    on ``device``: each core's kernel as ``compile`` would build it (its verified tuned
+    schedule from ``schedules`` where one beats its default, else its default), checked
+    against the reference first (a kernel that fails is left out). ``None`` where fewer than
+    two cores could, or pass the check."""
+    spec = task.spec
+    act, encoding = spec.layer.act, layer_encoding(spec.layer)
+    cores = interchangeable_cores(spec.shape, act, encoding, target)
+    if len(cores) < 2:
+        return None
+    with device.session() as session:
+        calls, failed = {}, []
+        for core in cores:
+            candidate = KernelTask(replace(spec, core=core))
+            func = schedules.kernel(candidate) or candidate.spec.kernels().layer
+            if candidate.verify(func, target, session=session):
+                calls[core] = candidate.runner(func, target, session)
+            else:
+                failed.append(core)
+        if len(calls) < 2:
+            return None
+        times = time_rounds(
+            calls, COMPARISON_ROUNDS, warmup=3, settle_s=0.0, timers=session.timers(calls)
+        )
+    medians = {core: median(values) for core, values in times.items()}
+    return CoreTimes(layer_key(spec.shape, act, encoding), medians, device.name, failed)
 
 
 def _tune_task(
@@ -744,7 +811,9 @@ class _VerifiedRecords(PyMeasureCallback):
 
 class TunedSchedules:
     """The verified tuned kernels of a database, for
-    :class:`~fgq_tvm.relax_passes.ApplyTunedSchedules`.
+    :class:`~fgq_tvm.relax_passes.ApplyTunedSchedules`, and the core measured fastest for
+    each layer it measured several on (:attr:`core_choices`: layer key to core name,
+    :mod:`fgq_tvm.core_choices`).
 
     Parameters
     ----------
@@ -762,6 +831,7 @@ class TunedSchedules:
         self.layers = layers
         self.database = open_database(self.folder, COMPILE_REMEDY)
         self.comparisons = load_comparisons(self.folder, self.database.skipped)
+        self.core_choices = load_core_choices(self.folder, self.database.skipped)
         self.unreadable = skipped_warning(self.database)  # about lines skipped, or None
         self.failed: list[str] = []
         self.slower: list[str] = []
@@ -771,7 +841,11 @@ class TunedSchedules:
         record slower than the default in its latest comparison (the task's name is added to
         :attr:`slower`), or one that fails the check (added to :attr:`failed`)."""
         task = kernel_task(func, self.layers)
-        if task is None:
+        return None if task is None else self.kernel(task)
+
+    def kernel(self, task: KernelTask) -> tvm.tirx.PrimFunc | None:
+        """The tuned, verified kernel of ``task`` (see :meth:`__call__`)."""
+        if not core_named(task.spec.core).tunable:
             return None
         record = self.database.query_tuning_record(task.workload(), self.target, "main")
         if record is None:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from fgq_tvm.runtime import SIDECAR_FORMAT, sidecar_path
+from fgq_tvm.schedules.conv2d_amx import AmxCore
+from fgq_tvm.schedules.intrinsics_amx import EMULATED_TILES
 
 TINY_SHAPE = (2, 3, 4, 4)
 
@@ -167,3 +169,16 @@ def vnni_tuning_case():
     shape = Conv2dShape(1, 16, 8, 8, 32, (3, 3), padding=(1, 1), group_size=4)
     spec = KernelSpec(layer, shape, "int8-dot-vnni", Epilogue(residual=True, relu=True), BLOCKED)
     return layer, shape, spec, KernelTask(spec)
+
+
+class EmulatedAmxCore(AmxCore):
+    """The AMX core with emulated tiles (any CPU runs them) on every CPU target:
+    ``int8-amx-emulated``, whose modules need no tile state."""
+
+    name = "int8-amx-emulated"
+
+    def __init__(self):
+        super().__init__(EMULATED_TILES)
+
+    def available(self, target) -> bool:
+        return target is not None and target.kind.name == "llvm"

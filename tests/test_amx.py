@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from helpers import EmulatedAmxCore
 from test_kernels import _next_quantizer, as_image, random_input, random_layer, with_epilogue
 
 from fgq_tvm.bench.amx_peak import (
@@ -304,23 +305,11 @@ def test_the_amx_core_computes_the_reference_on_the_tiles(encoding):
     assert not amx_core_mismatches(core, encoding, 10, parse_target(host_target()))
 
 
-class _EmulatedAmxCore(AmxCore):
-    """The AMX core with emulated tiles, on every CPU target (for whole networks here)."""
-
-    name = "int8-amx-emulated"  # no AMX instruction: its modules need no tile state
-
-    def __init__(self):
-        super().__init__(EMULATED_TILES)
-
-    def available(self, target) -> bool:
-        return target is not None and target.kind.name == "llvm"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "core",
     [
-        pytest.param(_EmulatedAmxCore(), id="emulated"),
+        pytest.param(EmulatedAmxCore(), id="emulated"),
         pytest.param(AMX_CORE, id="amx", marks=needs_amx),
     ],
 )

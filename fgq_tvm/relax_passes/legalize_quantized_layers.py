@@ -9,7 +9,8 @@ Rewrites, for every weight parameter named in the given table of
   (``[B, 1, 1, C]`` where the network is NHWC).
 
 ``fgq_<layer>`` is the layer's scheduled PrimFunc on the core
-:func:`~fgq_tvm.schedules.select.select_core` picks: it quantizes the float input
+:func:`~fgq_tvm.schedules.select.select_core` picks (the fastest measured, where a tuning
+database measured several): it quantizes the float input
 (``clamp(round(x / s_x))``), runs the ternary-group (or 8-bit) core and returns the dequantized
 float output with the layer's bias added, so the layer's bias must not also stay in the graph
 (the exporter strips it). ``packed`` are the stored arguments as constants (the 2-bit ternary
@@ -69,24 +70,42 @@ class LegalizeQuantizedLayers:
     target
         The :class:`tvm.target.Target` whose features pick each layer's core
         (:func:`~fgq_tvm.schedules.select.select_core`); ``None`` for the portable core.
+    core_choices
+        The fastest core measured for a layer, by
+        :func:`~fgq_tvm.schedules.select.layer_key` (:mod:`fgq_tvm.core_choices`): it computes
+        the layer where it can take the place of the first core.
 
     Each kernel PrimFunc carries the attributes of :class:`KernelSpec`.
     """
 
-    def __init__(self, layers: Mapping[str, QuantizedLayer], target=None):
+    def __init__(
+        self,
+        layers: Mapping[str, QuantizedLayer],
+        target=None,
+        core_choices: Mapping[str, str] | None = None,
+    ):
         self.layers = dict(layers)
         self.target = target
+        self.core_choices = dict(core_choices or {})
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_relax_functions(mod, _Rewriter(mod, self.layers, self.target))
+        rewriter = _Rewriter(mod, self.layers, self.target, self.core_choices)
+        return mutate_relax_functions(mod, rewriter)
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer], target):
+    def __init__(
+        self,
+        mod: tvm.IRModule,
+        layers: Mapping[str, QuantizedLayer],
+        target,
+        core_choices: Mapping[str, str],
+    ):
         super().__init__(mod)
         self.layers = layers
         self.target = target
+        self.core_choices = core_choices
         self.conv2d_op = tvm.ir.Op.get("relax.nn.conv2d")
         self.matmul_op = tvm.ir.Op.get("relax.matmul")
         self.permute_op = tvm.ir.Op.get("relax.permute_dims")
@@ -117,7 +136,8 @@ class _Rewriter(PyExprMutator):
 
     def _conv2d(self, x: relax.Expr, layer: QuantizedLayer, layout: ActivationLayout = NCHW):
         shape = layer_shape(layer, nchw_shape(_static_shape(x), layout))
-        core = select_core(shape, layer.act, layer_encoding(layer), self.target)
+        encoding = layer_encoding(layer)
+        core = select_core(shape, layer.act, encoding, self.target, measured=self.core_choices)
         layouts = core_named(core).layouts_for(Layouts(layout, layout))
         spec = KernelSpec(layer, shape, core, layouts=layouts)
         kernels = spec.kernels()

@@ -30,7 +30,7 @@ All compute the same numbers (``reference_forward``) from the layer's stored arg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,19 +77,61 @@ def select_core(
     encoding: WeightEncoding,
     target,
     cores: Sequence[Core] | None = None,
+    measured: Mapping[str, str] | None = None,
 ) -> str:
-    """The name of the first of ``cores`` (default: :data:`CORES`, as it is at the call) that
-    ``target`` (``None``: the portable default) has and that computes this layer.
+    """The name of the core that computes this layer on ``target`` (``None``: the portable
+    default): the first of ``cores`` (default: :data:`CORES`, as it is at the call) that the
+    target has and that computes the layer, unless ``measured`` (:func:`layer_key` to a core
+    name, the fastest ``fgq-tvm tune`` timed: :mod:`fgq_tvm.core_choices`) names another of
+    its :func:`interchangeable_cores`.
 
     Raises
     ------
     ValueError
         None of ``cores`` does (:data:`CORES` ends with one that computes every layer).
     """
-    for core in CORES if cores is None else cores:
-        if core.available(target) and core.supports(shape, act, encoding):
-            return core.name
-    raise ValueError(f"no core computes {encoding} weights of {shape} with {act.name}")
+    candidates = interchangeable_cores(shape, act, encoding, target, cores)
+    chosen = (measured or {}).get(layer_key(shape, act, encoding))
+    return chosen if chosen in candidates else candidates[0]
+
+
+def interchangeable_cores(
+    shape: Conv2dShape,
+    act: ActQuant,
+    encoding: WeightEncoding,
+    target,
+    cores: Sequence[Core] | None = None,
+) -> list[str]:
+    """The first of ``cores`` (default: :data:`CORES`) that ``target`` has and that computes
+    this layer, then the others that could take its place: they too are on the target and
+    compute the layer, in the same layouts, reading and writing activation bytes alike (the
+    graph around the layer stays the same).
+
+    Raises
+    ------
+    ValueError
+        None of ``cores`` computes the layer on ``target``.
+    """
+    able = [
+        core
+        for core in (CORES if cores is None else cores)
+        if core.available(target) and core.supports(shape, act, encoding)
+    ]
+    if not able:
+        raise ValueError(f"no core computes {encoding} weights of {shape} with {act.name}")
+    first = able[0]
+    return [
+        core.name
+        for core in able
+        if core.layouts == first.layouts and core.activation_bytes == first.activation_bytes
+    ]
+
+
+def layer_key(shape: Conv2dShape, act: ActQuant, encoding: WeightEncoding) -> str:
+    """How measured core choices name a layer: its geometry, activation quantizer (bits and
+    sign: the scale does not change a kernel's speed) and weight encoding."""
+    sign = "signed" if act.signed else "unsigned"
+    return f"{shape} {act.bits}-bit {sign} {encoding}"
 
 
 def network_layout(target) -> ActivationLayout:
