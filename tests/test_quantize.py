@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from helpers import randomize_batchnorm
 from torch import nn
@@ -12,7 +13,13 @@ from torch import nn
 from fgq_tvm.config import LayerConfig, LayerOverride, QuantConfig
 from fgq_tvm.errors import FGQError
 from fgq_tvm.quant.batchnorm import batchnorm_affine
-from fgq_tvm.quant.layers import ActQuant, QuantizedLayer, expand_groups, reference_forward
+from fgq_tvm.quant.layers import (
+    ActQuant,
+    QuantizedLayer,
+    expand_groups,
+    integer_conv,
+    reference_forward,
+)
 from fgq_tvm.quant.quantize import ReferenceLayer, quantize_model
 from fgq_tvm.quant.ternary import ternarize_groups
 
@@ -288,6 +295,50 @@ def test_reference_forward_matches_a_loop(kind):
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "weights", "route"),
+    [
+        (24, 3, 2, "whole weights"),  # sums of |w| small enough as they are
+        (128, 3, 127, "split weights"),  # int8 weights: 16 * high + low
+        (2048, 3, 127, "float64"),  # too wide even split: 18432 * 8 * 128 > 2^24
+        (40, 7, 127, "split weights"),
+    ],
+)
+def test_integer_sums_are_those_of_a_float64_convolution(
+    channels, kernel, weights, route, monkeypatch
+):
+    """The reference's integer sums: float32 convolutions where no sum reaches 2^24 (checked),
+    bit for bit the float64 ones, for either activation sign, strides, dilation, padding."""
+    convolutions = []
+    conv2d = F.conv2d
+
+    def recorded(x, w, **geometry):
+        convolutions.append(x.dtype)
+        return conv2d(x, w, **geometry)
+
+    rng = np.random.default_rng(channels)
+    weight = rng.choice([-weights, weights], (5, channels, kernel, kernel))  # sum |w|: known
+    for act, geometry in (
+        (ActQuant(1.0, 8, signed=False), {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}),
+        (ActQuant(1.0, 8, signed=True), {"stride": (2, 1), "padding": (0, 2), "dilation": (1, 2)}),
+    ):
+        layer = QuantizedLayer(
+            name="conv", op="conv2d", config=LayerConfig("int8", channels), act=act,
+            weight=weight.astype(np.int8), group_size=channels, bias=np.zeros(5, np.float32),
+            **geometry,
+        )  # fmt: skip
+        x_q = torch.from_numpy(rng.integers(act.qmin, act.qmax + 1, (3, channels, 11, 12)))
+        x_q = x_q.float()
+        expected = F.conv2d(x_q.double(), torch.from_numpy(weight.astype(np.float64)), **geometry)
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "conv2d", recorded)
+            actual = integer_conv(x_q, weight, layer)
+        assert actual.dtype == torch.float64 and torch.equal(actual, expected)
+    routes = {"whole weights": [torch.float32], "split weights": [torch.float32] * 2,
+              "float64": [torch.float64]}  # fmt: skip
+    assert convolutions == routes[route] * 2
 
 
 def test_reference_forward_linear():

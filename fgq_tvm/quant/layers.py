@@ -191,16 +191,19 @@ def reference_forward(layer: QuantizedLayer, x):
     import torch
     import torch.nn.functional as F
 
-    x_q = layer.act.quantize(x).double()
+    x_q = layer.act.quantize(x)
     if layer.op == "linear":
         x_q = x_q[:, :, None, None]
+    if layer.uses_group_scales:
+        x_q = x_q.double()
     if layer.uses_group_scales:
         channels = layer.weight.shape[1]
         alpha = expand_groups(layer.group_scale, layer.group_size, channels).astype(np.float64)
         weight = torch.from_numpy(layer.weight.astype(np.float64) * alpha)
+        geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+        acc = F.conv2d(x_q, weight, **geometry)
     else:
-        weight = torch.from_numpy(layer.integer_weight().astype(np.float64))
-    acc = F.conv2d(x_q, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        acc = integer_conv(x_q, layer.integer_weight(), layer)
     if layer.uses_group_scales:
         y = (acc * float(np.float32(layer.act.scale))).float()
     else:
@@ -208,3 +211,41 @@ def reference_forward(layer: QuantizedLayer, x):
         y = (acc * out_scale[:, None, None]).float()
     y = y + torch.from_numpy(layer.bias.astype(np.float32))[:, None, None]
     return y[:, :, 0, 0] if layer.op == "linear" else y
+
+
+FLOAT32_EXACT = 2**24  # every integer of smaller magnitude is a float32
+
+
+def integer_conv(x_q, weight: np.ndarray, layer: QuantizedLayer):
+    """The exact sums ``conv2d(x_q, weight)`` (float64 torch) of integer activations ``x_q``
+    (float32 torch) and integer weights ``[K, C, R, S]``, with ``layer``'s geometry.
+
+    As float32 convolutions where no sum can reach 2^24 (every partial sum is then an integer
+    a float32 holds, whatever the order of the additions): with the weights as they are, or
+    split into ``16 * high + low`` (both in -8..8) and the two sums added in float64; several
+    times faster than a float64 convolution here. A result that is not all integers (a
+    convolution algorithm with inexact transforms, which PyTorch's CPU convolutions do not
+    use) and layers too wide for the bound take the float64 convolution.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+    reach = max(abs(layer.act.qmin), abs(layer.act.qmax))
+    high = np.floor_divide(weight + 8, 16)
+    parts = [weight] if _exact_in_float32(weight, reach) else [high, weight - 16 * high]
+    if all(_exact_in_float32(part, reach) for part in parts):
+        acc = None
+        for part in parts:
+            sums = F.conv2d(x_q, torch.from_numpy(part.astype(np.float32)), **geometry).double()
+            acc = sums if acc is None else acc * 16 + sums
+        if torch.equal(acc, acc.round()):
+            return acc
+    return F.conv2d(x_q.double(), torch.from_numpy(weight.astype(np.float64)), **geometry)
+
+
+def _exact_in_float32(weight: np.ndarray, reach: int) -> bool:
+    """Whether every sum of products of ``weight``'s rows with activations of magnitude up to
+    ``reach`` stays below :data:`FLOAT32_EXACT`."""
+    largest = np.abs(weight.astype(np.int64)).reshape(weight.shape[0], -1).sum(axis=1).max()
+    return int(largest) * reach < FLOAT32_EXACT
