@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,6 +46,13 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
         timeout=300,
         check=False,
     )
+
+
+def fgq_tvm_at_once(*commands: Sequence[object]) -> list[subprocess.CompletedProcess]:
+    """Run each of ``commands`` (the arguments of :func:`fgq_tvm`) at the same time: each
+    spends seconds importing torch and TVM. Their results, in order."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda args: fgq_tvm(*args), commands))
 
 
 def tiny_executable():

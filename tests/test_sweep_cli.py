@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers import fgq_tvm
+from helpers import fgq_tvm, fgq_tvm_at_once
 from rpc_servers import KEY, running_servers
 
 from fgq_tvm.data import data_dir
@@ -106,10 +106,13 @@ def test_a_sweep_on_rpc_servers_outlives_one_and_stops_resumably_without_any(ser
 
 
 def test_sweep_arguments_are_checked_before_any_work(tmp_path):
-    result = fgq_tvm("sweep", "cifar_resnet20=", "--out", tmp_path)
-    assert result.returncode == 2 and "expected MODEL or MODEL=WEIGHTS" in result.stderr
-    result = fgq_tvm("sweep", "cifar_resnet20", "--rpc-key", "k", "--out", tmp_path)
-    assert result.returncode == 2 and "--rpc-key needs --rpc-tracker" in result.stderr
-    result = fgq_tvm("sweep", "cifar_resnet20", "--group-sizes", "4,4", "--out", tmp_path)
+    weights, key, repeated = fgq_tvm_at_once(
+        ("sweep", "cifar_resnet20=", "--out", tmp_path),
+        ("sweep", "cifar_resnet20", "--rpc-key", "k", "--out", tmp_path),
+        ("sweep", "cifar_resnet20", "--group-sizes", "4,4", "--out", tmp_path),
+    )
+    assert weights.returncode == 2 and "expected MODEL or MODEL=WEIGHTS" in weights.stderr
+    assert key.returncode == 2 and "--rpc-key needs --rpc-tracker" in key.stderr
+    result = repeated
     assert result.returncode == 1 and "repeat a value: [4, 4]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -91,7 +91,7 @@ from .intrinsics_amx import (
 from .intrinsics_x86 import VNNI_DOT
 from .layout import NCHW, NCHW16C, PLAIN, Layouts, activation_placeholder
 
-COLUMNS = TILE_ROWS  # output columns per tile: the activation tile's rows
+COLUMNS = TILE_ROWS  # output positions per tile: the activation tile's rows
 CHANNELS = TILE_ROW_BYTES  # input channels per product: bytes per activation row
 WORD = VNNI_DOT.depth  # input channels per weight word (4)
 INPUT_CHUNK = 64  # input positions quantized per parallel task
@@ -228,8 +228,8 @@ class AmxSchedule:
     Attributes
     ----------
     row_tiles
-        Tiles of 16 output columns per block (1 or 2): each weight tile loaded feeds that many
-        products.
+        Tiles of 16 output positions per block (1 or 2): each weight tile loaded feeds that
+        many products.
     channel_tiles
         Tiles of 16 output channels per block (1 or 2): each activation tile loaded feeds that
         many products.
@@ -242,14 +242,14 @@ class AmxSchedule:
     channel_tiles: int = 1
 
     @staticmethod
-    def choices(column_tiles: int, channel_blocks: int) -> tuple[AmxSchedule, ...]:
-        """The blocks that divide ``column_tiles`` tiles of 16 output columns by
-        ``channel_blocks`` blocks of 16 output channels."""
+    def choices(position_tiles: int, channel_blocks: int) -> tuple[AmxSchedule, ...]:
+        """The blocks that divide ``position_tiles`` tiles of 16 output positions (per group)
+        by ``channel_blocks`` blocks of 16 output channels."""
         return tuple(
             AmxSchedule(rows, channels)
             for rows in range(1, BLOCK_LIMIT + 1)
             for channels in range(1, BLOCK_LIMIT + 1)
-            if column_tiles % rows == 0 and channel_blocks % channels == 0
+            if position_tiles % rows == 0 and channel_blocks % channels == 0
         )
 
     @staticmethod
@@ -316,9 +316,11 @@ def amx_design_space(sch: Schedule, tiles: TileIntrinsics = AMX_TILES) -> list[S
     """The schedules MetaSchedule searches for a workload (:func:`amx_conv2d_workload`): one
     per block of tiles that divides its output. The block is not a sampled decision: each
     block tensorizes with its own intrinsics, which a trace replays by name."""
-    _, channel_blocks, _, columns, _ = (loop_extent(sch, loop) for loop in sch.get_loops("acc")[:5])
+    _, channel_blocks, _, positions, _ = (
+        loop_extent(sch, loop) for loop in sch.get_loops("acc")[:5]
+    )
     spaces = []
-    for knobs in AmxSchedule.choices(columns // COLUMNS, channel_blocks):
+    for knobs in AmxSchedule.choices(positions // COLUMNS, channel_blocks):
         space = sch.copy()
         schedule_amx_conv2d(space, knobs, tiles)
         spaces.append(space)
