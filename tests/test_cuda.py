@@ -16,8 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import fgq_tvm as fgq_tvm_command
-from helpers import randomize_batchnorm
+from helpers import fgq_tvm_at_once, randomize_batchnorm
 from torch import nn
 
 import fgq_tvm
@@ -165,8 +164,8 @@ def test_loading_without_a_gpu_is_one_clear_line(cuda_module, tmp_path):
 
 
 def test_tune_refuses_a_cuda_target_before_any_work():
-    for fp32 in ([], ["--fp32"]):
-        result = fgq_tvm_command("tune", "cifar_resnet20", "--target", "cuda", *fp32)
+    command = ("tune", "cifar_resnet20", "--target", "cuda")
+    for result in fgq_tvm_at_once(command, (*command, "--fp32")):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "tune has no search for cuda targets yet" in result.stderr
 
