@@ -307,16 +307,18 @@ def test_the_amx_core_computes_the_reference_on_the_tiles(encoding):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "core",
+    ("core", "images"),
     [
-        pytest.param(EmulatedAmxCore(), id="emulated"),
-        pytest.param(AMX_CORE, id="amx", marks=needs_amx),
+        pytest.param(EmulatedAmxCore(), 100, id="emulated"),  # plain code: slow
+        pytest.param(AMX_CORE, None, id="amx", marks=needs_amx),  # the whole eval split
     ],
 )
-def test_a_network_with_amx_layers_matches_the_reference(core, tmp_path, monkeypatch):
+def test_a_network_with_amx_layers_matches_the_reference(core, images, tmp_path, monkeypatch):
     """The pretrained CIFAR ResNet-20, int8 group scales: its 64-channel layers on the AMX core
     first in the list of cores, the others on the host's, activations passed between them (on
-    the tiles, the module asks Linux for the tile state when it is loaded)."""
+    the tiles, the module asks Linux for the tile state when it is loaded): logits close on
+    every image, the same top-1 on at least 99.9% (as the end-to-end test of the host's
+    cores)."""
     from test_end_to_end import compare, compile_and_load
 
     from fgq_tvm.data import data_dir, load_npz_split
@@ -331,5 +333,6 @@ def test_a_network_with_amx_layers_matches_the_reference(core, tmp_path, monkeyp
     layers = json.loads(sidecar_path(tmp_path / "m.so").read_text())["layers"]
     on_amx = [layer["name"] for layer in layers if layer["core"] == core.name]
     assert on_amx == [f"layer3.{block}.conv{conv}" for block in range(3) for conv in (1, 2)][1:]
-    images, _ = load_npz_split(npz, "eval", spec, limit=100)
-    assert compare(compiled, reference, images, 50) == (1.0, 1.0)
+    images, _ = load_npz_split(npz, "eval", spec, limit=images)
+    close, same_top1 = compare(compiled, reference, images, 50)
+    assert close == 1.0 and same_top1 >= 0.999
