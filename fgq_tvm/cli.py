@@ -772,7 +772,7 @@ def _model_inputs(args: argparse.Namespace):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    """``fgq-tvm tune``: quantize and lower as compile does, tune every dot core kernel."""
+    """``fgq-tvm tune``: quantize and lower as compile does, tune every kernel on a tunable core."""
     progress = _progress_printer()
     if _target(args.target).kind.name == "cuda":
         raise UsageError(
@@ -790,7 +790,8 @@ def _tune(args: argparse.Namespace) -> int:
     from .tuning import kernel_tasks, tune
 
     quantized = quantize(model, spec, quant, calibration, progress)
-    tasks = kernel_tasks(lower_to_relax(quantized, spec.input_shape, target), quantized.layers)
+    lowered = lower_to_relax(quantized, spec.input_shape, target)
+    tasks = kernel_tasks(lowered, quantized.layers, target)
     if not tasks:
         raise FGQError(f"no layer of {spec.name} runs on a tunable core for {target}")
     folder = database_folder(target, Path(args.tuning_logs))

@@ -39,12 +39,13 @@ Comparison
     verdict says it beats the default (or where it was never compared: databases from before
     the comparisons).
 Cores
-    Where several cores could compute a task's layer in place of its own (an AMX host's AMX
-    and VNNI cores), each one's kernel, as ``compile`` would build it and checked against the
-    reference, is timed in the same interleaved rounds after the searches, and the medians are
-    appended to ``core_choices.json`` beside the database; ``compile`` puts the layer on the
-    fastest (:mod:`fgq_tvm.core_choices`). A rerun measures again the layers of the tasks it
-    searches, and those not measured yet.
+    Where several tunable cores could compute a layer in one another's place (an AMX host's
+    AMX and VNNI cores), the layer's kernel is a task on each (:func:`kernel_tasks` with a
+    target). After the searches, each core's kernel, as ``compile`` would build it and checked
+    against the reference, is timed in the same interleaved rounds, once per layer, and the
+    medians are appended to ``core_choices.json`` beside the database; ``compile`` puts the
+    layer on the fastest (:mod:`fgq_tvm.core_choices`). A rerun measures again the layers of
+    the tasks it searches, and those not measured yet.
 Verification
     MetaSchedule never checks results. A measured candidate that would become its task's best
     is first run against the reference (the layer's weights, random inputs,
@@ -189,17 +190,34 @@ def kernel_task(func: tvm.tirx.PrimFunc, layers: Mapping[str, QuantizedLayer]):
     return KernelTask(spec) if spec is not None and core_named(spec.core).tunable else None
 
 
-def kernel_tasks(mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer]) -> list[KernelTask]:
+def kernel_tasks(
+    mod: tvm.IRModule, layers: Mapping[str, QuantizedLayer], target=None
+) -> list[KernelTask]:
     """The tunable cores' kernels of a lowered model, one task per distinct workload, in model
-    order (layers of the same geometry share a task)."""
+    order (layers of the same geometry share a task); with ``target``, each followed by the
+    same kernel on the other tunable cores that could take its core's place there
+    (:func:`~fgq_tvm.schedules.select.interchangeable_cores`), so that the cores
+    :func:`measure_cores` compares are all tuned."""
     tasks, seen = [], set()
     for _, func in mod.functions_items():
         task = kernel_task(func, layers) if isinstance(func, tvm.tirx.PrimFunc) else None
-        key = tvm_ffi.structural_hash(task.workload()) if task is not None else None
-        if task is not None and key not in seen:
-            seen.add(key)
-            tasks.append(task)
+        for candidate in _on_each_core(task, target) if task is not None else []:
+            key = tvm_ffi.structural_hash(candidate.workload())
+            if key not in seen:
+                seen.add(key)
+                tasks.append(candidate)
     return tasks
+
+
+def _on_each_core(task: KernelTask, target) -> list[KernelTask]:
+    """``task``, then its kernel on the other tunable cores that could take its core's place
+    on ``target`` (none without a target)."""
+    if target is None:
+        return [task]
+    spec = task.spec
+    cores = interchangeable_cores(spec.shape, spec.layer.act, layer_encoding(spec.layer), target)
+    others = [core for core in cores if core != spec.core and core_named(core).tunable]
+    return [task, *(KernelTask(replace(spec, core=core)) for core in others)]
 
 
 @dataclass(frozen=True)
@@ -390,18 +408,19 @@ def _measure_cores_of(
     results: list[TaskResult], target, folder: Path, report: Progress, threads: int,
     device: Device,
 ) -> list[TaskResult]:  # fmt: skip
-    """``results`` with the cores of each task's layer timed (:func:`measure_cores`), where
-    several could compute it and this run searched the task or no measurement of the layer
-    is on record; each measurement appended to the folder's core choices."""
+    """``results`` with the cores of each task's layer timed (:func:`measure_cores`), once per
+    layer, where several could compute it and this run searched the task or no measurement of
+    the layer is on record; each measurement appended to the folder's core choices."""
     layers = {result.task.spec.layer.name: result.task.spec.layer for result in results}
     schedules = TunedSchedules(folder, target, layers)
-    measured = []
+    measured, timed = [], set()
     for result in results:
         spec = result.task.spec
         key = layer_key(spec.shape, spec.layer.act, layer_encoding(spec.layer))
-        if result.skipped and key in schedules.core_choices:
+        if key in timed or (result.skipped and key in schedules.core_choices):
             measured.append(result)
             continue
+        timed.add(key)
         with thread_settings(threads):
             times = measure_cores(result.task, target, schedules, device)
         if times is not None:

@@ -10,6 +10,7 @@ first in the list, plays the part beside the host's dot core.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from fgq_tvm.schedules.core import Conv2dShape, Epilogue
 from fgq_tvm.schedules.kernel_spec import KernelSpec
 from fgq_tvm.schedules.layout import BLOCKED
 from fgq_tvm.target import host_target, parse_target
-from fgq_tvm.tuning import KernelTask, TunedSchedules, tune
+from fgq_tvm.tuning import KernelTask, TunedSchedules, kernel_tasks, tune
 
 RNG = np.random.default_rng(3)
 LAYER = QuantizedLayer(
@@ -87,7 +88,9 @@ def test_the_latest_measurement_of_a_layer_decides_and_unreadable_lines_are_name
     )
 
 
-def test_legalize_puts_a_layer_on_the_core_measured_fastest(emulated_amx_first):
+def test_legalize_puts_a_layer_on_the_core_measured_fastest_and_tune_tunes_both(
+    emulated_amx_first,
+):
     host_core = select.interchangeable_cores(SHAPE, LAYER.act, "int8", HOST)[1]
     image = relax.TensorType((1, 4, 8, 8, 16), "float32")
     weight = relax.TensorType((64, 64, 3, 3), "float32")
@@ -113,6 +116,11 @@ def test_legalize_puts_a_layer_on_the_core_measured_fastest(emulated_amx_first):
     for choices, core in (({}, EMULATED.name), ({KEY: host_core}, host_core)):
         after = LegalizeQuantizedLayers(layers, HOST, choices)(before.finalize())
         tvm.ir.assert_structural_equal(after, legalized_on(core))
+        # tune tunes the kernel on its core, and with the target on the other core too
+        tasks = kernel_tasks(after, {"conv": LAYER})
+        assert [task.spec.core for task in tasks] == [core]
+        others = [task.spec.core for task in kernel_tasks(after, {"conv": LAYER}, HOST)]
+        assert others == [core, ({EMULATED.name, host_core} - {core}).pop()]
 
 
 def test_tune_times_the_cores_of_a_layer_and_compile_reads_the_fastest(
@@ -132,6 +140,7 @@ def test_tune_times_the_cores_of_a_layer_and_compile_reads_the_fastest(
     assert written == {"layer": KEY, "times_ms": times.times_ms, "device": "local", "failed": []}
     assert TunedSchedules(folder, HOST, {"conv": LAYER}).core_choices == {KEY: times.fastest}
 
-    again = []
-    tune([KernelTask(spec)], HOST, trials=0, folder=folder, progress=again.append)
-    assert len((folder / CHOICES).read_text().splitlines()) == 2  # a rerun measures again
+    both = [KernelTask(spec), KernelTask(replace(spec, core=host_core))]
+    again = tune(both, HOST, trials=0, folder=folder)
+    assert len((folder / CHOICES).read_text().splitlines()) == 2  # again, once for the layer
+    assert again[0].cores is not None and again[1].cores is None

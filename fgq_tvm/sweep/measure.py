@@ -118,7 +118,8 @@ class PointMeasurer:
         _check_device(device)
         target = self.targets[point.target]
         quantized, model, spec = self._quantize(point)
-        tasks = kernel_tasks(lower_to_relax(quantized, spec.input_shape, target), quantized.layers)
+        lowered = lower_to_relax(quantized, spec.input_shape, target)
+        tasks = kernel_tasks(lowered, quantized.layers, target)
         folder = database_folder(target, self.settings.tuning_logs)
         tuned = tune(
             tasks, target, self.settings.trials, folder, self.report, threads=self.settings.threads,
