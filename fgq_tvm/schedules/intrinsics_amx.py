@@ -290,95 +290,10 @@ def _descriptions(row_tiles: int, channel_tiles: int) -> tuple:
     return zero, dot, *(store(scope) for scope in STORE_SCOPES)
 
 
-def _on_the_tiles(row_tiles: int, channel_tiles: int) -> tuple:
-    """``zero``, ``dot``, ``store`` and ``store_global`` of a block with the tile
-    instructions."""
-    rows, tiles, accumulators = TILE_ROWS * row_tiles, channel_tiles, row_tiles * channel_tiles
-
-    @T.prim_func(s_tir=True)
-    def zero(c: T.handle):
-        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
-            configuration = T.decl_buffer((8,), "uint64", scope="local")
-            configuration[0] = T.uint64(_CONFIGURATION[0])
-            configuration[1] = T.uint64(_CONFIGURATION[1])
-            configuration[2] = T.uint64(_CONFIGURATION[2])
-            configuration[3] = T.uint64(_CONFIGURATION[3])
-            configuration[4] = T.uint64(_CONFIGURATION[4])
-            configuration[5] = T.uint64(_CONFIGURATION[5])
-            configuration[6] = T.uint64(_CONFIGURATION[6])
-            configuration[7] = T.uint64(_CONFIGURATION[7])
-            T.evaluate(configure_tiles(configuration.access_ptr("r")))
-            for t in T.unroll(accumulators):
-                T.evaluate(zero_tile(t))
-
-    @T.prim_func(s_tir=True)
-    def dot(a: T.handle, b: T.handle, c: T.handle):
-        a_row, a_byte = T.int32(), T.int32()
-        b_tile, b_kernel_row, b_kernel_column = T.int32(), T.int32(), T.int32()
-        b_row, b_word, b_byte = T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(
-            a, (rows, TILE_ROW_BYTES), "uint8", offset_factor=1, strides=[a_row, a_byte]
-        )
-        B = T.match_buffer(
-            b,
-            (tiles, 1, 1, TILE_ROWS, LANES, 4),
-            "int8",
-            offset_factor=1,
-            strides=[b_tile, b_kernel_row, b_kernel_column, b_row, b_word, b_byte],
-        )
-        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(
-                C[0:tiles, 0, 0:rows, 0:LANES],
-                A[0:rows, 0:TILE_ROW_BYTES],
-                B[0:tiles, 0, 0, 0:TILE_ROWS, 0:LANES, 0:4],
-            )
-            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
-            for i in T.unroll(row_tiles):
-                activations = A.access_ptr("r", offset=i * TILE_ROWS * a_row)
-                T.evaluate(load_tile(FIRST_ACTIVATION_TILE + i, activations, a_row))
-            for j in T.unroll(tiles):
-                weights = B.access_ptr("r", offset=j * b_tile)
-                T.evaluate(load_tile(FIRST_WEIGHT_TILE + j, weights, b_row))
-            for i in T.unroll(row_tiles):
-                for j in T.unroll(tiles):
-                    T.evaluate(
-                        dot_tiles(i * tiles + j, FIRST_ACTIVATION_TILE + i, FIRST_WEIGHT_TILE + j)
-                    )
-
-    def store(scope: str):
-        @T.prim_func(s_tir=True)
-        def store(c: T.handle, d: T.handle):
-            d_tile, d_output_row, d_row, d_lane = T.int32(), T.int32(), T.int32(), T.int32()
-            C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
-            D = T.match_buffer(
-                d,
-                (tiles, 1, rows, LANES),
-                "int32",
-                offset_factor=1,
-                scope=scope,
-                strides=[d_tile, d_output_row, d_row, d_lane],
-            )
-            with T.sblock("root"):
-                T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
-                T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
-                for i in T.unroll(row_tiles):
-                    for j in T.unroll(tiles):
-                        tile = D.access_ptr("w", offset=j * d_tile + i * TILE_ROWS * d_row)
-                        T.evaluate(store_tile(i * tiles + j, tile, d_row * 4))
-
-        return store
-
-    return zero, dot, *(store(scope) for scope in STORE_SCOPES)
-
-
-def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
-    """``dot``, ``store`` and ``store_global`` of a block in plain code, the operands read and
-    written at the addresses the tile instructions use (``None`` for ``zero``: its description
-    is plain code)."""
+def _implementations(row_tiles: int, channel_tiles: int, emulated: bool) -> tuple:
+    """``zero``, ``dot``, ``store`` and ``store_global`` of a block: with the tile instructions,
+    or ``emulated`` in plain code that reads and writes the operands at the addresses the tile
+    instructions use (``zero`` then ``None``: its description is plain code)."""
     rows, tiles = TILE_ROWS * row_tiles, channel_tiles
 
     @T.prim_func(s_tir=True)
@@ -412,19 +327,34 @@ def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
                 B[0:tiles, 0, 0, 0:TILE_ROWS, 0:LANES, 0:4],
             )
             T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
-            a_bytes = T.decl_buffer(
-                (rows * a_row,), "uint8", data=A.data, elem_offset=A.elem_offset
-            )
-            b_bytes = T.decl_buffer(
-                (tiles * b_tile + TILE_ROWS * b_row,),
-                "int8",
-                data=B.data,
-                elem_offset=B.elem_offset,
-            )
-            for j, m, n, k4, k1 in T.grid(tiles, rows, LANES, TILE_ROWS, 4):
-                activation = T.cast(a_bytes[m * a_row + k4 * 4 + k1], "int32")
-                weight = T.cast(b_bytes[j * b_tile + k4 * b_row + n * 4 + k1], "int32")
-                C[j, 0, m, n] = C[j, 0, m, n] + activation * weight
+            if emulated:
+                a_bytes = T.decl_buffer(
+                    (rows * a_row,), "uint8", data=A.data, elem_offset=A.elem_offset
+                )
+                b_bytes = T.decl_buffer(
+                    (tiles * b_tile + TILE_ROWS * b_row,),
+                    "int8",
+                    data=B.data,
+                    elem_offset=B.elem_offset,
+                )
+                for j, m, n, k4, k1 in T.grid(tiles, rows, LANES, TILE_ROWS, 4):
+                    activation = T.cast(a_bytes[m * a_row + k4 * 4 + k1], "int32")
+                    weight = T.cast(b_bytes[j * b_tile + k4 * b_row + n * 4 + k1], "int32")
+                    C[j, 0, m, n] = C[j, 0, m, n] + activation * weight
+            else:  # the accumulators are tiles: C stands for them, untouched
+                for i in T.unroll(row_tiles):
+                    activations = A.access_ptr("r", offset=i * TILE_ROWS * a_row)
+                    T.evaluate(load_tile(FIRST_ACTIVATION_TILE + i, activations, a_row))
+                for j in T.unroll(tiles):
+                    weights = B.access_ptr("r", offset=j * b_tile)
+                    T.evaluate(load_tile(FIRST_WEIGHT_TILE + j, weights, b_row))
+                for i in T.unroll(row_tiles):
+                    for j in T.unroll(tiles):
+                        T.evaluate(
+                            dot_tiles(
+                                i * tiles + j, FIRST_ACTIVATION_TILE + i, FIRST_WEIGHT_TILE + j
+                            )
+                        )
 
     def store(scope: str):
         @T.prim_func(s_tir=True)
@@ -450,18 +380,52 @@ def _emulated(row_tiles: int, channel_tiles: int) -> tuple:
             with T.sblock("root"):
                 T.reads(C[0:tiles, 0, 0:rows, 0:LANES])
                 T.writes(D[0:tiles, 0, 0:rows, 0:LANES])
-                d_words = T.decl_buffer(
-                    (tiles * d_tile + rows * d_row,),
-                    "int32",
-                    data=D.data,
-                    elem_offset=D.elem_offset,
-                )
-                for j, m, n in T.grid(tiles, rows, LANES):
-                    d_words[j * d_tile + m * d_row + n] = C[j, 0, m, n]
+                if emulated:
+                    d_words = T.decl_buffer(
+                        (tiles * d_tile + rows * d_row,),
+                        "int32",
+                        data=D.data,
+                        elem_offset=D.elem_offset,
+                    )
+                    for j, m, n in T.grid(tiles, rows, LANES):
+                        d_words[j * d_tile + m * d_row + n] = C[j, 0, m, n]
+                else:
+                    for i in T.unroll(row_tiles):
+                        for j in T.unroll(tiles):
+                            tile = D.access_ptr("w", offset=j * d_tile + i * TILE_ROWS * d_row)
+                            T.evaluate(store_tile(i * tiles + j, tile, d_row * 4))
 
         return store
 
-    return None, dot, *(store(scope) for scope in STORE_SCOPES)  # zero: as described
+    zero = None if emulated else _zero_on_the_tiles(row_tiles, channel_tiles)
+    return zero, dot, *(store(scope) for scope in STORE_SCOPES)
+
+
+def _zero_on_the_tiles(row_tiles: int, channel_tiles: int):
+    """``zero`` of a block with the tile instructions: the tile configuration loaded (it is
+    per thread), then the block's accumulators zeroed."""
+    rows, tiles, accumulators = TILE_ROWS * row_tiles, channel_tiles, row_tiles * channel_tiles
+
+    @T.prim_func(s_tir=True)
+    def zero(c: T.handle):
+        C = T.match_buffer(c, (tiles, 1, rows, LANES), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:tiles, 0, 0:rows, 0:LANES])
+            configuration = T.decl_buffer((8,), "uint64", scope="local")
+            configuration[0] = T.uint64(_CONFIGURATION[0])
+            configuration[1] = T.uint64(_CONFIGURATION[1])
+            configuration[2] = T.uint64(_CONFIGURATION[2])
+            configuration[3] = T.uint64(_CONFIGURATION[3])
+            configuration[4] = T.uint64(_CONFIGURATION[4])
+            configuration[5] = T.uint64(_CONFIGURATION[5])
+            configuration[6] = T.uint64(_CONFIGURATION[6])
+            configuration[7] = T.uint64(_CONFIGURATION[7])
+            T.evaluate(configure_tiles(configuration.access_ptr("r")))
+            for t in T.unroll(accumulators):
+                T.evaluate(zero_tile(t))
+
+    return zero
 
 
 @functools.cache
@@ -475,9 +439,9 @@ def _registered(emulated: bool) -> dict[tuple[int, int], BlockIntrinsics]:
                 suffix = f"{size}_emulated" if emulated else size
                 names = BlockIntrinsics(*(f"fgq_amx_{step}_{suffix}" for step in STEPS))
                 descriptions = _descriptions(row_tiles, channel_tiles)
-                implement = _emulated if emulated else _on_the_tiles
+                implementations = _implementations(row_tiles, channel_tiles, emulated)
                 for name, description, implementation in zip(
-                    astuple(names), descriptions, implement(row_tiles, channel_tiles), strict=True
+                    astuple(names), descriptions, implementations, strict=True
                 ):
                     implementation = implementation or description  # plain code already
                     TensorIntrin.register(name, description, implementation, override=True)
