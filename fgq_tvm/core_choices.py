@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .jsonlines import JSONLines
+from .remote import LOCAL_DEVICE
 
 CHOICES = "core_choices.json"  # beside the tuning database, one JSON line per measurement
-LOCAL = "local"  # the device of timings made on this machine
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class CoreTimes:
 
     layer: str
     times_ms: dict[str, float] = field(default_factory=dict)
-    device: str = LOCAL
+    device: str = LOCAL_DEVICE.name
     failed: list[str] = field(default_factory=list)
 
     @property

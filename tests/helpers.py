@@ -49,9 +49,9 @@ def fgq_tvm(*args: object) -> subprocess.CompletedProcess:
 
 
 def fgq_tvm_at_once(*commands: Sequence[object]) -> list[subprocess.CompletedProcess]:
-    """Run each of ``commands`` (the arguments of :func:`fgq_tvm`) at the same time: each
-    spends seconds importing torch and TVM. Their results, in order."""
-    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+    """Run ``commands`` (the arguments of :func:`fgq_tvm`) four at a time: each spends
+    seconds importing torch and TVM. Their results, in order."""
+    with ThreadPoolExecutor(max_workers=min(len(commands), 4)) as pool:
         return list(pool.map(lambda args: fgq_tvm(*args), commands))
 
 

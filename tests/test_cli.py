@@ -11,12 +11,11 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_SHAPE, fgq_tvm, write_tiny_module
+from helpers import TINY_SHAPE, fgq_tvm, fgq_tvm_at_once, write_tiny_module
 
 from fgq_tvm import cli, run_command
 from fgq_tvm.data import CIFAR10_NPZ, data_dir, load_npz_split
@@ -127,26 +126,24 @@ ERRORS = {
 
 
 @pytest.fixture(scope="module")
-def error_runs(inputs, tmp_path_factory) -> dict[str, tuple[Path, Future]]:
-    """Start every case of ERRORS at once; each spends seconds importing torch and TVM."""
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
-        runs = {}
-        for case, (args, _, _) in ERRORS.items():
-            out = tmp_path_factory.mktemp("out")
-            argv = [
-                str(arg).replace("{in}", str(inputs)).replace("{out}", str(out)) for arg in args
-            ]
-            if argv[:1] == ["compile"] and "-o" not in argv:
-                argv += ["-o", str(out / "m.so")]
-            runs[case] = out, pool.submit(fgq_tvm, *argv)
-        yield runs
+def error_runs(inputs, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every case of ERRORS run, four at a time (:func:`helpers.fgq_tvm_at_once`)."""
+    outs, commands = {}, []
+    for case, (args, _, _) in ERRORS.items():
+        out = outs[case] = tmp_path_factory.mktemp("out")
+        argv = [str(arg).replace("{in}", str(inputs)).replace("{out}", str(out)) for arg in args]
+        if argv[:1] == ["compile"] and "-o" not in argv:
+            argv += ["-o", str(out / "m.so")]
+        commands.append(argv)
+    results = fgq_tvm_at_once(*commands)
+    return {case: (outs[case], result) for case, result in zip(ERRORS, results, strict=True)}
 
 
 @pytest.mark.parametrize("case", ERRORS)
 def test_error(error_runs, case):
     _, status, message = ERRORS[case]
-    out, run = error_runs[case]
-    assert message in error_message(run.result(), status)
+    out, result = error_runs[case]
+    assert message in error_message(result, status)
     assert list(out.iterdir()) == []
 
 
