@@ -195,13 +195,10 @@ def reference_forward(layer: QuantizedLayer, x):
     if layer.op == "linear":
         x_q = x_q[:, :, None, None]
     if layer.uses_group_scales:
-        x_q = x_q.double()
-    if layer.uses_group_scales:
         channels = layer.weight.shape[1]
         alpha = expand_groups(layer.group_scale, layer.group_size, channels).astype(np.float64)
         weight = torch.from_numpy(layer.weight.astype(np.float64) * alpha)
-        geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
-        acc = F.conv2d(x_q, weight, **geometry)
+        acc = F.conv2d(x_q.double(), weight, **_geometry(layer))
     else:
         acc = integer_conv(x_q, layer.integer_weight(), layer)
     if layer.uses_group_scales:
@@ -230,18 +227,24 @@ def integer_conv(x_q, weight: np.ndarray, layer: QuantizedLayer):
     import torch
     import torch.nn.functional as F
 
-    geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+    geometry = _geometry(layer)
     reach = max(abs(layer.act.qmin), abs(layer.act.qmax))
     high = np.floor_divide(weight + 8, 16)
     parts = [weight] if _exact_in_float32(weight, reach) else [high, weight - 16 * high]
     if all(_exact_in_float32(part, reach) for part in parts):
-        acc = None
-        for part in parts:
-            sums = F.conv2d(x_q, torch.from_numpy(part.astype(np.float32)), **geometry).double()
-            acc = sums if acc is None else acc * 16 + sums
+        sums = [
+            F.conv2d(x_q, torch.from_numpy(part.astype(np.float32)), **geometry).double()
+            for part in parts
+        ]
+        acc = sums[0] if len(sums) == 1 else sums[0] * 16 + sums[1]
         if torch.equal(acc, acc.round()):
             return acc
     return F.conv2d(x_q.double(), torch.from_numpy(weight.astype(np.float64)), **geometry)
+
+
+def _geometry(layer: QuantizedLayer) -> dict:
+    """``layer``'s stride, padding and dilation, as ``conv2d`` takes them."""
+    return {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
 
 
 def _exact_in_float32(weight: np.ndarray, reach: int) -> bool:
