@@ -215,8 +215,7 @@ def _on_each_core(task: KernelTask, target) -> list[KernelTask]:
     if target is None:
         return [task]
     spec = task.spec
-    cores = interchangeable_cores(spec.shape, spec.layer.act, layer_encoding(spec.layer), target)
-    others = [core for core in cores if core != spec.core and core_named(core).tunable]
+    others = [c for c in _interchangeable(spec, target) if c != spec.core and core_named(c).tunable]
     return [task, *(KernelTask(replace(spec, core=core)) for core in others)]
 
 
@@ -411,12 +410,13 @@ def _measure_cores_of(
     """``results`` with the cores of each task's layer timed (:func:`measure_cores`), once per
     layer, where several could compute it and this run searched the task or no measurement of
     the layer is on record; each measurement appended to the folder's core choices."""
+    if all(len(_interchangeable(result.task.spec, target)) < 2 for result in results):
+        return results  # no layer has cores to compare: no need to read the database again
     layers = {result.task.spec.layer.name: result.task.spec.layer for result in results}
     schedules = TunedSchedules(folder, target, layers)
     measured, timed = [], set()
     for result in results:
-        spec = result.task.spec
-        key = layer_key(spec.shape, spec.layer.act, layer_encoding(spec.layer))
+        key = _layer_key(result.task.spec)
         if key in timed or (result.skipped and key in schedules.core_choices):
             measured.append(result)
             continue
@@ -440,8 +440,7 @@ def measure_cores(
     against the reference first (a kernel that fails is left out). ``None`` where fewer than
     two cores could, or pass the check."""
     spec = task.spec
-    act, encoding = spec.layer.act, layer_encoding(spec.layer)
-    cores = interchangeable_cores(spec.shape, act, encoding, target)
+    cores = _interchangeable(spec, target)
     if len(cores) < 2:
         return None
     with device.session() as session:
@@ -459,7 +458,18 @@ def measure_cores(
             calls, COMPARISON_ROUNDS, warmup=3, settle_s=0.0, timers=session.timers(calls)
         )
     medians = {core: median(values) for core, values in times.items()}
-    return CoreTimes(layer_key(spec.shape, act, encoding), medians, device.name, failed)
+    return CoreTimes(_layer_key(spec), medians, device.name, failed)
+
+
+def _interchangeable(spec: KernelSpec, target) -> list[str]:
+    """The cores that could compute ``spec``'s layer on ``target``, its first core first
+    (:func:`~fgq_tvm.schedules.select.interchangeable_cores`)."""
+    return interchangeable_cores(spec.shape, spec.layer.act, layer_encoding(spec.layer), target)
+
+
+def _layer_key(spec: KernelSpec) -> str:
+    """:func:`~fgq_tvm.schedules.select.layer_key` of ``spec``'s layer."""
+    return layer_key(spec.shape, spec.layer.act, layer_encoding(spec.layer))
 
 
 def _tune_task(
